@@ -1,0 +1,405 @@
+"""Feature Distillation (Wei et al., 2022, arXiv 2205.14141): train a fresh ViT student to predict
+the whitened output feature map of a frozen pretrained teacher.
+
+    python distill.py                                    # built-in default: tiny random teacher, synthetic data, CPU
+    python distill.py --teacher clip --data /path/to/imagenet
+    torchrun --nproc_per_node 8 distill.py --teacher clip --data /path/to/imagenet --out out/fd_clip
+
+Running the same command again in the same --out resumes from OUT/checkpoint.pth. The distilled
+encoder alone is written to OUT/student.pth, the input of finetune.py.
+
+This file also holds the training helpers that finetune.py reuses: distributed setup, autocast,
+parameter groups, the learning-rate schedule, the accumulating optimizer step, atomic checkpoints.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from data import SeededTransform, SyntheticShapes, fd_transform, image_dataset, train_loader
+from models import build_student, build_teacher
+
+# ----------------------------------------------------------------------------- presets
+# The official distillation recipes (PAPER.md §6); every value can be overridden by its flag.
+# lr, min_lr and warmup_lr are per 512 images and scale linearly with the global batch.
+PAPER_RECIPE = dict(img_size=224, epochs=300, warmup_epochs=10, batch_size=128, lr=3e-4, min_lr=5e-6,
+                    warmup_lr=5e-7, min_crop_scale=0.08)
+PRESETS = {
+    "clip": dict(PAPER_RECIPE, student="vit_base_patch16", drop_path=0.2),
+    "clip_l14": dict(PAPER_RECIPE, student="vit_large_patch14", drop_path=0.3),
+    "dino": dict(PAPER_RECIPE, student="vit_base_patch16", drop_path=0.3),
+    "deit": dict(PAPER_RECIPE, student="vit_base_patch16", drop_path=0.3),
+    "esvit": dict(PAPER_RECIPE, student="swinv2_base_window14", drop_path=0.3, lr=2e-4, min_lr=1e-5,
+                  warmup_lr=1e-6),
+    # The built-in default: a tiny random teacher on the synthetic data, about a minute on a laptop
+    # CPU. A larger lr than the paper's because the run is a few hundred steps, not 300 epochs.
+    "vit_tiny_patch16": dict(student="vit_tiny_patch16", img_size=96, epochs=2, warmup_epochs=0.2,
+                             batch_size=32, lr=4e-3, min_lr=1e-4, warmup_lr=1e-6, drop_path=0.1,
+                             min_crop_scale=0.08),
+}
+DEFAULT_TEACHER = "vit_tiny_patch16"
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("Feature Distillation", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--teacher", default=DEFAULT_TEACHER,
+                   help=f"teacher: a preset ({', '.join(PRESETS)}) or a plain ViT such as vit_small_patch16 "
+                        "(random weights unless --teacher-weights); the preset fills the flags left unset")
+    p.add_argument("--teacher-weights", default=None, help="teacher weights file (a model file this project wrote)")
+    p.add_argument("--student", default=None, help="student architecture, e.g. vit_base_patch16 [preset]")
+    p.add_argument("--data", default=None, help="ImageFolder root (train/ used if present) or a flat folder of "
+                                                "images; the built-in synthetic dataset if not given")
+    p.add_argument("--synthetic-images", type=int, default=2048, help="size of the built-in dataset")
+    p.add_argument("--out", default="out/distill", help="output folder; rerunning in it resumes")
+    p.add_argument("--epochs", type=int, default=None, help="[preset]")
+    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup length [preset]")
+    p.add_argument("--batch-size", type=int, default=None, help="images per process per micro-step [preset]")
+    p.add_argument("--accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate per 512 images [preset]")
+    p.add_argument("--min-lr", type=float, default=None, help="final learning rate per 512 images [preset]")
+    p.add_argument("--warmup-lr", type=float, default=None, help="initial learning rate per 512 images [preset]")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm")
+    p.add_argument("--drop-path", type=float, default=None, help="student drop path rate [preset]")
+    p.add_argument("--min-crop-scale", type=float, default=None, help="RandomResizedCrop min scale [preset]")
+    p.add_argument("--img-size", type=int, default=None, help="[preset]")
+    p.add_argument("--workers", type=int, default=4, help="data-loading processes per training process")
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps")
+    p.add_argument("--log-every", type=int, default=10, help="log every N optimizer steps")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def apply_preset(args):
+    """Fill every flag left unset from the teacher's preset (the default one for other teachers)."""
+    preset = PRESETS.get(args.teacher, PRESETS[DEFAULT_TEACHER])
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+# ----------------------------------------------------------------------------- the FD objective
+class FDStudent(nn.Module):
+    """What FD trains: the student and the projector g mapping its tokens to the teacher's width
+    (the paper's 1x1 convolution, i.e. a Linear over channels). Only this is wrapped in DDP and
+    saved; the frozen teacher never is."""
+
+    def __init__(self, student, teacher_dim):
+        super().__init__()
+        self.student = student
+        self.projector = nn.Linear(student.embed_dim, teacher_dim)
+
+    def forward(self, images):
+        return self.projector(self.student(images))  # (B, 1+N, teacher_dim)
+
+
+def resize_tokens(tokens, num_tokens):
+    """Bilinearly resize the square patch grid of (B, 1+N, C) tokens to num_tokens - 1 patches,
+    keeping the class token: lets a teacher and a student with different grids (patch 14 vs 16)
+    be paired. The official code instead picks image sizes that make the grids equal."""
+    if tokens.shape[1] == num_tokens:
+        return tokens
+    source, target = math.isqrt(tokens.shape[1] - 1), math.isqrt(num_tokens - 1)
+    grid = rearrange(tokens[:, 1:], "b (h w) c -> b c h w", h=source)
+    grid = F.interpolate(grid, size=(target, target), mode="bilinear", align_corners=False)
+    return torch.cat([tokens[:, :1], rearrange(grid, "b c h w -> b (h w) c")], dim=1)
+
+
+@torch.no_grad()
+def distillation_target(teacher, images, num_tokens):
+    """The FD target (B, num_tokens, C): the teacher's output tokens after its own final norm,
+    class token included, whitened by a LayerNorm without scale or bias, i.e. each token
+    standardised over its channels (PAPER.md §1.2)."""
+    target = teacher(images).float()  # fp32 before the norm: a teacher may run in fp16
+    target = resize_tokens(target, num_tokens)
+    return F.layer_norm(target, target.shape[-1:], eps=1e-5)
+
+
+def fd_loss(prediction, target, beta=2.0):
+    """Smooth L1 with beta 2, averaged over batch, tokens and channels (PAPER.md §1.4)."""
+    return F.smooth_l1_loss(prediction.float(), target, beta=beta)
+
+
+# ----------------------------------------------------------------------------- training helpers
+def setup_distributed():
+    """(rank, world_size, device) from torchrun's environment variables; without torchrun, one
+    process on the GPU if there is one, else on the CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    # A dead rank should end the job with an error, not hang it forever.
+    dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    return dist.get_rank(), world_size, device
+
+
+def cpu_has_native_bf16():
+    """True on CPUs with bf16 instructions (AMX or AVX512-BF16), where bf16 matmuls run 3-4x faster
+    than fp32 (PLATFORM.md); elsewhere bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_dtype(amp, device):
+    """The autocast dtype for --amp, or None for fp32."""
+    if amp == "auto":
+        fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+        amp = "bf16" if fast else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+
+
+def param_groups(model, weight_decay, lr_scale=None):
+    """AdamW parameter groups: no weight decay for 1-D tensors (biases, norms, LayerScale), the
+    class token, position embeddings and relative-position tables. `lr_scale(name)` gives a
+    per-parameter lr multiplier (layer-wise decay when fine-tuning), stored as the group's
+    'lr_scale'."""
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "relative_position_bias_table"))
+        scale = lr_scale(name) if lr_scale else 1.0
+        group = groups.setdefault((no_decay, scale), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                      "lr_scale": scale})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def lr_at(step, total_steps, warmup_steps, lr, min_lr, warmup_lr):
+    """Linear warmup from warmup_lr to lr, then cosine decay to min_lr: a pure function of the step."""
+    if step < warmup_steps:
+        return warmup_lr + (lr - warmup_lr) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def optimizer_step(model, micro_batches, compute_loss, optimizer, scaler, clip_grad, autocast):
+    """One optimizer step over the micro-batches of one batch; returns the mean loss (a tensor:
+    reading it would synchronise). Under DDP the gradients are all-reduced only on the last
+    micro-step: no_sync covers the forward and backward of the others."""
+    total_loss = 0.0
+    for i, batch in enumerate(micro_batches):
+        is_last = i == len(micro_batches) - 1
+        no_sync = getattr(model, "no_sync", None)
+        with nullcontext() if is_last or no_sync is None else no_sync():
+            with autocast():
+                loss = compute_loss(model, batch) / len(micro_batches)
+            scaler.scale(loss).backward()
+        total_loss += loss.detach()
+    scaler.unscale_(optimizer)  # clip the true gradients; a no-op unless fp16
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total_loss
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash during
+    the save leaves the previous file intact."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_states(world_size):
+    """This process's RNG states, gathered from every rank (a collective when distributed)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    if world_size == 1:
+        return [state]
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng(states, rank, world_size):
+    if len(states) != world_size:
+        print(f"rank {rank}: the checkpoint holds RNG states of {len(states)} processes, this run has "
+              f"{world_size}: drop path and dropout continue from a fresh seed")
+        return
+    random.setstate(states[rank]["python"])
+    torch.set_rng_state(states[rank]["torch"])
+    if states[rank]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states[rank]["cuda"])
+
+
+def git_hash():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def load_resume(path, args, resume_flags):
+    """The checkpoint to resume from, refusing one written with a different architecture."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    changed = [f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(args, k)}"
+               for k in resume_flags if state["args"].get(k) != getattr(args, k)]
+    if changed:
+        raise ValueError(f"{path} was written by a run with other settings ({'; '.join(changed)}): "
+                         f"use another --out, or the same flags to resume")
+    return state
+
+
+# ----------------------------------------------------------------------------- main
+RESUME_FLAGS = ("teacher", "teacher_weights", "student", "img_size")
+
+
+def main(args):
+    args = apply_preset(args)
+    rank, world_size, device = setup_distributed()
+    is_main = rank == 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)  # the same student initialisation on every rank
+
+    teacher = build_teacher(args.teacher, args.img_size, args.teacher_weights).to(device)
+    student = build_student(args.student, args.img_size, args.drop_path)
+    model = FDStudent(student, teacher.embed_dim).to(device)
+
+    images = image_dataset(args.data) if args.data else SyntheticShapes(args.synthetic_images)
+    dataset = SeededTransform(images, fd_transform(args.img_size, args.min_crop_scale), args.seed)
+    loader, sampler = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
+                                   pin_memory=device.type == "cuda")
+    steps_per_epoch = len(loader) // args.accum
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    global_batch = args.batch_size * world_size * args.accum
+    lrs = {k: getattr(args, k) * global_batch / 512 for k in ("lr", "min_lr", "warmup_lr")}
+
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lrs["lr"], betas=(0.9, 0.999),
+                                  fused=device.type == "cuda")
+    dtype = autocast_dtype(args.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    step = 0
+    checkpoint = out / "checkpoint.pth"
+    if checkpoint.exists():
+        state = load_resume(checkpoint, args, RESUME_FLAGS)
+        student.load_state_dict(state["student"])
+        model.projector.load_state_dict(state["projector"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"], rank, world_size)
+        step = state["step"]
+        if is_main:
+            print(f"resuming from {checkpoint} at step {step}")
+    else:
+        torch.manual_seed(args.seed + rank)  # each rank its own drop-path draws
+
+    train_model = DistributedDataParallel(model) if world_size > 1 else model
+    run_teacher = teacher
+    if args.compile:
+        train_model, run_teacher = torch.compile(train_model), torch.compile(teacher)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+    def compute_loss(model, images):
+        prediction = model(images)
+        return fd_loss(prediction, distillation_target(run_teacher, images, prediction.shape[1]))
+
+    def save_checkpoint():
+        rng = rng_states(world_size)  # every rank takes part
+        if is_main:
+            save_atomic({"student": student.state_dict(), "projector": model.projector.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                         "step": step, "epoch": step // steps_per_epoch, "rng": rng, "args": vars(args),
+                         "arch": student.arch, "git": git_hash()}, checkpoint)
+
+    if is_main:
+        print(f"{world_size} process(es) x {args.batch_size} images x {args.accum} micro-steps = {global_batch} "
+              f"images per step; lr {lrs['lr']:.3g} (= {args.lr:g} x {global_batch}/512); "
+              f"{total_steps} steps of {steps_per_epoch} per epoch; autocast {dtype or 'off (fp32)'} on {device}")
+        print(f"teacher {args.teacher_weights or args.teacher}, student {args.student} at {args.img_size} px")
+    if step >= total_steps and is_main:
+        print(f"{checkpoint} is already at step {step} of {total_steps}: nothing to train "
+              f"(raise --epochs or use a new --out)")
+
+    progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
+    log_loss, log_steps, log_start = 0.0, 0, time.perf_counter()
+    train_model.train()
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        sampler.start = skip * args.accum * args.batch_size  # resume mid-epoch where we stopped
+        dataset.epoch = epoch
+        batches = iter(loader)
+        for _ in range(skip, steps_per_epoch):
+            micro_batches = [next(batches)[0].to(device, non_blocking=True) for _ in range(args.accum)]
+            lr = lr_at(step, total_steps, warmup_steps, **lrs)
+            set_lr(optimizer, lr)
+            log_loss += optimizer_step(train_model, micro_batches, compute_loss, optimizer, scaler,
+                                       args.clip_grad, autocast)
+            step += 1
+            log_steps += 1
+            progress.update()
+            if step % args.log_every == 0 or step == total_steps:
+                loss = log_loss / log_steps
+                if world_size > 1:
+                    dist.all_reduce(loss)
+                    loss /= world_size
+                loss = loss.item()
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"step {step}: the loss is {loss}; {checkpoint} holds the last "
+                                             f"good state (try --amp bf16 or fp32, or a lower --lr)")
+                img_per_s = log_steps * global_batch / (time.perf_counter() - log_start)
+                if is_main:
+                    record = dict(step=step, epoch=epoch, loss=loss, lr=lr, img_per_s=img_per_s)
+                    with open(out / "log.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.1f}")
+                log_loss, log_steps, log_start = 0.0, 0, time.perf_counter()
+            if step % args.save_every == 0 or step == total_steps:
+                save_checkpoint()
+    progress.close()
+
+    if is_main:
+        save_atomic({"arch": student.arch, "model": student.state_dict(), "teacher": args.teacher,
+                     "step": step}, out / "student.pth")
+        print(f"wrote {out / 'student.pth'} (the distilled student, for finetune.py) and {checkpoint}")
+    if world_size > 1:
+        dist.destroy_process_group()
+    return student
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
