@@ -174,7 +174,8 @@ def train_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, pin_m
     if len(sampler) < batch_size:
         raise ValueError(f"the dataset has {len(dataset)} images: too few for {world_size} process(es) "
                          f"with --batch-size {batch_size}; lower --batch-size or add images")
-    # Workers are started afresh each epoch (not persistent) so they see the new epoch number.
+    # Workers are started afresh each epoch (not persistent) so they see the new epoch number. The
+    # loader's own generator keeps it from drawing on the global RNG (the student's drop path).
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        drop_last=True, pin_memory=pin_memory)
+                        drop_last=True, pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
     return loader, sampler
