@@ -267,6 +267,11 @@ def load_model_file(path):
     return model
 
 
+# The teachers of the paper's recipes. Reading their published checkpoints (OpenAI CLIP's TorchScript
+# archive, DINO/DeiT/EsViT pickles) is not written yet; until then they must come as model files.
+PUBLISHED_TEACHERS = ("clip", "clip_l14", "dino", "deit", "esvit")
+
+
 def build_teacher(name, img_size, weights=None):
     """The frozen teacher, in eval mode: images in [0, 1] (B, 3, H, W) -> its output tokens after
     its own final norm (B, 1+N, C), class token included, before whitening.
@@ -277,6 +282,11 @@ def build_teacher(name, img_size, weights=None):
     """
     if weights:
         teacher = load_model_file(weights)
+    elif name in PUBLISHED_TEACHERS:
+        raise NotImplementedError(
+            f"--teacher {name}: loading the published {name} checkpoint is not supported yet. Its recipe "
+            f"works with --teacher-weights FILE (a model file this project wrote), or pick a plain ViT "
+            f"teacher such as --teacher vit_base_patch16 (random weights)")
     else:
         with torch.random.fork_rng(devices=[]):  # a fixed teacher without disturbing the caller's RNG
             torch.manual_seed(0)

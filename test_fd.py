@@ -196,12 +196,25 @@ def test_weight_decay_groups_and_lr_schedule():
     assert distill.lr_at(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5)
 
 
+def test_compiled_run_matches_eager_and_saves_plain_keys(tmp_path):
+    # A cold torch.compile takes about a minute on a 2-core CPU: the one compile in the suite.
+    argv = [*MICRO, "--epochs", "1"]
+    eager = distill.main(parse(*argv, "--out", str(tmp_path / "eager")))
+    distill.main(parse(*argv, "--compile", "--out", str(tmp_path / "compiled")))
+    state = torch.load(tmp_path / "compiled" / "checkpoint.pth", weights_only=True)
+    assert set(state["student"]) == set(eager.state_dict())  # no _orig_mod. prefixes
+    for a, b in zip(read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
 def test_presets_fill_unset_flags_and_flags_override():
     args = distill.apply_preset(parse("--teacher", "clip"))
     assert (args.student, args.drop_path, args.lr, args.epochs, args.img_size) == ("vit_base_patch16", 0.2, 3e-4,
                                                                                    300, 224)
     args = distill.apply_preset(parse("--teacher", "esvit", "--lr", "1e-3", "--drop-path", "0"))
     assert (args.lr, args.drop_path, args.min_lr) == (1e-3, 0.0, 1e-5)
+    with pytest.raises(NotImplementedError, match="--teacher clip: .*--teacher-weights"):
+        build_teacher("clip", 224)
 
 
 # ----------------------------------------------------------------------------- data
