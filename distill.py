@@ -73,24 +73,30 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=None, help="peak learning rate per 512 images [preset]")
     p.add_argument("--min-lr", type=float, default=None, help="final learning rate per 512 images [preset]")
     p.add_argument("--warmup-lr", type=float, default=None, help="initial learning rate per 512 images [preset]")
-    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases, norms, "
+                   "LayerScale, class token, position tables)")
     p.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm")
     p.add_argument("--drop-path", type=float, default=None, help="student drop path rate [preset]")
     p.add_argument("--min-crop-scale", type=float, default=None, help="RandomResizedCrop min scale [preset]")
-    p.add_argument("--img-size", type=int, default=None, help="[preset]")
-    p.add_argument("--workers", type=int, default=4, help="data-loading processes per training process")
+    p.add_argument("--img-size", type=int, default=None, help="crop size seen by teacher and student [preset]")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-loading processes per training process [up to 8, the CPU cores shared among "
+                        "the processes of this machine]")
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps")
     p.add_argument("--log-every", type=int, default=10, help="log every N optimizer steps")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the student's init, the data order and augmentation")
     return p
 
 
 def apply_preset(args):
-    """Fill every flag left unset from the teacher's preset (the default one for other teachers)."""
-    preset = PRESETS.get(args.teacher, PRESETS[DEFAULT_TEACHER])
+    """Fill every flag left unset from the teacher's preset. A teacher without one gets the paper's
+    recipe, with a student of the teacher's own size when the teacher is a plain ViT."""
+    preset = PRESETS.get(args.teacher) or dict(
+        PAPER_RECIPE, drop_path=0.1,
+        student=args.teacher if args.teacher.startswith("vit_") else "vit_base_patch16")
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -158,8 +164,8 @@ def setup_distributed():
 
 
 def cpu_has_native_bf16():
-    """True on CPUs with bf16 instructions (AMX or AVX512-BF16), where bf16 matmuls run 3-4x faster
-    than fp32 (PLATFORM.md); elsewhere bf16 is emulated and slower."""
+    """True on CPUs with bf16 instructions (AMX or AVX512-BF16), where bf16 autocast makes an FD step
+    1.6-1.8x faster than fp32 (README, Measured); elsewhere bf16 is emulated and slower."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -249,15 +255,22 @@ def rng_states(world_size):
     return states
 
 
-def restore_rng(states, rank, world_size):
+def restore_rng(states, rank, world_size, fresh_seed):
     if len(states) != world_size:
         print(f"rank {rank}: the checkpoint holds RNG states of {len(states)} processes, this run has "
-              f"{world_size}: drop path and dropout continue from a fresh seed")
+              f"{world_size}: drop path continues from seed {fresh_seed}")
+        torch.manual_seed(fresh_seed)
         return
     random.setstate(states[rank]["python"])
     torch.set_rng_state(states[rank]["torch"])
     if states[rank]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(states[rank]["cuda"])
+
+
+def check_finite(loss, step, checkpoint):
+    if not math.isfinite(loss):
+        kept = f"{checkpoint} holds the last good state" if checkpoint.exists() else "no checkpoint was written"
+        raise FloatingPointError(f"step {step}: the loss is {loss}; {kept}. Try --amp bf16 or fp32, or a lower --lr")
 
 
 def git_hash():
@@ -268,11 +281,14 @@ def git_hash():
         return None
 
 
-def load_resume(path, args, resume_flags):
-    """The checkpoint to resume from, refusing one written with a different architecture."""
+def load_resume(path, args, resume_flags, world_size):
+    """The checkpoint to resume from, refusing one written by a run with another model or another
+    batch (the step count would then mean another place in the data and the schedule)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     changed = [f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(args, k)}"
                for k in resume_flags if state["args"].get(k) != getattr(args, k)]
+    if state["world_size"] != world_size:
+        changed.append(f"processes {state['world_size']} -> {world_size}")
     if changed:
         raise ValueError(f"{path} was written by a run with other settings ({'; '.join(changed)}): "
                          f"use another --out, or the same flags to resume")
@@ -280,13 +296,15 @@ def load_resume(path, args, resume_flags):
 
 
 # ----------------------------------------------------------------------------- main
-RESUME_FLAGS = ("teacher", "teacher_weights", "student", "img_size")
+RESUME_FLAGS = ("teacher", "teacher_weights", "student", "img_size", "batch_size", "accum")
 
 
 def main(args):
     args = apply_preset(args)
     rank, world_size, device = setup_distributed()
     is_main = rank == 0
+    if args.workers is None:
+        args.workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)  # the same student initialisation on every rank
@@ -300,6 +318,9 @@ def main(args):
     loader, sampler = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
                                    pin_memory=device.type == "cuda")
     steps_per_epoch = len(loader) // args.accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"one epoch has {len(loader)} batches per process, fewer than --accum {args.accum}: "
+                         f"lower --accum or --batch-size")
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     global_batch = args.batch_size * world_size * args.accum
@@ -313,19 +334,22 @@ def main(args):
     step = 0
     checkpoint = out / "checkpoint.pth"
     if checkpoint.exists():
-        state = load_resume(checkpoint, args, RESUME_FLAGS)
+        state = load_resume(checkpoint, args, RESUME_FLAGS, world_size)
         student.load_state_dict(state["student"])
         model.projector.load_state_dict(state["projector"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"], rank, world_size)
         step = state["step"]
+        restore_rng(state["rng"], rank, world_size, fresh_seed=args.seed + rank + step)
         if is_main:
             print(f"resuming from {checkpoint} at step {step}")
     else:
         torch.manual_seed(args.seed + rank)  # each rank its own drop-path draws
 
-    train_model = DistributedDataParallel(model) if world_size > 1 else model
+    train_model = model
+    if world_size > 1:  # the buffers (position index, input statistics) are constants: no need to sync
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              broadcast_buffers=False)
     run_teacher = teacher
     if args.compile:
         train_model, run_teacher = torch.compile(train_model), torch.compile(teacher)
@@ -342,14 +366,17 @@ def main(args):
         if is_main:
             save_atomic({"student": student.state_dict(), "projector": model.projector.state_dict(),
                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                         "step": step, "epoch": step // steps_per_epoch, "rng": rng, "args": vars(args),
+                         "step": step, "epoch": step // steps_per_epoch, "world_size": world_size,
+                         "rng": rng, "args": vars(args),
                          "arch": student.arch, "git": git_hash()}, checkpoint)
 
     if is_main:
         print(f"{world_size} process(es) x {args.batch_size} images x {args.accum} micro-steps = {global_batch} "
               f"images per step; lr {lrs['lr']:.3g} (= {args.lr:g} x {global_batch}/512); "
               f"{total_steps} steps of {steps_per_epoch} per epoch; autocast {dtype or 'off (fp32)'} on {device}")
-        print(f"teacher {args.teacher_weights or args.teacher}, student {args.student} at {args.img_size} px")
+        print(f"teacher {args.teacher_weights or args.teacher}, student {args.student} at {args.img_size} px, "
+              f"drop path {args.drop_path}, {args.epochs} epochs ({args.warmup_epochs} warmup), crop scale "
+              f"{args.min_crop_scale}-1, lr/512 {args.lr:g} (min {args.min_lr:g}, warmup {args.warmup_lr:g})")
     if step >= total_steps and is_main:
         print(f"{checkpoint} is already at step {step} of {total_steps}: nothing to train "
               f"(raise --epochs or use a new --out)")
@@ -378,9 +405,7 @@ def main(args):
                     dist.all_reduce(loss)
                     loss /= world_size
                 loss = loss.item()
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"step {step}: the loss is {loss}; {checkpoint} holds the last "
-                                             f"good state (try --amp bf16 or fp32, or a lower --lr)")
+                check_finite(loss, step, checkpoint)
                 img_per_s = log_steps * global_batch / (time.perf_counter() - log_start)
                 if is_main:
                     record = dict(step=step, epoch=epoch, loss=loss, lr=lr, img_per_s=img_per_s)
@@ -389,6 +414,8 @@ def main(args):
                     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.1f}")
                 log_loss, log_steps, log_start = 0.0, 0, time.perf_counter()
             if step % args.save_every == 0 or step == total_steps:
+                if log_steps:  # a NaN since the last log must not overwrite the last good checkpoint
+                    check_finite((log_loss / log_steps).item(), step, checkpoint)
                 save_checkpoint()
     progress.close()
 

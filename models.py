@@ -188,15 +188,19 @@ class VisionTransformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        # The official initialisation (BEiT, PAPER.md §6): truncated normal .02 for every Linear,
-        # zero biases, and each block's output projections shrunk with depth so that the residual
-        # stream does not grow with the number of blocks.
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        # The official FD student's initialisation (PAPER.md §6): a normal of std .02 truncated at
+        # one standard deviation (as VisionTransformerForFD does; the effective std is about .011)
+        # for every Linear and the patch embedding, zero biases, and each block's output projections
+        # shrunk with depth so that the residual stream does not grow with the number of blocks.
+        def trunc_normal(tensor, std=0.02):
+            nn.init.trunc_normal_(tensor, std=std, a=-std, b=std)
+
+        trunc_normal(self.cls_token)
         if self.pos_embed is not None:
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            trunc_normal(self.pos_embed)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                trunc_normal(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         with torch.no_grad():
@@ -242,6 +246,9 @@ def vit_size(name):
 
 def build_student(name, img_size, drop_path=0.0):
     """A randomly initialised FD student, e.g. build_student('vit_base_patch16', 224, 0.2)."""
+    if name.startswith("swin"):
+        raise NotImplementedError(f"--student {name}: the SwinV2 student is not written yet; "
+                                  f"pick a ViT student such as --student vit_base_patch16")
     return VisionTransformer(img_size=img_size, drop_path=drop_path, **vit_size(name))
 
 
@@ -284,9 +291,9 @@ def build_teacher(name, img_size, weights=None):
         teacher = load_model_file(weights)
     elif name in PUBLISHED_TEACHERS:
         raise NotImplementedError(
-            f"--teacher {name}: loading the published {name} checkpoint is not supported yet. Its recipe "
-            f"works with --teacher-weights FILE (a model file this project wrote), or pick a plain ViT "
-            f"teacher such as --teacher vit_base_patch16 (random weights)")
+            f"--teacher {name}: loading the published {name} checkpoint is not supported yet. Give "
+            f"--teacher-weights FILE (a model file this project wrote) to use its recipe, or pick a plain "
+            f"ViT teacher such as --teacher vit_base_patch16 (random weights)")
     else:
         with torch.random.fork_rng(devices=[]):  # a fixed teacher without disturbing the caller's RNG
             torch.manual_seed(0)
