@@ -399,13 +399,18 @@ def main(args):
             step += 1
             log_steps += 1
             progress.update()
-            if step % args.log_every == 0 or step == total_steps:
+            is_log = step % args.log_every == 0 or step == total_steps
+            is_save = step % args.save_every == 0 or step == total_steps
+            if is_log or is_save:
+                # Averaged over the interval and the ranks, so that all ranks agree to stop on a NaN,
+                # and checked before saving so that a NaN never overwrites the last good checkpoint.
                 loss = log_loss / log_steps
                 if world_size > 1:
                     dist.all_reduce(loss)
                     loss /= world_size
                 loss = loss.item()
                 check_finite(loss, step, checkpoint)
+            if is_log:
                 img_per_s = log_steps * global_batch / (time.perf_counter() - log_start)
                 if is_main:
                     record = dict(step=step, epoch=epoch, loss=loss, lr=lr, img_per_s=img_per_s)
@@ -413,9 +418,7 @@ def main(args):
                         f.write(json.dumps(record) + "\n")
                     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.1f}")
                 log_loss, log_steps, log_start = 0.0, 0, time.perf_counter()
-            if step % args.save_every == 0 or step == total_steps:
-                if log_steps:  # a NaN since the last log must not overwrite the last good checkpoint
-                    check_finite((log_loss / log_steps).item(), step, checkpoint)
+            if is_save:
                 save_checkpoint()
     progress.close()
 

@@ -363,6 +363,23 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
         distill.main(parse(*argv, "--batch-size", "4", "--out", str(tmp_path / "crashed")))
 
 
+def test_non_finite_loss_stops_before_overwriting_the_checkpoint(tmp_path, monkeypatch):
+    real_loss, calls = distill.fd_loss, []
+
+    def nan_from_step_3(prediction, target):
+        calls.append(1)
+        loss = real_loss(prediction, target)
+        return loss * float("nan") if len(calls) >= 3 else loss
+
+    monkeypatch.setattr(distill, "fd_loss", nan_from_step_3)
+    out = tmp_path / "nan"
+    argv = [*MICRO, "--epochs", "1", "--save-every", "2", "--log-every", "5", "--out", str(out)]
+    with pytest.raises(FloatingPointError, match="step 4: the loss is nan; .*checkpoint.pth holds the last good"):
+        distill.main(parse(*argv))
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["student"].values())
+
+
 def test_torchrun_two_cpu_ranks_with_accumulation_hold_identical_weights(tmp_path):
     out = tmp_path / "ddp"
     driver = tmp_path / "driver.py"
