@@ -361,14 +361,15 @@ def main(args):
         prediction = model(images)
         return fd_loss(prediction, distillation_target(run_teacher, images, prediction.shape[1]))
 
+    commit = git_hash()  # recorded in every checkpoint, for reproducibility
+
     def save_checkpoint():
         rng = rng_states(world_size)  # every rank takes part
         if is_main:
             save_atomic({"student": student.state_dict(), "projector": model.projector.state_dict(),
                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                          "step": step, "epoch": step // steps_per_epoch, "world_size": world_size,
-                         "rng": rng, "args": vars(args),
-                         "arch": student.arch, "git": git_hash()}, checkpoint)
+                         "rng": rng, "args": vars(args), "arch": student.arch, "git": commit}, checkpoint)
 
     if is_main:
         print(f"{world_size} process(es) x {args.batch_size} images x {args.accum} micro-steps = {global_batch} "
