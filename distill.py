@@ -54,6 +54,9 @@ PRESETS = {
 DEFAULT_TEACHER = "vit_tiny_patch16"
 
 
+FROM_PRESET = " (unset: from the --teacher preset)"
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("Feature Distillation", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -61,24 +64,24 @@ def get_args_parser():
                    help=f"teacher: a preset ({', '.join(PRESETS)}) or a plain ViT such as vit_small_patch16 "
                         "(random weights unless --teacher-weights); the preset fills the flags left unset")
     p.add_argument("--teacher-weights", default=None, help="teacher weights file (a model file this project wrote)")
-    p.add_argument("--student", default=None, help="student architecture, e.g. vit_base_patch16 [preset]")
+    p.add_argument("--student", default=None, help="student architecture, e.g. vit_base_patch16" + FROM_PRESET)
     p.add_argument("--data", default=None, help="ImageFolder root (train/ used if present) or a flat folder of "
                                                 "images; the built-in synthetic dataset if not given")
     p.add_argument("--synthetic-images", type=int, default=2048, help="size of the built-in dataset")
     p.add_argument("--out", default="out/distill", help="output folder; rerunning in it resumes")
-    p.add_argument("--epochs", type=int, default=None, help="[preset]")
-    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup length [preset]")
-    p.add_argument("--batch-size", type=int, default=None, help="images per process per micro-step [preset]")
+    p.add_argument("--epochs", type=int, default=None, help="training length" + FROM_PRESET)
+    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup length" + FROM_PRESET)
+    p.add_argument("--batch-size", type=int, default=None, help="images per process per micro-step" + FROM_PRESET)
     p.add_argument("--accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate per 512 images [preset]")
-    p.add_argument("--min-lr", type=float, default=None, help="final learning rate per 512 images [preset]")
-    p.add_argument("--warmup-lr", type=float, default=None, help="initial learning rate per 512 images [preset]")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate per 512 images" + FROM_PRESET)
+    p.add_argument("--min-lr", type=float, default=None, help="final learning rate per 512 images" + FROM_PRESET)
+    p.add_argument("--warmup-lr", type=float, default=None, help="initial learning rate per 512 images" + FROM_PRESET)
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases, norms, "
                    "LayerScale, class token, position tables)")
     p.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm")
-    p.add_argument("--drop-path", type=float, default=None, help="student drop path rate [preset]")
-    p.add_argument("--min-crop-scale", type=float, default=None, help="RandomResizedCrop min scale [preset]")
-    p.add_argument("--img-size", type=int, default=None, help="crop size seen by teacher and student [preset]")
+    p.add_argument("--drop-path", type=float, default=None, help="student drop path rate" + FROM_PRESET)
+    p.add_argument("--min-crop-scale", type=float, default=None, help="RandomResizedCrop min scale" + FROM_PRESET)
+    p.add_argument("--img-size", type=int, default=None, help="crop size seen by teacher and student" + FROM_PRESET)
     p.add_argument("--workers", type=int, default=None,
                    help="data-loading processes per training process [up to 8, the CPU cores shared among "
                         "the processes of this machine]")
