@@ -170,6 +170,7 @@ class VisionTransformer(nn.Module):
                          qv_bias=qv_bias, layer_scale=layer_scale, drop_path=drop_path,
                          norm_eps=norm_eps, mean=list(mean), std=list(std))
         self.embed_dim, self.patch_size = embed_dim, patch_size
+        self.num_prefix_tokens = 1  # the class token in front of the patch tokens
         self.grid = (img_size // patch_size, img_size // patch_size)
         num_patches = self.grid[0] * self.grid[1]
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -209,8 +210,15 @@ class VisionTransformer(nn.Module):
                 block.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
 
     def forward(self, images, return_attn=False):
-        """images (B, 3, H, W) in [0, 1] -> tokens (B, 1+N, C); with return_attn also a list with
-        each block's attention probabilities (B, heads, 1+N, 1+N)."""
+        """images (B, 3, H, W) in [0, 1] -> tokens after the final norm (B, 1+N, C); with
+        return_attn also a list with each block's attention probabilities (B, heads, 1+N, 1+N)."""
+        x, attns = self.forward_features(images, return_attn=True) if return_attn else (
+            self.forward_features(images), None)
+        x = self.norm(x)
+        return (x, attns) if return_attn else x
+
+    def forward_features(self, images, return_attn=False):
+        """Like forward, without the final norm (fine-tuning pools these tokens instead)."""
         x = self.patch_embed((images - self.mean) / self.std)  # (B, C, h, w)
         if tuple(x.shape[-2:]) != self.grid:
             raise ValueError(f"this model was built for {self.grid[0] * self.patch_size} px images, "
@@ -225,8 +233,32 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x, attn = block(x, bias, return_attn)
             attns.append(attn)
-        x = self.norm(x)
         return (x, attns) if return_attn else x
+
+
+class Classifier(nn.Module):
+    """An encoder with a classification head, for fine-tuning (PAPER.md §6): the mean of the patch
+    tokens before the encoder's final norm, then `fc_norm` and a Linear head initialised small.
+    The encoder's final norm has no use here and is removed. `linear_probe=True` instead puts a
+    BatchNorm without affine parameters before the head (MAE's linear probe)."""
+
+    def __init__(self, encoder, num_classes, linear_probe=False):
+        super().__init__()
+        self.arch = dict(encoder=encoder.arch, num_classes=num_classes, linear_probe=linear_probe)
+        eps = encoder.norm.eps
+        encoder.norm = nn.Identity()
+        self.encoder = encoder
+        self.fc_norm = (nn.BatchNorm1d(encoder.embed_dim, affine=False, eps=1e-6) if linear_probe
+                        else nn.LayerNorm(encoder.embed_dim, eps=eps))
+        self.head = nn.Linear(encoder.embed_dim, num_classes)
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            self.head.weight.mul_(0.001)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, images):
+        tokens = self.encoder.forward_features(images)  # (B, prefix + N, C)
+        return self.head(self.fc_norm(tokens[:, self.encoder.num_prefix_tokens:].mean(dim=1)))
 
 
 # Named sizes: (embed dim, depth, heads). "micro" exists for tests.
@@ -269,14 +301,28 @@ def load_model_file(path):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: not a model file written by this project (expected the keys "
                          f"'arch' and 'model', found {found})")
-    model = VisionTransformer(**state["arch"])
+    model = build_from_arch(state["arch"])
     model.load_state_dict(state["model"])
     return model
+
+
+def build_from_arch(arch):
+    """The model described by an `arch` dict saved with its weights (an encoder or a Classifier)."""
+    if "encoder" in arch:
+        return Classifier(build_from_arch(arch["encoder"]), arch["num_classes"], arch["linear_probe"])
+    return VisionTransformer(**arch)
 
 
 # The teachers of the paper's recipes. Reading their published checkpoints (OpenAI CLIP's TorchScript
 # archive, DINO/DeiT/EsViT pickles) is not written yet; until then they must come as model files.
 PUBLISHED_TEACHERS = ("clip", "clip_l14", "dino", "deit", "esvit")
+
+
+def load_pretrained(name, weights=None, img_size=None):
+    """A pretrained encoder to fine-tune or analyse (trainable, in train mode): a teacher name
+    with optional weights file, or a model file this project wrote."""
+    model = build_teacher(name, img_size or 224, weights)
+    return model.train().requires_grad_(True)
 
 
 def build_teacher(name, img_size, weights=None):
