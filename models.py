@@ -64,6 +64,16 @@ def relative_position_index(grid_h, grid_w):
     return index
 
 
+def resize_grid(values, old_grid, new_grid):
+    """Bicubically resample values laid out on a grid, (h*w, C) -> (h'*w', C), in raster order: how
+    absolute position embeddings and relative position tables follow a change of resolution."""
+    if tuple(old_grid) == tuple(new_grid):
+        return values
+    grid = rearrange(values, "(h w) c -> 1 c h w", h=old_grid[0], w=old_grid[1])
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
+    return rearrange(grid, "1 c h w -> (h w) c").to(values.dtype)
+
+
 class RelativePositionBias(nn.Module):
     """A learned bias per head and relative offset, added to the attention logits (BEiT layout).
     The student shares one of these across all blocks during distillation (PAPER.md §1.3)."""
