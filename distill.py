@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import SeededTransform, SyntheticShapes, fd_transform, image_dataset, train_loader
-from models import build_student, build_teacher
+from models import TEACHERS, build_student, load_teacher, sha256sum
 
 # ----------------------------------------------------------------------------- presets
 # The official distillation recipes (PAPER.md §6); every value can be overridden by its flag.
@@ -61,9 +61,14 @@ def get_args_parser():
     p = argparse.ArgumentParser("Feature Distillation", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", default=DEFAULT_TEACHER,
-                   help=f"teacher: a preset ({', '.join(PRESETS)}) or a plain ViT such as vit_small_patch16 "
-                        "(random weights unless --teacher-weights); the preset fills the flags left unset")
-    p.add_argument("--teacher-weights", default=None, help="teacher weights file (a model file this project wrote)")
+                   help=f"teacher: a published one ({', '.join(TEACHERS)}), a plain ViT such as vit_small_patch16 "
+                        f"(random weights), or any name with --teacher-weights FILE of this project; the paper's "
+                        f"teachers ({', '.join(p for p in PRESETS if p in TEACHERS or p == 'esvit')}) bring their "
+                        f"recipe, which fills the flags left unset")
+    p.add_argument("--teacher-weights", default=None,
+                   help="the teacher's weights file, in its published layout (downloaded to the torch hub cache if "
+                        "not given), a model file this project wrote, or 'random' for a published architecture "
+                        "with random weights")
     p.add_argument("--student", default=None, help="student architecture, e.g. vit_base_patch16" + FROM_PRESET)
     p.add_argument("--data", default=None, help="ImageFolder root (train/ used if present) or a flat folder of "
                                                 "images; the built-in synthetic dataset if not given")
@@ -312,8 +317,10 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)  # the same student initialisation on every rank
 
-    teacher = build_teacher(args.teacher, args.img_size, args.teacher_weights).to(device)
     student = build_student(args.student, args.img_size, args.drop_path)
+    teacher = load_teacher(args.teacher, args.teacher_weights, grid=student.grid[0]).to(device)
+    is_file = is_main and Path(teacher.source).is_file()  # recorded with the student, for reproducibility
+    teacher_info = dict(name=args.teacher, weights=teacher.source, sha256=sha256sum(teacher.source) if is_file else None)
     model = FDStudent(student, teacher.embed_dim).to(device)
 
     images = image_dataset(args.data) if args.data else SyntheticShapes(args.synthetic_images)
@@ -372,13 +379,16 @@ def main(args):
             save_atomic({"student": student.state_dict(), "projector": model.projector.state_dict(),
                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                          "step": step, "epoch": step // steps_per_epoch, "world_size": world_size,
-                         "rng": rng, "args": vars(args), "arch": student.arch, "git": commit}, checkpoint)
+                         "rng": rng, "args": vars(args), "arch": student.arch, "git": commit,
+                         "teacher": teacher_info}, checkpoint)
 
     if is_main:
         print(f"{world_size} process(es) x {args.batch_size} images x {args.accum} micro-steps = {global_batch} "
               f"images per step; lr {lrs['lr']:.3g} (= {args.lr:g} x {global_batch}/512); "
               f"{total_steps} steps of {steps_per_epoch} per epoch; autocast {dtype or 'off (fp32)'} on {device}")
-        print(f"teacher {args.teacher_weights or args.teacher}, student {args.student} at {args.img_size} px, "
+        print(f"teacher {args.teacher} from {teacher_info['weights']} (sha256 {teacher_info['sha256']}), "
+              f"{teacher.encoder.grid[0]}x{teacher.encoder.grid[1]} tokens at {teacher.input_size} px")
+        print(f"student {args.student} at {args.img_size} px, "
               f"drop path {args.drop_path}, {args.epochs} epochs ({args.warmup_epochs} warmup), crop scale "
               f"{args.min_crop_scale}-1, lr/512 {args.lr:g} (min {args.min_lr:g}, warmup {args.warmup_lr:g})")
     if step >= total_steps and is_main:
@@ -427,7 +437,7 @@ def main(args):
     progress.close()
 
     if is_main:
-        save_atomic({"arch": student.arch, "model": student.state_dict(), "teacher": args.teacher,
+        save_atomic({"arch": student.arch, "model": student.state_dict(), "teacher": teacher_info,
                      "step": step}, out / "student.pth")
         print(f"wrote {out / 'student.pth'} (the distilled student, for finetune.py) and {checkpoint}")
     if world_size > 1:

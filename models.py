@@ -3,13 +3,23 @@ the frozen teacher that gives the distillation target.
 
 Reading order: building blocks (drop path, MLP, relative position bias, attention, block), the
 Vision Transformer that both student and teacher are made of, named sizes, then the builders
-(`build_student`, `build_teacher`) and our own model files.
+(`build_student`), our own model files, then the published teachers: their architectures, key
+conversions, the readers of their files (pickles, TorchScript archives, safetensors) and
+`load_teacher`.
 
 Every model takes images in [0, 1] and normalises them itself, so that each teacher can bring its
 own input statistics (CLIP's differ from ImageNet's) while the data pipeline stays the same.
 """
+import argparse
+import collections
+import hashlib
+import io
+import json
 import math
+import pickle
 import re
+import struct
+import zipfile
 from pathlib import Path
 
 import torch
@@ -36,11 +46,18 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation OpenAI's CLIP was trained with (not nn.GELU)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden_dim):
+    def __init__(self, dim, hidden_dim, act="gelu"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
+        self.act = QuickGELU() if act == "quick_gelu" else nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x):
@@ -133,12 +150,12 @@ class Block(nn.Module):
     own (used when fine-tuning: the shared table is copied into every block)."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qv_bias=True, layer_scale=None,
-                 drop_path=0.0, norm_eps=1e-6, rel_pos_grid=None):
+                 drop_path=0.0, norm_eps=1e-6, rel_pos_grid=None, act="gelu"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act)
         self.drop_path = DropPath(drop_path)
         self.rel_pos_bias = RelativePositionBias(rel_pos_grid, num_heads) if rel_pos_grid else None
         if layer_scale:
@@ -163,12 +180,16 @@ class VisionTransformer(nn.Module):
 
     The FD student (the defaults) has no absolute position embedding and one relative position
     bias shared by all blocks; `rel_pos="per_block"` gives every block its own (fine-tuning).
-    The plain ViT teacher uses `abs_pos=True, rel_pos=None, qv_bias=False, layer_scale=None`.
+    The teachers are the same model with other options (see TEACHERS): absolute position
+    embedding, a full qkv bias, no LayerScale (DINOv2 has one), QuickGELU and a LayerNorm before
+    the blocks (`norm_pre`, OpenAI CLIP's ln_pre), no patch-embedding bias (CLIP), and register
+    tokens (DINOv2): extra tokens after the class token that the output drops.
     """
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, rel_pos="shared", abs_pos=False, qv_bias=True, layer_scale=0.1,
-                 drop_path=0.0, norm_eps=1e-6, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 drop_path=0.0, norm_eps=1e-6, mean=IMAGENET_MEAN, std=IMAGENET_STD, act="gelu",
+                 norm_pre=False, patch_bias=True, num_registers=0):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
@@ -178,7 +199,8 @@ class VisionTransformer(nn.Module):
         self.arch = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                          num_heads=num_heads, mlp_ratio=mlp_ratio, rel_pos=rel_pos, abs_pos=abs_pos,
                          qv_bias=qv_bias, layer_scale=layer_scale, drop_path=drop_path,
-                         norm_eps=norm_eps, mean=list(mean), std=list(std))
+                         norm_eps=norm_eps, mean=list(mean), std=list(std), act=act, norm_pre=norm_pre,
+                         patch_bias=patch_bias, num_registers=num_registers)
         self.embed_dim, self.patch_size = embed_dim, patch_size
         self.num_prefix_tokens = 1  # the class token in front of the patch tokens
         self.grid = (img_size // patch_size, img_size // patch_size)
@@ -186,14 +208,16 @@ class VisionTransformer(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-        self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
+        self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size, bias=patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim)) if abs_pos else None
+        self.reg_tokens = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if norm_pre else None
         self.rel_pos_bias = RelativePositionBias(self.grid, num_heads) if rel_pos == "shared" else None
         drop_rates = torch.linspace(0, drop_path, depth).tolist()  # deeper blocks drop more
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qv_bias, layer_scale, drop_rates[i], norm_eps,
-                  rel_pos_grid=self.grid if rel_pos == "per_block" else None)
+                  rel_pos_grid=self.grid if rel_pos == "per_block" else None, act=act)
             for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self._init_weights()
@@ -207,8 +231,9 @@ class VisionTransformer(nn.Module):
             nn.init.trunc_normal_(tensor, std=std, a=-std, b=std)
 
         trunc_normal(self.cls_token)
-        if self.pos_embed is not None:
-            trunc_normal(self.pos_embed)
+        for param in (self.pos_embed, self.reg_tokens):
+            if param is not None:
+                trunc_normal(param)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 trunc_normal(m.weight)
@@ -237,12 +262,18 @@ class VisionTransformer(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, C)
         if self.pos_embed is not None:
             x = x + self.pos_embed
+        if self.reg_tokens is not None:  # registers have no position (DINOv2)
+            x = torch.cat([x[:, :1], self.reg_tokens.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
+        if self.norm_pre is not None:
+            x = self.norm_pre(x)
         # The shared bias is gathered from its table once per forward, not once per block.
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         attns = []
         for block in self.blocks:
             x, attn = block(x, bias, return_attn)
             attns.append(attn)
+        if self.reg_tokens is not None:
+            x = torch.cat([x[:, :1], x[:, 1 + self.reg_tokens.shape[1]:]], dim=1)
         return (x, attns) if return_attn else x
 
 
@@ -276,14 +307,13 @@ VIT_SIZES = {"micro": (32, 2, 2), "tiny": (192, 12, 3), "small": (384, 12, 6),
              "base": (768, 12, 12), "large": (1024, 24, 16)}
 
 
-def vit_size(name):
-    """'vit_small_patch16' -> dict(embed_dim=384, depth=12, num_heads=6, patch_size=16)."""
+def parse_vit_name(name):
+    """'vit_small_patch16' -> ('small', 16)."""
     match = re.fullmatch(r"vit_(\w+)_patch(\d+)", name)
     if not match or match[1] not in VIT_SIZES:
         sizes = ", ".join(f"vit_{s}_patch16" for s in VIT_SIZES)
         raise ValueError(f"unknown ViT name {name!r}: expected one of {sizes} (or patch 14, 8, ...)")
-    embed_dim, depth, num_heads = VIT_SIZES[match[1]]
-    return dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=int(match[2]))
+    return match[1], int(match[2])
 
 
 def build_student(name, img_size, drop_path=0.0):
@@ -291,13 +321,10 @@ def build_student(name, img_size, drop_path=0.0):
     if name.startswith("swin"):
         raise NotImplementedError(f"--student {name}: the SwinV2 student is not written yet; "
                                   f"pick a ViT student such as --student vit_base_patch16")
-    return VisionTransformer(img_size=img_size, drop_path=drop_path, **vit_size(name))
-
-
-def plain_vit(name, img_size):
-    """A plain ViT (absolute position embedding, qkv bias, no LayerScale): the built-in teacher."""
-    return VisionTransformer(img_size=img_size, rel_pos=None, abs_pos=True, qv_bias=False,
-                             layer_scale=None, **vit_size(name))
+    size, patch_size = parse_vit_name(name)
+    embed_dim, depth, num_heads = VIT_SIZES[size]
+    return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                             num_heads=num_heads, drop_path=drop_path)
 
 
 def load_model_file(path):
@@ -323,36 +350,378 @@ def build_from_arch(arch):
     return VisionTransformer(**arch)
 
 
-# The teachers of the paper's recipes. Reading their published checkpoints (OpenAI CLIP's TorchScript
-# archive, DINO/DeiT/EsViT pickles) is not written yet; until then they must come as model files.
-PUBLISHED_TEACHERS = ("clip", "clip_l14", "dino", "deit", "esvit")
+# ----------------------------------------------------------------------------- teachers
+# The published teachers. Each entry: the architecture of its image tower (our VisionTransformer's
+# options), the layout of its file, where it is published and its SHA-256 (or the prefix of it
+# that the publisher put in the file name). Facts from the original code: ../shared/ref/CHECKPOINTS.md.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def load_pretrained(name, weights=None, img_size=None):
-    """A pretrained encoder to fine-tune or analyse (trainable, in train mode): a teacher name
-    with optional weights file, or a model file this project wrote."""
-    model = build_teacher(name, img_size or 224, weights)
-    return model.train().requires_grad_(True)
+def teacher_arch(size, patch_size, img_size=224, **options):
+    """The arch of a plain teacher ViT: absolute positions, a full qkv bias, no LayerScale."""
+    embed_dim, depth, num_heads = VIT_SIZES[size]
+    arch = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                rel_pos=None, abs_pos=True, qv_bias=False, layer_scale=None, norm_eps=1e-6)
+    return dict(arch, **options)
 
 
-def build_teacher(name, img_size, weights=None):
-    """The frozen teacher, in eval mode: images in [0, 1] (B, 3, H, W) -> its output tokens after
-    its own final norm (B, 1+N, C), class token included, before whitening.
+# OpenAI CLIP's image tower: QuickGELU, ln_pre, LayerNorm eps 1e-5, no patch bias, its own statistics.
+OPENAI_CLIP = dict(act="quick_gelu", norm_pre=True, patch_bias=False, norm_eps=1e-5, mean=CLIP_MEAN, std=CLIP_STD)
+DINOV2 = dict(img_size=518, layer_scale=1.0)  # LayerScale values come from the file
+TEACHERS = {
+    "clip": dict(layout="openai_clip", arch=teacher_arch("base", 16, **OPENAI_CLIP),
+                 url="https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+                 sha256="5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"),
+    "clip_l14": dict(layout="openai_clip", arch=teacher_arch("large", 14, **OPENAI_CLIP),
+                     url="https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+                     sha256="b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836"),
+    "dino": dict(layout="timm", arch=teacher_arch("base", 16),
+                 url="https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"),
+    "deit": dict(layout="timm", arch=teacher_arch("base", 16),
+                 url="https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth", sha256="b5f2ef4d"),
+    "dinov2_vitb14": dict(layout="timm", arch=teacher_arch("base", 14, **DINOV2),
+                          url="https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"),
+    "dinov2_vitb14_reg4": dict(layout="timm", arch=teacher_arch("base", 14, num_registers=4, **DINOV2),
+                               url="https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"),
+    "tv_vit_b_16": dict(layout="torchvision", arch=teacher_arch("base", 16),
+                        url="https://download.pytorch.org/models/vit_b_16-c867db91.pth", sha256="c867db91"),
+    "tv_vit_l_16": dict(layout="torchvision", arch=teacher_arch("large", 16),
+                        url="https://download.pytorch.org/models/vit_l_16-852ce7e3.pth", sha256="852ce7e3"),
+    # Any file of these layouts, its architecture read from the tensor shapes (heads = width / 64).
+    "timm": dict(layout="timm"),
+    "open_clip": dict(layout="openai_clip", act="gelu"),  # open_clip's own models use nn.GELU
+    "open_clip_quickgelu": dict(layout="openai_clip", act="quick_gelu"),  # OpenAI weights in open_clip files
+}
+PAPER_TEACHERS = ("clip", "clip_l14", "dino", "deit", "esvit")
 
-    `name` is a plain ViT such as 'vit_tiny_patch16'. Without `weights` it has random weights drawn
-    from a fixed seed, so every process of a distributed run builds the same teacher; with
-    `weights`, a model file this project wrote gives both the architecture and the weights.
+
+# Key conversions: pure functions from a published state dict to our names. Towers and heads the
+# FD target does not use are dropped by name; anything else unknown is left for the strict load.
+def rename(key, renames):
+    for old, new in renames:
+        key = key.replace(old, new)
+    return key
+
+
+CLIP_TEXT_TOWER = ("transformer.", "token_embedding.", "ln_final.", "positional_embedding", "text_projection",
+                   "logit_scale", "visual.proj")  # visual.proj maps to the text space, after the FD target
+
+
+def convert_openai_clip(state):
+    renames = [("visual.", ""), ("conv1.", "patch_embed."), ("ln_pre.", "norm_pre."), ("ln_post.", "norm."),
+               ("transformer.resblocks.", "blocks."), (".ln_1.", ".norm1."), (".ln_2.", ".norm2."),
+               (".attn.in_proj_", ".attn.qkv."), (".attn.out_proj.", ".attn.proj."), (".mlp.c_fc.", ".mlp.fc1."),
+               (".mlp.c_proj.", ".mlp.fc2.")]
+    out = {}
+    for key, value in state.items():
+        if key.startswith(CLIP_TEXT_TOWER):
+            continue
+        if key == "visual.class_embedding":
+            out["cls_token"] = value.reshape(1, 1, -1)
+        elif key == "visual.positional_embedding":
+            out["pos_embed"] = value.unsqueeze(0)
+        else:
+            out[rename(key, renames)] = value
+    return out
+
+
+def convert_timm(state):
+    """timm's layout (DINO, DeiT, timm checkpoints) and the official DINOv2 one."""
+    renames = [("patch_embed.proj.", "patch_embed."), (".ls1.gamma", ".gamma_1"), (".ls2.gamma", ".gamma_2"),
+               ("register_tokens", "reg_tokens"), ("reg_token", "reg_tokens")]
+    out = {rename(k, renames): v for k, v in state.items()
+           if not k.startswith(("head.", "mask_token"))}  # classifier / CLIP projection; DINOv2's MIM token
+    pos = out.get("pos_embed")
+    if pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+        # timm's DINOv2-with-registers layout keeps no class position (it is folded into cls_token)
+        out["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[2]), pos], dim=1)
+    return out
+
+
+def convert_torchvision(state):
+    renames = [("class_token", "cls_token"), ("conv_proj.", "patch_embed."), ("encoder.pos_embedding", "pos_embed"),
+               ("encoder.layers.encoder_layer_", "blocks."), (".ln_1.", ".norm1."), (".ln_2.", ".norm2."),
+               (".self_attention.in_proj_", ".attn.qkv."), (".self_attention.out_proj.", ".attn.proj."),
+               (".mlp.0.", ".mlp.fc1."), (".mlp.3.", ".mlp.fc2."), ("encoder.ln.", "norm.")]
+    return {rename(k, renames): v for k, v in state.items() if not k.startswith("heads.")}
+
+
+CONVERTERS = {"openai_clip": convert_openai_clip, "timm": convert_timm, "torchvision": convert_torchvision}
+
+
+def infer_vit_arch(state, act="gelu"):
+    """The architecture of a converted ViT state dict, from its tensor shapes."""
+    embed_dim = state["cls_token"].shape[-1]
+    patch_size = state["patch_embed.weight"].shape[-1]
+    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    clip_like = "norm_pre.weight" in state  # CLIP towers: LayerNorm eps 1e-5 and CLIP statistics
+    stats = dict(mean=CLIP_MEAN, std=CLIP_STD) if clip_like else {}
+    return dict(img_size=grid * patch_size, patch_size=patch_size, embed_dim=embed_dim,
+                depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}), num_heads=embed_dim // 64,
+                mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim, rel_pos=None, abs_pos=True,
+                qv_bias=False, layer_scale=1.0 if "blocks.0.gamma_1" in state else None,
+                norm_eps=1e-5 if clip_like else 1e-6, act=act, norm_pre=clip_like,
+                patch_bias="patch_embed.bias" in state,
+                num_registers=state["reg_tokens"].shape[1] if "reg_tokens" in state else 0, **stats)
+
+
+# ----------------------------------------------------------------------------- reading checkpoint files
+DATA_ONLY_GLOBALS = {"argparse.Namespace": argparse.Namespace}  # pickled training arguments (EsViT, DINO)
+
+
+def read_checkpoint(path):
+    """Whatever a checkpoint file holds, read without running code from it: a zip or legacy pickle
+    through torch.load(weights_only=True), a TorchScript archive by reading its tensors, or a
+    safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("/constants.pkl") for name in archive.namelist()):
+                return read_torchscript(archive)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        globals_ = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        refused = [g for g in globals_ if g not in DATA_ONLY_GLOBALS]
+        if refused:
+            raise ValueError(f"{path}: refused: unpickling it would call {', '.join(refused)}, which can run code. "
+                             f"Nothing from it was executed. If you trust the file, re-save its tensors as a plain "
+                             f"state dict") from None
+        with torch.serialization.safe_globals([DATA_ONLY_GLOBALS[g] for g in globals_]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as error:
+        raise ValueError(f"{path}: not a readable checkpoint, probably truncated ({str(error).split('.')[0]}): "
+                         f"download or copy it again") from None
+
+
+class _ScriptModule:
+    """Stands in for a TorchScript module while unpickling: only holds its attributes."""
+
+
+STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+                  "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                  "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                  "BoolStorage": torch.bool}
+
+
+def read_torchscript(archive):
+    """The tensors of a TorchScript archive (OpenAI CLIP's .pt files), by name as in its
+    state_dict(), without torch.jit: its data.pkl is unpickled with every global refused except
+    module placeholders, tensor rebuilding and OrderedDict, so no code from the file runs."""
+    root = archive.namelist()[0].split("/")[0]
+    storages = {}
+
+    def rebuild_tensor(storage, offset, size, stride, *_):
+        return storage.as_strided(size, stride, offset)
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.startswith("__torch__"):
+                return _ScriptModule
+            if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                return rebuild_tensor
+            if module == "torch" and name in STORAGE_DTYPES:
+                return STORAGE_DTYPES[name]
+            if (module, name) == ("collections", "OrderedDict"):
+                return collections.OrderedDict
+            raise pickle.UnpicklingError(f"refused to load {module}.{name} from a TorchScript archive")
+
+        def persistent_load(self, pid):  # ('storage', dtype, key, location, numel)
+            _, dtype, key, _, numel = pid
+            if key not in storages:
+                raw = bytearray(archive.read(f"{root}/data/{key}"))
+                storages[key] = torch.frombuffer(raw, dtype=dtype)[:numel] if numel else torch.empty(0, dtype=dtype)
+            return storages[key]
+
+    tensors = {}
+
+    def collect(obj, prefix):
+        for name, value in vars(obj).items():
+            if isinstance(value, torch.Tensor):
+                tensors[prefix + name] = value
+            elif isinstance(value, _ScriptModule):
+                collect(value, f"{prefix}{name}.")
+
+    collect(Unpickler(io.BytesIO(archive.read(f"{root}/data.pkl"))).load(), "")
+    return tensors
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """A safetensors file: an 8-byte little-endian header length, a JSON header giving each
+    tensor's dtype, shape and byte range, then the data."""
+    raw = path.read_bytes()
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + header_len])
+    data = memoryview(raw)[8 + header_len:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        flat = torch.frombuffer(bytearray(data[begin:end]), dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        tensors[name] = flat.reshape(info["shape"])
+    return tensors
+
+
+WRAPPER_KEYS = ("model", "state_dict", "teacher", "student", "module")
+
+
+def unwrap_state_dict(checkpoint, path, prefer=WRAPPER_KEYS):
+    """The state dict inside a checkpoint: the first of `prefer` that a nested dict is found
+    under, with the prefixes of wrappers removed (DDP's module., torch.compile's _orig_mod., DINO's
+    backbone., whose projection head is dropped)."""
+    state = checkpoint
+    while isinstance(state, dict) and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        key = next((k for k in prefer if isinstance(state.get(k), dict)), None)
+        if key is None:
+            raise ValueError(f"{path}: no state dict found: expected tensors, or one of the entries "
+                             f"{', '.join(prefer)}; found {', '.join(map(str, state))}")
+        state = state[key]
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    return state
+
+
+def load_strict(model, state, source):
+    """load_state_dict, with an error listing every missing and unexpected key and every shape
+    that differs: a silently half-loaded teacher would ruin a long run."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(expected[k].shape)})" for k in expected
+              if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        def show(keys):
+            return ", ".join(keys[:12]) + (f" and {len(keys) - 12} more" if len(keys) > 12 else "")
+        problems = [f"{label}: {show(keys)}" for label, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("different shapes", shapes)) if keys]
+        raise ValueError(f"{source} does not fit this model ({'; '.join(problems)}). Is it the file of another "
+                         f"model? Check --teacher / --init and the weights file")
+    model.load_state_dict(state)  # casts fp16 weights (OpenAI CLIP) to the model's dtype
+
+
+def sha256sum(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def teacher_weights_file(name):
+    """The cached published file of a teacher, downloaded and checked on first use."""
+    spec = TEACHERS[name]
+    if "url" not in spec:
+        raise ValueError(f"--teacher {name} reads any file of its layout: give it with --teacher-weights FILE")
+    url = spec["url"]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"downloading the {name} teacher from {url} to {path}")
+        try:  # writes to a temporary file, checks the hash prefix, then renames
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=spec.get("sha256"))
+        except Exception as error:
+            raise RuntimeError(f"could not download the {name} teacher ({error}). Fetch {url} yourself and put it at "
+                               f"{path}, or pass it with --teacher-weights FILE") from None
+    return path
+
+
+# ----------------------------------------------------------------------------- building teachers
+def load_pretrained(name, weights=None, img_size=None, grid=None):
+    """A pretrained encoder (trainable, in train mode) that maps images in [0, 1] to its tokens:
+
+    - a teacher of TEACHERS, from `weights` (a file in its published layout), from its published
+      file (downloaded into the torch hub cache) when `weights` is None, or with random weights
+      when `weights == "random"` (tests and benchmarks);
+    - a plain ViT name such as 'vit_tiny_patch16' (random weights from a fixed seed, so that every
+      process of a distributed run builds the same model) or a model file this project wrote.
+
+    `img_size`, or `grid` (tokens per side), sets the input resolution: absolute position
+    embeddings are resized bicubically when it differs from the checkpoint's.
     """
-    if weights:
-        teacher = load_model_file(weights)
-    elif name in PUBLISHED_TEACHERS:
-        raise NotImplementedError(
-            f"--teacher {name}: loading the published {name} checkpoint is not supported yet. Give "
-            f"--teacher-weights FILE (a model file this project wrote) to use its recipe, or pick a plain "
-            f"ViT teacher such as --teacher vit_base_patch16 (random weights)")
-    else:
-        with torch.random.fork_rng(devices=[]):  # a fixed teacher without disturbing the caller's RNG
-            torch.manual_seed(0)
-            teacher = plain_vit(name, img_size)
-    teacher.eval().requires_grad_(False)
+    source = name
+    if name in TEACHERS:
+        spec = TEACHERS[name]
+        state = None
+        if weights != "random":
+            path = Path(weights) if weights else teacher_weights_file(name)
+            prefer = ("student",) + WRAPPER_KEYS if name == "esvit" else WRAPPER_KEYS
+            state = CONVERTERS[spec["layout"]](unwrap_state_dict(read_checkpoint(path), path, prefer))
+            source = f"{path}"
+        if "arch" in spec:
+            arch = dict(spec["arch"])
+        elif state is not None:
+            arch = infer_vit_arch(state, spec["act"])
+        else:
+            raise ValueError(f"--teacher {name} has no fixed architecture: give a weights file")
+    elif weights not in (None, "random"):
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if not (isinstance(state, dict) and "arch" in state):
+            raise ValueError(f"{weights}: not a model file of this project; for a published checkpoint name its "
+                             f"layout with --teacher ({', '.join(TEACHERS)})")
+        arch, state, source = state["arch"], state["model"], str(weights)
+    else:  # a plain ViT of a named size, random weights
+        try:
+            arch, state = teacher_arch(*parse_vit_name(name)), None
+        except ValueError:
+            raise ValueError(f"unknown teacher {name!r}: expected one of {', '.join(TEACHERS)}, a plain ViT such as "
+                             f"vit_base_patch16 (random weights), or a model file of this project as weights") from None
+
+    if grid is not None:
+        img_size = grid * arch["patch_size"]
+    if img_size and img_size != arch["img_size"] and arch.get("abs_pos") and not arch.get("rel_pos"):
+        if state is not None:
+            old_grid, new_grid = (arch["img_size"] // arch["patch_size"],) * 2, (img_size // arch["patch_size"],) * 2
+            pos = state["pos_embed"][0]
+            state["pos_embed"] = torch.cat([pos[:1], resize_grid(pos[1:], old_grid, new_grid)])[None]
+        arch["img_size"] = img_size
+    with torch.random.fork_rng(devices=[]):  # the same random weights on every process
+        torch.manual_seed(0)
+        model = build_from_arch(arch)
+    if state is not None:
+        load_strict(model, state, source)
+    model.source = source
+    return model
+
+
+class Teacher(nn.Module):
+    """A frozen teacher: images in [0, 1] (B, 3, H, W) -> its output tokens after its own final
+    norm (B, 1+N, C), class token included, before whitening. Images are resized to the
+    teacher's input size when it differs (a teacher with patch 14 for a student with patch 16)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False)
+        self.embed_dim = encoder.embed_dim
+        self.input_size = encoder.arch["img_size"]
+        self.eval()
+
+    def train(self, mode=True):
+        return super().train(False)  # always in eval mode: no drop path, fixed norms
+
+    def forward(self, images):
+        if images.shape[-1] != self.input_size:
+            images = F.interpolate(images, size=(self.input_size,) * 2, mode="bicubic", align_corners=False,
+                                   antialias=True).clamp(0, 1)
+        return self.encoder(images)
+
+
+def load_teacher(name, weights=None, grid=None):
+    """The frozen FD teacher (see load_pretrained for `name` and `weights`) at the resolution that
+    gives `grid` x `grid` output tokens, the student's grid; teachers whose grid cannot change
+    (relative position bias) keep their own, and the target is resized instead."""
+    encoder = load_pretrained(name, weights, grid=grid)
+    teacher = Teacher(encoder)
+    teacher.source = encoder.source
     return teacher

@@ -17,7 +17,7 @@ from PIL import Image
 
 import distill
 from data import SeededTransform, SyntheticShapes, fd_transform, image_dataset
-from models import Attention, VisionTransformer, build_student, build_teacher, load_model_file, relative_position_index
+from models import Attention, VisionTransformer, build_student, load_model_file, load_teacher, relative_position_index
 
 REPO = Path(__file__).resolve().parent
 MICRO = ["--teacher", "vit_micro_patch8", "--student", "vit_micro_patch8", "--img-size", "32",
@@ -34,7 +34,7 @@ def read_log(out):
 
 def micro_pair(drop_path=0.0, seed=0):
     torch.manual_seed(seed)
-    teacher = build_teacher("vit_micro_patch8", 32)
+    teacher = load_teacher("vit_micro_patch8", grid=4)
     model = distill.FDStudent(build_student("vit_micro_patch8", 32, drop_path), teacher.embed_dim)
     return teacher, model
 
@@ -265,8 +265,6 @@ def test_presets_fill_unset_flags_and_flags_override():
     assert (args.lr, args.drop_path, args.min_lr) == (1e-3, 0.0, 1e-5)
     args = distill.apply_preset(parse("--teacher", "vit_small_patch16"))  # no preset: the paper's recipe
     assert (args.student, args.lr, args.epochs, args.img_size) == ("vit_small_patch16", 3e-4, 300, 224)
-    with pytest.raises(NotImplementedError, match="--teacher clip: .*--teacher-weights"):
-        build_teacher("clip", 224)
 
 
 # ----------------------------------------------------------------------------- data
@@ -324,7 +322,7 @@ def test_distill_on_image_folder_writes_checkpoint_student_and_log(tmp_path):
     images = torch.rand(2, 3, 32, 32)
     student.eval()
     torch.testing.assert_close(rebuilt.eval()(images), student(images))
-    as_teacher = build_teacher("ignored", 32, weights=out / "student.pth")
+    as_teacher = load_teacher("ignored", weights=out / "student.pth", grid=4)
     torch.testing.assert_close(as_teacher(images), student(images))
     with pytest.raises(ValueError, match="checkpoint.pth: not a model file"):
         load_model_file(out / "checkpoint.pth")
