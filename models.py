@@ -214,7 +214,7 @@ class VisionTransformer(nn.Module):
         self.reg_tokens = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
         self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if norm_pre else None
         self.rel_pos_bias = RelativePositionBias(self.grid, num_heads) if rel_pos == "shared" else None
-        drop_rates = torch.linspace(0, drop_path, depth).tolist()  # deeper blocks drop more
+        drop_rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # deeper blocks drop more
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qv_bias, layer_scale, drop_rates[i], norm_eps,
                   rel_pos_grid=self.grid if rel_pos == "per_block" else None, act=act)
@@ -389,9 +389,10 @@ TEACHERS = {
     "tv_vit_l_16": dict(layout="torchvision", arch=teacher_arch("large", 16),
                         url="https://download.pytorch.org/models/vit_l_16-852ce7e3.pth", sha256="852ce7e3"),
     # Any file of these layouts, its architecture read from the tensor shapes (heads = width / 64).
-    "timm": dict(layout="timm"),
+    "timm": dict(layout="timm", act="gelu"),
     "open_clip": dict(layout="openai_clip", act="gelu"),  # open_clip's own models use nn.GELU
     "open_clip_quickgelu": dict(layout="openai_clip", act="quick_gelu"),  # OpenAI weights in open_clip files
+    "torchvision": dict(layout="torchvision", act="gelu"),
 }
 PAPER_TEACHERS = ("clip", "clip_l14", "dino", "deit", "esvit")
 
@@ -428,9 +429,9 @@ def convert_openai_clip(state):
 
 def convert_timm(state):
     """timm's layout (DINO, DeiT, timm checkpoints) and the official DINOv2 one."""
-    renames = [("patch_embed.proj.", "patch_embed."), (".ls1.gamma", ".gamma_1"), (".ls2.gamma", ".gamma_2"),
-               ("register_tokens", "reg_tokens"), ("reg_token", "reg_tokens")]
-    out = {rename(k, renames): v for k, v in state.items()
+    renames = [("patch_embed.proj.", "patch_embed."), (".ls1.gamma", ".gamma_1"), (".ls2.gamma", ".gamma_2")]
+    registers = {"register_tokens": "reg_tokens", "reg_token": "reg_tokens"}  # DINOv2's name, timm's name
+    out = {registers.get(k) or rename(k, renames): v for k, v in state.items()
            if not k.startswith(("head.", "mask_token"))}  # classifier / CLIP projection; DINOv2's MIM token
     pos = out.get("pos_embed")
     if pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
@@ -662,7 +663,11 @@ def load_pretrained(name, weights=None, img_size=None, grid=None):
         if "arch" in spec:
             arch = dict(spec["arch"])
         elif state is not None:
-            arch = infer_vit_arch(state, spec["act"])
+            try:
+                arch = infer_vit_arch(state, spec["act"])
+            except KeyError as error:
+                raise ValueError(f"{source} does not fit the {spec['layout']} layout of --teacher {name} (missing: "
+                                 f"{error.args[0]}; the file has {', '.join(list(state)[:8])}, ...)") from None
         else:
             raise ValueError(f"--teacher {name} has no fixed architecture: give a weights file")
     elif weights not in (None, "random"):

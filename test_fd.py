@@ -3,11 +3,16 @@
 Each test checks behaviour against an independent computation written here, not against the code
 under test; subprocess tests run the real torchrun.
 """
+import argparse
+import collections
+import hashlib
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import distill
+import models
 from data import SeededTransform, SyntheticShapes, fd_transform, image_dataset
 from models import Attention, VisionTransformer, build_student, load_model_file, load_teacher, relative_position_index
 
@@ -153,6 +159,333 @@ def test_every_student_parameter_gets_a_gradient():
 
 
 # ----------------------------------------------------------------------------- the FD objective
+# ----------------------------------------------------------------------------- teachers
+# Published layouts written here from the original code's naming (CHECKPOINTS.md), not from models.py.
+def timm_layout(width, depth, patch, grid, classes=0, dinov2=False, registers=0, bias=True, make=torch.randn):
+    """DINO / DeiT / timm ViT state dict (with dinov2=True: the official DINOv2 layout)."""
+    sd = {"cls_token": make(1, 1, width), "pos_embed": make(1, 1 + grid * grid, width),
+          "patch_embed.proj.weight": make(width, 3, patch, patch)}
+    if bias:
+        sd["patch_embed.proj.bias"] = make(width)
+    if dinov2:
+        sd["mask_token"] = make(1, width)
+        if registers:
+            sd["register_tokens"] = make(1, registers, width)
+    for i in range(depth):
+        for name, shape in [("norm1.weight", (width,)), ("norm1.bias", (width,)), ("attn.qkv.weight", (3 * width, width)),
+                            ("attn.qkv.bias", (3 * width,)), ("attn.proj.weight", (width, width)),
+                            ("attn.proj.bias", (width,)), ("norm2.weight", (width,)), ("norm2.bias", (width,)),
+                            ("mlp.fc1.weight", (4 * width, width)), ("mlp.fc1.bias", (4 * width,)),
+                            ("mlp.fc2.weight", (width, 4 * width)), ("mlp.fc2.bias", (width,))]:
+            sd[f"blocks.{i}.{name}"] = make(*shape)
+        if dinov2:
+            sd[f"blocks.{i}.ls1.gamma"], sd[f"blocks.{i}.ls2.gamma"] = make(width), make(width)
+    sd["norm.weight"], sd["norm.bias"] = make(width), make(width)
+    if classes:
+        sd["head.weight"], sd["head.bias"] = make(classes, width), make(classes)
+    return sd
+
+
+def openai_clip_layout(width, layers, patch, grid, text_width, text_layers, embed, context=77, vocab=49408,
+                       make=torch.randn):
+    """The state dict of an OpenAI CLIP file, text tower included."""
+    sd = {"positional_embedding": make(context, text_width), "text_projection": make(text_width, embed),
+          "logit_scale": make(1).reshape(()), "visual.class_embedding": make(width),
+          "visual.positional_embedding": make(1 + grid * grid, width), "visual.proj": make(width, embed),
+          "visual.conv1.weight": make(width, 3, patch, patch), "visual.ln_pre.weight": make(width),
+          "visual.ln_pre.bias": make(width)}
+
+    def blocks(prefix, w, n):
+        for i in range(n):
+            p = f"{prefix}resblocks.{i}."
+            sd.update({p + "ln_1.weight": make(w), p + "ln_1.bias": make(w), p + "attn.in_proj_weight": make(3 * w, w),
+                       p + "attn.in_proj_bias": make(3 * w), p + "attn.out_proj.weight": make(w, w),
+                       p + "attn.out_proj.bias": make(w), p + "ln_2.weight": make(w), p + "ln_2.bias": make(w),
+                       p + "mlp.c_fc.weight": make(4 * w, w), p + "mlp.c_fc.bias": make(4 * w),
+                       p + "mlp.c_proj.weight": make(w, 4 * w), p + "mlp.c_proj.bias": make(w)})
+    blocks("visual.transformer.", width, layers)
+    sd.update({"visual.ln_post.weight": make(width), "visual.ln_post.bias": make(width)})
+    blocks("transformer.", text_width, text_layers)
+    sd.update({"token_embedding.weight": make(vocab, text_width), "ln_final.weight": make(text_width),
+               "ln_final.bias": make(text_width)})
+    return sd
+
+
+def torchvision_layout(width, depth, patch, grid, classes=1000, make=torch.randn):
+    sd = {"class_token": make(1, 1, width), "conv_proj.weight": make(width, 3, patch, patch),
+          "conv_proj.bias": make(width), "encoder.pos_embedding": make(1, 1 + grid * grid, width)}
+    for i in range(depth):
+        p = f"encoder.layers.encoder_layer_{i}."
+        sd.update({p + "ln_1.weight": make(width), p + "ln_1.bias": make(width),
+                   p + "self_attention.in_proj_weight": make(3 * width, width),
+                   p + "self_attention.in_proj_bias": make(3 * width),
+                   p + "self_attention.out_proj.weight": make(width, width),
+                   p + "self_attention.out_proj.bias": make(width), p + "ln_2.weight": make(width),
+                   p + "ln_2.bias": make(width), p + "mlp.0.weight": make(4 * width, width),
+                   p + "mlp.0.bias": make(4 * width), p + "mlp.3.weight": make(width, 4 * width),
+                   p + "mlp.3.bias": make(width)})
+    sd.update({"encoder.ln.weight": make(width), "encoder.ln.bias": make(width),
+               "heads.head.weight": make(classes, width), "heads.head.bias": make(classes)})
+    return sd
+
+
+def meta(*shape):
+    return torch.empty(shape, device="meta")
+
+
+PUBLISHED_LAYOUTS = {  # full-size key layouts of the published files, as meta tensors (no memory)
+    "clip": lambda: openai_clip_layout(768, 12, 16, 14, 512, 12, 512, make=meta),
+    "clip_l14": lambda: openai_clip_layout(1024, 24, 14, 16, 768, 12, 768, make=meta),
+    "dino": lambda: timm_layout(768, 12, 16, 14, make=meta),
+    "deit": lambda: {"model": timm_layout(768, 12, 16, 14, classes=1000, make=meta)},
+    "dinov2_vitb14": lambda: timm_layout(768, 12, 14, 37, dinov2=True, make=meta),
+    "dinov2_vitb14_reg4": lambda: timm_layout(768, 12, 14, 37, dinov2=True, registers=4, make=meta),
+    "tv_vit_b_16": lambda: torchvision_layout(768, 12, 16, 14, make=meta),
+    "tv_vit_l_16": lambda: torchvision_layout(1024, 24, 16, 14, make=meta),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_LAYOUTS))
+def test_published_layout_fits_the_teacher_architecture_exactly(name):
+    published = models.unwrap_state_dict(PUBLISHED_LAYOUTS[name](), name)
+    converted = models.CONVERTERS[models.TEACHERS[name]["layout"]](published)
+    with torch.device("meta"):
+        expected = models.build_from_arch(models.TEACHERS[name]["arch"]).state_dict()
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+
+
+def reference_vit(sd, images, heads, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, eps=1e-6, registers=0):
+    """A ViT forward from the raw tensors of a timm / DINO / DINOv2-layout state dict: the tokens
+    after the final norm, class token and patches (registers dropped)."""
+    x = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    weight = sd["patch_embed.proj.weight"]
+    x = F.conv2d(x, weight, sd.get("patch_embed.proj.bias"), stride=weight.shape[-1]).flatten(2).transpose(1, 2)
+    x = torch.cat([sd["cls_token"].expand(len(x), -1, -1), x], 1) + sd["pos_embed"]
+    if registers:
+        x = torch.cat([x[:, :1], sd["register_tokens"].expand(len(x), -1, -1), x[:, 1:]], 1)
+    (b, t, c), d = x.shape, x.shape[-1] // heads
+    for i in range(len({k.split(".")[1] for k in sd if k.startswith("blocks.")})):
+        p = f"blocks.{i}."
+        h = F.layer_norm(x, (c,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], eps)
+        q, k, v = (h @ sd[p + "attn.qkv.weight"].T + sd[p + "attn.qkv.bias"]).reshape(b, t, 3, heads, d).permute(2, 0, 3, 1, 4)
+        h = ((q @ k.transpose(-1, -2)) / math.sqrt(d)).softmax(-1) @ v
+        h = h.transpose(1, 2).reshape(b, t, c) @ sd[p + "attn.proj.weight"].T + sd[p + "attn.proj.bias"]
+        x = x + h * sd.get(p + "ls1.gamma", 1.0)
+        h = F.layer_norm(x, (c,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps)
+        h = F.gelu(h @ sd[p + "mlp.fc1.weight"].T + sd[p + "mlp.fc1.bias"]) @ sd[p + "mlp.fc2.weight"].T + sd[p + "mlp.fc2.bias"]
+        x = x + h * sd.get(p + "ls2.gamma", 1.0)
+    x = F.layer_norm(x, (c,), sd["norm.weight"], sd["norm.bias"], eps)
+    return torch.cat([x[:, :1], x[:, 1 + registers:]], 1)
+
+
+def scaled(sd, noise=0.05):
+    """Random weights of a sensible scale: norms near 1, the rest small."""
+    torch.manual_seed(0)
+    return {k: (1 + noise * torch.randn_like(v)) if "norm" in k and k.endswith("weight") else noise * torch.randn_like(v)
+            for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("layout", ["dino", "deit_full_checkpoint", "dinov2_registers", "timm_registers"])
+def test_timm_and_dinov2_files_match_an_independent_forward(tmp_path, layout):
+    registers = 4 if "registers" in layout else 0
+    sd = scaled(timm_layout(128, 2, 16, 2, classes=10 if "deit" in layout else 0, dinov2="dinov2" in layout,
+                            registers=registers if "dinov2" in layout else 0))
+    saved = sd
+    if layout == "deit_full_checkpoint":  # DeiT: {'model': ..., 'optimizer': ..., 'epoch': ...}
+        saved = {"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 299, "args": argparse.Namespace(lr=1e-3)}
+    if layout == "timm_registers":  # timm keeps no class position and folds it into cls_token
+        sd = dict(scaled(timm_layout(128, 2, 16, 2)), register_tokens=torch.randn(1, 4, 128) * 0.05)
+        saved = {k: v for k, v in sd.items() if k not in ("register_tokens", "pos_embed", "cls_token")}
+        saved.update(reg_token=sd["register_tokens"], pos_embed=sd["pos_embed"][:, 1:],
+                     cls_token=sd["cls_token"] + sd["pos_embed"][:, :1])
+    torch.save(saved, tmp_path / "teacher.pth")
+    teacher = load_teacher("timm", tmp_path / "teacher.pth", grid=2)
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(teacher(images), reference_vit(sd, images, heads=2, registers=registers),
+                               rtol=1e-4, atol=1e-4)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+class QuickGELU(torch.nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class OpenAIBlock(torch.nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(width, heads)
+        self.ln_1, self.ln_2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.mlp = torch.nn.Sequential(collections.OrderedDict(c_fc=torch.nn.Linear(width, 4 * width), gelu=QuickGELU(),
+                                                               c_proj=torch.nn.Linear(4 * width, width)))
+
+    def forward(self, x):  # (tokens, batch, width), as OpenAI's code
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class TinyOpenAICLIP(torch.nn.Module):
+    """OpenAI's CLIP with its attribute names (so its TorchScript archive has the published layout),
+    small. forward gives the FD target: every image token after ln_post."""
+
+    def __init__(self, width=128, heads=2, patch=16, grid=2, text_width=64, embed=32):
+        super().__init__()
+        self.visual = torch.nn.Module()
+        v = self.visual
+        v.conv1 = torch.nn.Conv2d(3, width, patch, patch, bias=False)
+        v.class_embedding = torch.nn.Parameter(0.05 * torch.randn(width))
+        v.positional_embedding = torch.nn.Parameter(0.05 * torch.randn(1 + grid * grid, width))
+        v.ln_pre, v.ln_post = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        v.transformer = torch.nn.Module()
+        v.transformer.resblocks = torch.nn.Sequential(*[OpenAIBlock(width, heads) for _ in range(2)])
+        v.proj = torch.nn.Parameter(torch.randn(width, embed))
+        self.transformer = torch.nn.Module()
+        self.transformer.resblocks = torch.nn.Sequential(*[OpenAIBlock(text_width, 2) for _ in range(2)])
+        self.token_embedding = torch.nn.Embedding(100, text_width)
+        self.positional_embedding = torch.nn.Parameter(torch.randn(8, text_width))
+        self.ln_final = torch.nn.LayerNorm(text_width)
+        self.text_projection = torch.nn.Parameter(torch.randn(text_width, embed))
+        self.logit_scale = torch.nn.Parameter(torch.ones([]))
+
+    def forward(self, images):
+        v = self.visual
+        x = (images - torch.tensor(models.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(models.CLIP_STD).view(1, 3, 1, 1)
+        x = v.conv1(x).flatten(2).transpose(1, 2)
+        x = torch.cat([v.class_embedding.expand(len(x), 1, -1), x], 1) + v.positional_embedding
+        x = v.transformer.resblocks(v.ln_pre(x).transpose(0, 1)).transpose(0, 1)
+        return v.ln_post(x)
+
+
+def test_openai_clip_torchscript_archive_read_without_jit_matches_the_original(tmp_path):
+    torch.manual_seed(0)
+    clip = TinyOpenAICLIP().eval()
+    with torch.no_grad():  # OpenAI stores convolutions, linears and projections in fp16
+        for param in clip.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+        for module in clip.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.MultiheadAttention)):
+                module.half().float()
+        clip.visual.proj.copy_(clip.visual.proj.half().float())
+    images = torch.rand(2, 3, 32, 32)
+    expected = clip(images)
+    archive = torch.jit.trace(clip, images)
+    for name, param in archive.named_parameters():  # as OpenAI's convert_weights: not the norms and embeddings
+        if not any(part in name for part in ("ln_", "embedding", "logit_scale")):
+            param.data = param.data.half()
+    archive.save(str(tmp_path / "ViT-tiny.pt"))
+
+    with zipfile.ZipFile(tmp_path / "ViT-tiny.pt") as zf:
+        tensors = models.read_torchscript(zf)
+    reference = torch.jit.load(str(tmp_path / "ViT-tiny.pt")).state_dict()
+    assert set(tensors) == set(reference)
+    assert all(torch.equal(tensors[k], reference[k]) and tensors[k].dtype == reference[k].dtype for k in reference)
+    assert tensors["visual.conv1.weight"].dtype == torch.float16
+
+    teacher = load_teacher("open_clip_quickgelu", tmp_path / "ViT-tiny.pt", grid=2)
+    torch.testing.assert_close(teacher(images), expected, rtol=1e-4, atol=1e-4)
+    # With GELU instead of QuickGELU the tokens are measurably off: the activation matters.
+    wrong = load_teacher("open_clip", tmp_path / "ViT-tiny.pt", grid=2)
+    assert (wrong(images) - expected).abs().max() > 1e-3
+
+
+def write_safetensors(tensors, path):
+    codes = {torch.float32: "F32", torch.float16: "F16"}
+    header, offset, blobs = {}, 0, []
+    for name, t in tensors.items():
+        blob = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    encoded = json.dumps(header).encode()
+    Path(path).write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"".join(blobs))
+
+
+def test_open_clip_bin_and_safetensors_files_load_the_same_teacher(tmp_path):
+    sd = scaled(openai_clip_layout(128, 2, 16, 2, 64, 1, 32, context=8, vocab=50))
+    sd = {k: v.half() if k.endswith("weight") and v.ndim == 2 else v for k, v in sd.items()}
+    torch.save(sd, tmp_path / "open_clip_pytorch_model.bin")
+    write_safetensors(sd, tmp_path / "open_clip_model.safetensors")
+    torch.save({"epoch": 32, "state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "epoch_32.pt")
+    images = torch.rand(2, 3, 32, 32)
+    outputs = [load_teacher("open_clip", tmp_path / f, grid=2)(images)
+               for f in ("open_clip_pytorch_model.bin", "open_clip_model.safetensors", "epoch_32.pt")]
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
+def test_torchvision_vit_file_matches_torchvision(tmp_path):
+    import torchvision
+    torch.manual_seed(0)
+    tv = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2,
+                                              hidden_dim=128, mlp_dim=512, num_classes=10).eval()
+    with torch.no_grad():
+        for param in tv.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    torch.save(tv.state_dict(), tmp_path / "vit_tiny.pth")
+    images = torch.rand(2, 3, 32, 32)
+    x = tv._process_input((images - torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1))
+                          / torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1))
+    with torch.no_grad():
+        expected = tv.encoder(torch.cat([tv.class_token.expand(2, -1, -1), x], 1))
+    torch.testing.assert_close(load_teacher("torchvision", tmp_path / "vit_tiny.pth", grid=2)(images), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_teacher_of_another_grid_resizes_positions_and_input_to_the_student_grid(tmp_path):
+    sd = scaled(timm_layout(128, 2, 14, 4))  # patch 14, 56 px: a 4x4 grid, like CLIP-L/14 for a /16 student
+    torch.save(sd, tmp_path / "teacher.pth")
+    teacher = load_teacher("timm", tmp_path / "teacher.pth", grid=3)
+    assert teacher.input_size == 42 and teacher.encoder.grid == (3, 3)
+    pos = sd["pos_embed"][0]
+    grid = pos[1:].reshape(1, 4, 4, 128).permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, size=(3, 3), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(9, 128)
+    torch.testing.assert_close(teacher.encoder.pos_embed[0], torch.cat([pos[:1], resized]))
+    images = torch.rand(2, 3, 48, 48)  # a student with patch 16 at 48 px also has a 3x3 grid
+    assert teacher(images).shape == (2, 10, 128)
+
+
+def test_bad_teacher_files_give_clear_errors_and_run_no_code(tmp_path, monkeypatch):
+    torch.save(timm_layout(64, 1, 16, 2), tmp_path / "dino.pth")
+    with pytest.raises(ValueError, match=r"dino.pth does not fit.*missing: .*blocks.0.attn.qkv.weight"):
+        load_teacher("dino", tmp_path / "dino.pth")  # the file of a smaller model
+    with pytest.raises(ValueError, match="dino.pth does not fit the openai_clip layout .*missing: patch_embed"):
+        load_teacher("open_clip", tmp_path / "dino.pth")  # another layout
+    data = (tmp_path / "dino.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.pth: not a readable checkpoint, probably truncated"):
+        load_teacher("timm", tmp_path / "truncated.pth")
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    torch.save({"model": timm_layout(64, 1, 16, 2), "payload": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match=r"evil.pth: refused: .*system.*Nothing from it was executed"):
+        load_teacher("timm", tmp_path / "evil.pth")
+    assert not marker.exists()
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        load_teacher("timm", tmp_path / "nowhere.pth")
+
+    def offline(url, dst, hash_prefix=None):
+        raise OSError("network unreachable")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    path = tmp_path / "cache" / "hub" / "checkpoints" / "dino_vitbase16_pretrain.pth"
+    with pytest.raises(RuntimeError, match=f"Fetch https://dl.fbaipublicfiles.com/dino/.*pth yourself and put it at {path}"):
+        load_teacher("dino")
+
+
+def test_distill_with_a_published_layout_teacher_records_its_checksum(tmp_path):
+    torch.save(scaled(timm_layout(128, 1, 8, 4)), tmp_path / "dino_tiny.pth")
+    args = parse(*MICRO, "--teacher", "timm", "--teacher-weights", str(tmp_path / "dino_tiny.pth"), "--epochs", "1",
+                 "--out", str(tmp_path / "run"))
+    distill.main(args)
+    saved = torch.load(tmp_path / "run" / "student.pth", weights_only=True)
+    assert saved["teacher"]["sha256"] == hashlib.sha256((tmp_path / "dino_tiny.pth").read_bytes()).hexdigest()
+    state = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert state["projector"]["weight"].shape == (128, 32)  # student width 32 -> teacher width 128
+
+
 def test_fd_loss_equals_independent_computation():
     torch.manual_seed(0)
     teacher_tokens = torch.randn(3, 17, 24) * 5 + 2
