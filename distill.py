@@ -126,31 +126,45 @@ class FDStudent(nn.Module):
         return self.projector(self.student(images))  # (B, 1+N, teacher_dim)
 
 
-def resize_tokens(tokens, num_tokens):
-    """Bilinearly resize the square patch grid of (B, 1+N, C) tokens to num_tokens - 1 patches,
-    keeping the class token: lets a teacher and a student with different grids (patch 14 vs 16)
-    be paired. The official code instead picks image sizes that make the grids equal."""
-    if tokens.shape[1] == num_tokens:
-        return tokens
-    source, target = math.isqrt(tokens.shape[1] - 1), math.isqrt(num_tokens - 1)
-    grid = rearrange(tokens[:, 1:], "b (h w) c -> b c h w", h=source)
-    grid = F.interpolate(grid, size=(target, target), mode="bilinear", align_corners=False)
-    return torch.cat([tokens[:, :1], rearrange(grid, "b c h w -> b (h w) c")], dim=1)
+def resize_tokens(patches, grid):
+    """Bilinearly resize the square grid of patch tokens (B, N, C) to grid[0] x grid[1] tokens: lets
+    a teacher and a student with different grids be paired (a Swin teacher's 7x7 map for a ViT's
+    14x14). ViT teachers are run at the resolution that gives the student's grid instead."""
+    if patches.shape[1] == grid[0] * grid[1]:
+        return patches
+    side = math.isqrt(patches.shape[1])
+    maps = rearrange(patches, "b (h w) c -> b c h w", h=side)
+    maps = F.interpolate(maps, size=tuple(grid), mode="bilinear", align_corners=False)
+    return rearrange(maps, "b c h w -> b (h w) c")
 
 
 @torch.no_grad()
-def distillation_target(teacher, images, num_tokens):
-    """The FD target (B, num_tokens, C): the teacher's output tokens after its own final norm,
-    class token included, whitened by a LayerNorm without scale or bias, i.e. each token
-    standardised over its channels (PAPER.md §1.2)."""
-    target = teacher(images).float()  # fp32 before the norm: a teacher may run in fp16
-    target = resize_tokens(target, num_tokens)
+def distillation_target(teacher, images, grid, with_cls=True):
+    """The FD target (B, [1 +] grid tokens, C): the teacher's output tokens after its own final
+    norm, whitened by a LayerNorm without scale or bias, i.e. each token standardised over its
+    channels (PAPER.md §1.2). The class token is kept when `with_cls`."""
+    tokens = teacher(images).float()  # fp32 before the norm: a teacher may run in fp16
+    prefix = teacher.num_prefix_tokens
+    target = torch.cat([tokens[:, :prefix if with_cls else 0], resize_tokens(tokens[:, prefix:], grid)], dim=1)
     return F.layer_norm(target, target.shape[-1:], eps=1e-5)
 
 
 def fd_loss(prediction, target, beta=2.0):
     """Smooth L1 with beta 2, averaged over batch, tokens and channels (PAPER.md §1.4)."""
     return F.smooth_l1_loss(prediction.float(), target, beta=beta)
+
+
+def fd_objective(teacher, student):
+    """The loss of one batch, compute_loss(model, images), for the FD model wrapping `student`:
+    on every patch token, and on the class token when student and teacher both have one (Swin
+    has none)."""
+    with_cls = student.num_prefix_tokens > 0 and teacher.num_prefix_tokens > 0
+
+    def compute_loss(model, images):
+        prediction = model(images)  # (B, prefix + N, C)
+        target = distillation_target(teacher, images, student.grid, with_cls)
+        return fd_loss(prediction[:, prediction.shape[1] - target.shape[1]:], target)
+    return compute_loss
 
 
 # ----------------------------------------------------------------------------- training helpers
@@ -189,16 +203,20 @@ def autocast_dtype(amp, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
 
 
+# Position tables and temperatures, as the official code: decaying them towards 0 has no meaning.
+NO_WEIGHT_DECAY = ("cls_token", "pos_embed", "reg_tokens", "relative_position_bias_table", "rpe_mlp", "logit_scale")
+
+
 def param_groups(model, weight_decay, lr_scale=None):
-    """AdamW parameter groups: no weight decay for 1-D tensors (biases, norms, LayerScale), the
-    class token, position embeddings and relative-position tables. `lr_scale(name)` gives a
+    """AdamW parameter groups: no weight decay for 1-D tensors (biases, norms, LayerScale) and
+    NO_WEIGHT_DECAY. `lr_scale(name)` gives a
     per-parameter lr multiplier (layer-wise decay when fine-tuning), stored as the group's
     'lr_scale'."""
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        no_decay = param.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "relative_position_bias_table"))
+        no_decay = param.ndim <= 1 or any(key in name for key in NO_WEIGHT_DECAY)
         scale = lr_scale(name) if lr_scale else 1.0
         group = groups.setdefault((no_decay, scale), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
                                                       "lr_scale": scale})
@@ -367,10 +385,7 @@ def main(args):
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
-    def compute_loss(model, images):
-        prediction = model(images)
-        return fd_loss(prediction, distillation_target(run_teacher, images, prediction.shape[1]))
-
+    compute_loss = fd_objective(run_teacher, student)
     commit = git_hash()  # recorded in every checkpoint, for reproducibility
 
     def save_checkpoint():

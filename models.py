@@ -277,6 +277,393 @@ class VisionTransformer(nn.Module):
         return (x, attns) if return_attn else x
 
 
+# ----------------------------------------------------------------------------- Swin
+# Swin Transformer: V1 is the EsViT teacher, V2 the FD student distilled from it (PAPER.md §6).
+#
+# Both work on feature maps (B, H, W, C) cut into non-overlapping windows of w x w tokens; every
+# other block shifts the windows by w/2 so that information crosses window borders. Stages halve
+# the map and double the width. V1 and V2 differ only inside the block:
+#   V1 (Liu et al. 2021): pre-norm, scaled dot-product attention, a learned bias table per block.
+#   V2 (Liu et al. 2022): residual post-norm, cosine attention with a learned temperature, and a
+#       continuous position bias: a small MLP of the log-spaced offset. The FD student shares one
+#       such MLP per stage during distillation; fine-tuning gives every block its own copy.
+# Parameter names follow the official code, so an EsViT checkpoint loads strictly once its prefix,
+# heads and index tables are removed (`esvit_to_swin`). One exception: V2's per-block bias MLP sits
+# at `layers.i.blocks.j.rel_pos_bias.rpe_mlp` (official: `...blocks.j.attn.rpe_mlp`), mirroring
+# the shared `layers.i.rel_pos_bias.rpe_mlp`, as the ViT's per-block tables mirror its shared one.
+
+
+def window_partition(x, window):
+    """(B, H, W, C) -> (B * num_windows, window * window, C); windows in raster order, so the
+    windows of one image are consecutive."""
+    return rearrange(x, "b (h wh) (w ww) c -> (b h w) (wh ww) c", wh=window, ww=window)
+
+
+def window_reverse(windows, window, height, width):
+    """The inverse of window_partition: (B * num_windows, window * window, C) -> (B, H, W, C)."""
+    return rearrange(windows, "(b h w) (wh ww) c -> b (h wh) (w ww) c",
+                     h=height // window, w=width // window, wh=window)
+
+
+def cyclic_shift(x, shift):
+    """Roll the map (B, H, W, C) up and left by `shift` (down and right to undo, with -shift)."""
+    return torch.roll(x, shifts=(-shift, -shift), dims=(1, 2)) if shift else x
+
+
+def shifted_window_mask(height, width, window, shift):
+    """Additive mask (num_windows, w*w, w*w) for the shifted windows: after the cyclic shift, the
+    windows along the bottom and right edges hold tokens that were far apart in the image. Label
+    the up to 3 x 3 regions that were contiguous before the roll; tokens of different regions must
+    not see each other. -inf (not the official -100) so that their probabilities are exactly 0:
+    V2's logits can differ by up to 2 x 100 + 16, which -100 would not hide."""
+    labels = torch.zeros(1, height, width, 1)
+    bands = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for i, rows in enumerate(bands):
+        for j, cols in enumerate(bands):
+            labels[:, rows, cols] = 3 * i + j
+    labels = window_partition(labels, window).squeeze(-1)  # (num_windows, w*w)
+    different = labels[:, :, None] != labels[:, None, :]
+    return torch.zeros(different.shape).masked_fill(different, float("-inf"))
+
+
+def window_position_index(window):
+    """(w*w, w*w) index into a table of the (2w-1)^2 offsets inside a window, row offset major:
+    the ViT's index without its class-token rows (the same layout as Swin's)."""
+    return relative_position_index(window, window)[1:, 1:]
+
+
+def log_spaced_offsets(window):
+    """((2w-1)^2, 2) input of V2's position-bias MLP, rows in the order of window_position_index:
+    each (row, column) offset scaled to [-8, 8], then sign(x) * log2(1 + |x|) / 3, so that a
+    model can move to larger windows with little extrapolation (SwinV2 §3.3, 'norm8_log')."""
+    steps = torch.arange(-(window - 1), window, dtype=torch.float32) * 8 / max(window - 1, 1)
+    offsets = torch.stack(torch.meshgrid(steps, steps, indexing="ij"), dim=-1).reshape(-1, 2)
+    return torch.sign(offsets) * torch.log2(offsets.abs() + 1.0) / math.log2(8)
+
+
+class ContinuousPositionBias(nn.Module):
+    """V2's relative position bias: an MLP (2 -> 512 -> heads) of the log-spaced offset, bounded
+    by 16 * sigmoid. Lives in the stage (shared by its blocks) or in every block."""
+
+    def __init__(self, window, num_heads, hidden_dim=512):
+        super().__init__()
+        self.rpe_mlp = nn.Sequential(nn.Linear(2, hidden_dim), nn.ReLU(inplace=True),
+                                     nn.Linear(hidden_dim, num_heads, bias=False))
+        # Both follow from the window size, so neither enters a checkpoint.
+        self.register_buffer("relative_coords_table", log_spaced_offsets(window), persistent=False)
+        self.register_buffer("relative_position_index", window_position_index(window), persistent=False)
+
+    def forward(self):
+        table = self.rpe_mlp(self.relative_coords_table)  # ((2w-1)^2, heads)
+        return 16 * torch.sigmoid(table[self.relative_position_index].permute(2, 0, 1))  # (heads, N, N)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside each window, plus a relative position bias.
+    V1 (`cosine=False`): softmax(q k^T / sqrt(d) + bias) with a qkv bias and its own bias table.
+    V2 (`cosine=True`): softmax(cos(q, k) * temperature + bias), the temperature learned per head
+    and capped at 100; q and v biases only (a k bias cancels in the softmax); the caller brings
+    the bias."""
+
+    def __init__(self, dim, num_heads, window, cosine):
+        super().__init__()
+        self.num_heads = num_heads
+        if cosine:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
+            self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        else:
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+            self.register_buffer("relative_position_index", window_position_index(window), persistent=False)
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.q_bias = self.v_bias = self.logit_scale = None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, bias=None, mask=None, return_attn=False):
+        """x (B*nW, N, C): the N = w*w tokens of each window; bias (heads, N, N) for V2; mask
+        (nW, N, N) or None -> (B*nW, N, C) and the probabilities (B*nW, heads, N, N) or None."""
+        if self.logit_scale is None:
+            bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
+        qkv_bias = self.qkv.bias
+        if self.q_bias is not None:
+            qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(x, self.qkv.weight, qkv_bias)
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        if return_attn:  # the explicit path, for diagnosis, works in full precision
+            q, k, v = q.float(), k.float(), v.float()
+        scale = q.shape[-1] ** -0.5
+        if self.logit_scale is not None:
+            # Temperature times unit vectors: then it is ordinary attention with scale 1.
+            temperature = self.logit_scale.clamp(max=math.log(100.0)).exp()  # (heads, 1, 1)
+            q = F.normalize(q, dim=-1) * temperature.to(q.dtype)
+            k = F.normalize(k, dim=-1)
+            scale = 1.0
+        # The windows of one image are consecutive: folding them into the head axis lets a
+        # (windows * heads, N, N) bias + mask broadcast over the batch instead of being copied.
+        windows = 1 if mask is None else mask.shape[0]
+        attn_bias = bias if mask is None else bias + mask[:, None]  # (heads or nW x heads, N, N)
+        attn_bias = attn_bias.reshape(-1, *attn_bias.shape[-2:]).to(q.dtype)  # (nW*heads, N, N)
+        q, k, v = (rearrange(t, "(b w) h n d -> b (w h) n d", w=windows) for t in (q, k, v))
+        attn = None
+        if return_attn:
+            attn = ((q * scale) @ k.transpose(-2, -1) + attn_bias).softmax(dim=-1)
+            out = (attn @ v).to(x.dtype)
+            attn = rearrange(attn, "b (w h) n m -> (b w) h n m", w=windows)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scale)
+        return self.proj(rearrange(out, "b (w h) n d -> (b w) n (h d)", w=windows)), attn
+
+
+class SwinBlock(nn.Module):
+    """Window attention and MLP, each a residual branch. V1 normalises the branch input (pre-norm);
+    V2 normalises its output (res-post-norm), which keeps deep, wide models stable (SwinV2 §3.1)."""
+
+    def __init__(self, dim, num_heads, resolution, window, shift, version, drop_path, norm_eps,
+                 own_position_bias):
+        super().__init__()
+        self.window, self.shift, self.post_norm = window, shift, version == 2
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = WindowAttention(dim, num_heads, window, cosine=version == 2)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.drop_path = DropPath(drop_path)
+        self.rel_pos_bias = ContinuousPositionBias(window, num_heads) if own_position_bias else None
+        mask = shifted_window_mask(*resolution, window, shift) if shift else None
+        self.register_buffer("attn_mask", mask, persistent=False)  # EsViT saves none either
+
+    def forward(self, x, bias=None, return_attn=False):
+        """x (B, H, W, C), bias (heads, w*w, w*w) shared by the stage or None -> x, probabilities."""
+        height, width = x.shape[1:3]
+        if self.rel_pos_bias is not None:
+            bias = self.rel_pos_bias()
+        y = cyclic_shift(x if self.post_norm else self.norm1(x), self.shift)
+        y, attn = self.attn(window_partition(y, self.window), bias, self.attn_mask, return_attn)
+        y = cyclic_shift(window_reverse(y, self.window, height, width), -self.shift)  # (B, H, W, C)
+        if self.post_norm:
+            x = x + self.drop_path(self.norm1(y))
+            return x + self.drop_path(self.norm2(self.mlp(x))), attn
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x))), attn
+
+
+class PatchMerging(nn.Module):
+    """Halve the map and double the width: concatenate each 2 x 2 neighbourhood (4C) and project it
+    to 2C. V1 normalises the 4C input of the projection, V2 its 2C output."""
+
+    def __init__(self, dim, version, norm_eps):
+        super().__init__()
+        self.norm_after = version == 2
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(2 * dim if self.norm_after else 4 * dim, eps=norm_eps)
+
+    def forward(self, x):
+        # The official order: (even row, even col), (odd, even), (even, odd), (odd, odd).
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        # (B, H/2, W/2, 4C)
+        return self.norm(self.reduction(x)) if self.norm_after else self.reduction(self.norm(x))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches (a strided conv) and a LayerNorm: (B, 3, H, W) -> (B, H/p, W/p, C)."""
+
+    def __init__(self, patch_size, embed_dim, norm_eps):
+        super().__init__()
+        self.proj = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+
+    def forward(self, images):
+        return self.norm(self.proj(images).permute(0, 2, 3, 1))
+
+
+class SwinStage(nn.Module):
+    """`depth` blocks at one resolution, every second one with shifted windows, then the patch
+    merging (official layout: the downsample ends stages 0-2). When the map is no larger than the
+    window, the window shrinks to the map and nothing is shifted: one window covers everything."""
+
+    def __init__(self, dim, depth, num_heads, resolution, window, version, drop_rates, norm_eps,
+                 position_bias, downsample):
+        super().__init__()
+        if min(resolution) <= window:
+            window, shift = min(resolution), 0
+        else:
+            window, shift = window, window // 2
+        if resolution[0] % window or resolution[1] % window:
+            raise ValueError(f"a {resolution[0]}x{resolution[1]} map does not split into "
+                             f"{window}x{window} windows")
+        self.window = window
+        self.blocks = nn.ModuleList([
+            SwinBlock(dim, num_heads, resolution, window, shift if j % 2 else 0, version, drop_rates[j],
+                      norm_eps, own_position_bias=version == 2 and position_bias == "per_block")
+            for j in range(depth)])
+        self.downsample = PatchMerging(dim, version, norm_eps) if downsample else None
+        shared = version == 2 and position_bias == "shared"
+        self.rel_pos_bias = ContinuousPositionBias(window, num_heads) if shared else None
+
+    def forward(self, x, return_attn=False):
+        # The shared bias is computed once per stage and forward, not once per block.
+        bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        attns = []
+        for block in self.blocks:
+            x, attn = block(x, bias, return_attn)
+            attns.append(attn)
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return x, attns
+
+
+class SwinTransformer(nn.Module):
+    """Swin V1 (`version=1`, the EsViT teacher) or V2 (`version=2`, the FD student): images in
+    [0, 1] (B, 3, H, W) -> the last stage's tokens after the final norm (B, N, C), no class token.
+
+    `position_bias`: V2 shares one bias MLP per stage ('shared', distillation) or gives every
+    block its own ('per_block', fine-tuning; see `swin_shared_to_per_block`). V1 always has a
+    table per block ('per_block')."""
+
+    def __init__(self, version=2, img_size=224, patch_size=4, embed_dim=128, depths=(2, 2, 18, 2),
+                 num_heads=(4, 8, 16, 32), window_size=14, position_bias="shared", drop_path=0.0,
+                 norm_eps=1e-5, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        if version not in (1, 2):
+            raise ValueError(f"Swin version must be 1 or 2, not {version!r}")
+        if position_bias not in ("shared", "per_block") or (version == 1 and position_bias == "shared"):
+            raise ValueError(f"position_bias {position_bias!r}: V2 takes 'shared' or 'per_block', "
+                             f"V1 only 'per_block'")
+        num_stages = len(depths)
+        if img_size % (patch_size * 2 ** (num_stages - 1)):
+            raise ValueError(f"image size {img_size} does not halve {num_stages - 1} times after "
+                             f"{patch_size} px patches")
+        self.arch = dict(version=version, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                         depths=list(depths), num_heads=list(num_heads), window_size=window_size,
+                         position_bias=position_bias, drop_path=drop_path, norm_eps=norm_eps,
+                         mean=list(mean), std=list(std))
+        self.img_size = img_size
+        self.embed_dim = embed_dim * 2 ** (num_stages - 1)  # the width of the output tokens
+        side = img_size // patch_size // 2 ** (num_stages - 1)
+        self.grid = (side, side)
+        self.num_prefix_tokens = 0
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+        self.patch_embed = PatchEmbed(patch_size, embed_dim, norm_eps)
+        drop_rates = [drop_path * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # deeper blocks drop more
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            resolution = (img_size // patch_size // 2 ** i,) * 2
+            first = sum(depths[:i])
+            self.layers.append(SwinStage(
+                embed_dim * 2 ** i, depth, num_heads[i], resolution, window_size, version,
+                drop_rates[first:first + depth], norm_eps, position_bias, downsample=i < num_stages - 1))
+        self.norm = nn.LayerNorm(self.embed_dim, eps=norm_eps)
+        self._init_weights(version)
+
+    def _init_weights(self, version):
+        # Official: normal of std .02 for Linear and conv weights (timm's trunc_normal_ cuts at
+        # +-2, i.e. practically untruncated), zero biases, LayerNorm 1 and 0, V1 tables .02.
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, WindowAttention) and version == 1:
+                nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
+        if version == 2:
+            # The official V2 starts every block's post-norm gain at 1e-5 (`init_values`): each
+            # block begins near the identity, like LayerScale. (Its rescaling of the output
+            # projections by depth is omitted: a post-norm undoes any scaling of its input.)
+            for stage in self.layers:
+                for block in stage.blocks:
+                    nn.init.constant_(block.norm1.weight, 1e-5)
+                    nn.init.constant_(block.norm2.weight, 1e-5)
+
+    def forward(self, images, return_attn=False):
+        """images (B, 3, H, W) in [0, 1] -> tokens after the final norm (B, N, C); with return_attn
+        also a list of every block's attention probabilities (B * windows, heads, w*w, w*w)."""
+        x, attns = self.forward_features(images, return_attn=True) if return_attn else (
+            self.forward_features(images), None)
+        x = self.norm(x)
+        return (x, attns) if return_attn else x
+
+    def forward_features(self, images, return_attn=False):
+        """Like forward, without the final norm (fine-tuning mean-pools these tokens instead)."""
+        if tuple(images.shape[-2:]) != (self.img_size, self.img_size):
+            raise ValueError(f"this model was built for {self.img_size} px images, "
+                             f"got {tuple(images.shape[-2:])}")
+        x = self.patch_embed((images - self.mean) / self.std)  # (B, H/4, W/4, C)
+        attns = []
+        for stage in self.layers:
+            x, stage_attns = stage(x, return_attn)  # (B, H/8, W/8, 2C), ... (B, H/32, W/32, 8C)
+            attns += stage_attns
+        x = x.flatten(1, 2)  # (B, N, C)
+        return (x, attns) if return_attn else x
+
+
+# Named sizes: (embed dim, depths, heads). "micro" exists for tests.
+SWIN_SIZES = {"micro": (32, (2, 2), (2, 4)),
+              "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
+              "base": (128, (2, 2, 18, 2), (4, 8, 16, 32))}
+
+
+def swin_arch(name, img_size=224, drop_path=0.0):
+    """The arch of a named Swin, e.g. 'swinv2_base_window14': the FD student (V2, one position-bias
+    MLP per stage), or 'swin_base_window14': the EsViT teacher (V1)."""
+    match = re.fullmatch(r"(swin|swinv2)_(\w+)_window(\d+)", name)
+    if not match or match[2] not in SWIN_SIZES:
+        sizes = ", ".join(f"swinv2_{s}_window7" for s in SWIN_SIZES)
+        raise ValueError(f"unknown Swin name {name!r}: expected one of {sizes}, another window, "
+                         f"or 'swin_' in front for version 1")
+    embed_dim, depths, num_heads = SWIN_SIZES[match[2]]
+    version = 2 if match[1] == "swinv2" else 1
+    # EsViT trained its V1 with LayerNorm eps 1e-6 (FD's rebuild keeps the 1e-5 default, a
+    # negligible difference); the official V2 uses 1e-5.
+    return dict(version=version, img_size=img_size, patch_size=4, embed_dim=embed_dim, depths=list(depths),
+                num_heads=list(num_heads), window_size=int(match[3]),
+                position_bias="shared" if version == 2 else "per_block", drop_path=drop_path,
+                norm_eps=1e-5 if version == 2 else 1e-6, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+
+
+def swin_shared_to_per_block(state_dict):
+    """A V2 state dict with one position-bias MLP per stage (`layers.i.rel_pos_bias.*`) -> one
+    copy in every block of that stage (`layers.i.blocks.j.rel_pos_bias.*`), for fine-tuning a
+    model built with position_bias='per_block'. The function of the model does not change."""
+    depths = {}
+    for key in state_dict:
+        match = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", key)
+        if match:
+            depths[match[1]] = max(depths.get(match[1], 0), int(match[2]) + 1)
+    converted = {}
+    for key, value in state_dict.items():
+        match = re.fullmatch(r"layers\.(\d+)\.rel_pos_bias\.(.+)", key)
+        if match is None:
+            converted[key] = value
+            continue
+        for j in range(depths[match[1]]):
+            converted[f"layers.{match[1]}.blocks.{j}.rel_pos_bias.{match[2]}"] = value.clone()
+    return converted
+
+
+def esvit_to_swin(state_dict):
+    """EsViT's checkpoint['student'] -> our V1 keys: remove the DDP prefix 'module.', the DINO heads
+    ('head.*' for the image, 'head_dense.*' for the regions) and the index tables, which we derive
+    from the window size (EsViT saves them; they are checked against ours here). Everything else
+    is left to a strict load."""
+    converted = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        if key.startswith(("head.", "head_dense.")):
+            continue
+        if key.endswith("attn.relative_position_index"):
+            window = math.isqrt(value.shape[0])
+            if not torch.equal(value.cpu().long(), window_position_index(window)):
+                raise ValueError(f"{key}: not the Swin relative position layout this model assumes")
+            continue
+        converted[key] = value
+    return converted
+
+
 class Classifier(nn.Module):
     """An encoder with a classification head, for fine-tuning (PAPER.md §6): the mean of the patch
     tokens before the encoder's final norm, then `fc_norm` and a Linear head initialised small.
@@ -317,10 +704,10 @@ def parse_vit_name(name):
 
 
 def build_student(name, img_size, drop_path=0.0):
-    """A randomly initialised FD student, e.g. build_student('vit_base_patch16', 224, 0.2)."""
+    """A randomly initialised FD student, e.g. build_student('vit_base_patch16', 224, 0.2) or
+    build_student('swinv2_base_window14', 224, 0.3)."""
     if name.startswith("swin"):
-        raise NotImplementedError(f"--student {name}: the SwinV2 student is not written yet; "
-                                  f"pick a ViT student such as --student vit_base_patch16")
+        return SwinTransformer(**swin_arch(name, img_size, drop_path))
     size, patch_size = parse_vit_name(name)
     embed_dim, depth, num_heads = VIT_SIZES[size]
     return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
@@ -347,7 +734,7 @@ def build_from_arch(arch):
     """The model described by an `arch` dict saved with its weights (an encoder or a Classifier)."""
     if "encoder" in arch:
         return Classifier(build_from_arch(arch["encoder"]), arch["num_classes"], arch["linear_probe"])
-    return VisionTransformer(**arch)
+    return SwinTransformer(**arch) if "depths" in arch else VisionTransformer(**arch)
 
 
 # ----------------------------------------------------------------------------- teachers
@@ -388,6 +775,11 @@ TEACHERS = {
                         url="https://download.pytorch.org/models/vit_b_16-c867db91.pth", sha256="c867db91"),
     "tv_vit_l_16": dict(layout="torchvision", arch=teacher_arch("large", 16),
                         url="https://download.pytorch.org/models/vit_l_16-852ce7e3.pth", sha256="852ce7e3"),
+    # EsViT's full training checkpoint: Swin-B with window 14; FD distils its student, not its EMA teacher.
+    "esvit": dict(layout="esvit", arch=swin_arch("swin_base_window14"),
+                  url="https://chunyleu.blob.core.windows.net/output/ckpts/esvit/swin/swin_base/"
+                      "bl_lr0.0005_nodes4_gpu16_bs8_multicrop_epoch300_dino_aug_window14_lv/"
+                      "continued_from_epoch0200_dense_norm_true/checkpoint_best.pth"),
     # Any file of these layouts, its architecture read from the tensor shapes (heads = width / 64).
     "timm": dict(layout="timm", act="gelu"),
     "open_clip": dict(layout="openai_clip", act="gelu"),  # open_clip's own models use nn.GELU
@@ -448,7 +840,8 @@ def convert_torchvision(state):
     return {rename(k, renames): v for k, v in state.items() if not k.startswith("heads.")}
 
 
-CONVERTERS = {"openai_clip": convert_openai_clip, "timm": convert_timm, "torchvision": convert_torchvision}
+CONVERTERS = {"openai_clip": convert_openai_clip, "timm": convert_timm, "torchvision": convert_torchvision,
+              "esvit": esvit_to_swin}
 
 
 def infer_vit_arch(state, act="gelu"):
@@ -683,9 +1076,12 @@ def load_pretrained(name, weights=None, img_size=None, grid=None):
             raise ValueError(f"unknown teacher {name!r}: expected one of {', '.join(TEACHERS)}, a plain ViT such as "
                              f"vit_base_patch16 (random weights), or a model file of this project as weights") from None
 
-    if grid is not None:
+    # Only absolute position embeddings follow a new grid; models with relative positions (our
+    # students, Swin) keep their resolution, and distill.py resizes their output tokens instead.
+    resizable = arch.get("abs_pos") and not arch.get("rel_pos")
+    if grid is not None and resizable:
         img_size = grid * arch["patch_size"]
-    if img_size and img_size != arch["img_size"] and arch.get("abs_pos") and not arch.get("rel_pos"):
+    if img_size and img_size != arch["img_size"] and resizable:
         if state is not None:
             old_grid, new_grid = (arch["img_size"] // arch["patch_size"],) * 2, (img_size // arch["patch_size"],) * 2
             pos = state["pos_embed"][0]
@@ -702,13 +1098,13 @@ def load_pretrained(name, weights=None, img_size=None, grid=None):
 
 class Teacher(nn.Module):
     """A frozen teacher: images in [0, 1] (B, 3, H, W) -> its output tokens after its own final
-    norm (B, 1+N, C), class token included, before whitening. Images are resized to the
+    norm (B, 1+N, C), class token included (Swin has none), before whitening. Images are resized to the
     teacher's input size when it differs (a teacher with patch 14 for a student with patch 16)."""
 
     def __init__(self, encoder):
         super().__init__()
         self.encoder = encoder.requires_grad_(False)
-        self.embed_dim = encoder.embed_dim
+        self.embed_dim, self.num_prefix_tokens = encoder.embed_dim, encoder.num_prefix_tokens
         self.input_size = encoder.arch["img_size"]
         self.eval()
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -23,7 +24,9 @@ from PIL import Image
 import distill
 import models
 from data import SeededTransform, SyntheticShapes, fd_transform, image_dataset
-from models import Attention, VisionTransformer, build_student, load_model_file, load_teacher, relative_position_index
+from models import (SWIN_SIZES, Attention, SwinTransformer, VisionTransformer, build_student, esvit_to_swin,
+                    load_model_file, load_teacher, log_spaced_offsets, relative_position_index, swin_shared_to_per_block,
+                    window_partition, window_position_index, window_reverse)
 
 REPO = Path(__file__).resolve().parent
 MICRO = ["--teacher", "vit_micro_patch8", "--student", "vit_micro_patch8", "--img-size", "32",
@@ -46,10 +49,7 @@ def micro_pair(drop_path=0.0, seed=0):
 
 
 def fd_closure(teacher):
-    def compute_loss(model, images):
-        prediction = model(images)
-        return distill.fd_loss(prediction, distill.distillation_target(teacher, images, prediction.shape[1]))
-    return compute_loss
+    return distill.fd_objective(teacher, build_student("vit_micro_patch8", 32))
 
 
 # ----------------------------------------------------------------------------- models
@@ -486,6 +486,347 @@ def test_distill_with_a_published_layout_teacher_records_its_checksum(tmp_path):
     assert state["projector"]["weight"].shape == (128, 32)  # student width 32 -> teacher width 128
 
 
+# ----------------------------------------------------------------------------- Swin
+def build_swin(name, img_size, drop_path=0.0):
+    return SwinTransformer(**models.swin_arch(name, img_size, drop_path))
+
+
+# The tiny EsViT-layout Swin of the checkpoint test: Swin-B/W14 at 224 in miniature (stage maps
+# 16, 8, 4, 2: shifted windows in stages 0-1, window == map in stage 2, window clipped in stage 3).
+ESVIT_TINY = dict(img_size=64, patch_size=4, embed_dim=32, depths=[2, 2, 2, 2], num_heads=[2, 4, 8, 16],
+                  window_size=4)
+
+
+def randomise_(model, seed=0):
+    """Parameters far from their initial values, so that a wrong wiring cannot hide."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("logit_scale"):  # temperatures from 3 to 300: the cap at 100 matters
+                p.copy_(torch.linspace(math.log(3.0), math.log(300.0), p.numel()).view_as(p))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(0.3 * torch.randn_like(p))
+    return model
+
+
+def layer_norm(x, state, name, eps):
+    return F.layer_norm(x, x.shape[-1:], state[name + ".weight"], state[name + ".bias"], eps)
+
+
+def reference_window_attention(y, window, shift, heads, qkv_w, qkv_b, proj_w, proj_b, offset_bias,
+                               temperature=None):
+    """Shifted-window attention written as a loop over windows. y (B, H, W, C); offset_bias
+    (2w-1, 2w-1, heads) indexed by (row offset, column offset) + w - 1; temperature (heads,) for
+    cosine attention, None for scaled dot products. After rolling the map up-left by `shift`, two
+    tokens of a window may attend to each other only if both or neither wrapped round, per axis."""
+    B, H, W, C = y.shape
+    d = C // heads
+    rolled = torch.roll(y, (-shift, -shift), (1, 2))
+    out = torch.empty_like(rolled)
+    cells = [(r, c) for r in range(window) for c in range(window)]
+    bias = torch.stack([torch.stack([offset_bias[r1 - r2 + window - 1, c1 - c2 + window - 1]
+                                     for r2, c2 in cells]) for r1, c1 in cells]).permute(2, 0, 1)
+    for top in range(0, H, window):
+        for left in range(0, W, window):
+            tokens = rolled[:, top:top + window, left:left + window].reshape(B, -1, C)
+            q, k, v = (tokens @ qkv_w.T + qkv_b).split(C, dim=-1)
+            q, k, v = (t.reshape(B, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+            if temperature is None:
+                logits = q @ k.transpose(-1, -2) / math.sqrt(d)
+            else:
+                logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
+                logits = logits * temperature.view(-1, 1, 1)
+            logits = logits + bias
+            if shift:
+                wrapped = [(top + r >= H - shift, left + c >= W - shift) for r, c in cells]
+                allowed = torch.tensor([[a == b for b in wrapped] for a in wrapped])
+                logits = logits.masked_fill(~allowed, float("-inf"))
+            o = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, window, window, C)
+            out[:, top:top + window, left:left + window] = o @ proj_w.T + proj_b
+    return torch.roll(out, (shift, shift), (1, 2))
+
+
+def reference_swin_v1(state, images, depths, heads, window, eps=1e-6):
+    """EsViT's Swin V1 forward from the raw tensors: pre-norm blocks, patch merging (norm, then
+    reduction) after every stage but the last, final norm."""
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = F.conv2d((images - mean) / std, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"],
+                 stride=4)
+    x = layer_norm(x.permute(0, 2, 3, 1), state, "patch_embed.norm", eps)
+    for i, depth in enumerate(depths):
+        size = x.shape[1]
+        w = min(window, size)
+        for j in range(depth):
+            p = f"layers.{i}.blocks.{j}."
+            shift = w // 2 if j % 2 and size > window else 0
+            table = state[p + "attn.relative_position_bias_table"].view(2 * w - 1, 2 * w - 1, -1)
+            x = x + reference_window_attention(
+                layer_norm(x, state, p + "norm1", eps), w, shift, heads[i], state[p + "attn.qkv.weight"],
+                state[p + "attn.qkv.bias"], state[p + "attn.proj.weight"], state[p + "attn.proj.bias"], table)
+            hidden = F.gelu(layer_norm(x, state, p + "norm2", eps) @ state[p + "mlp.fc1.weight"].T
+                            + state[p + "mlp.fc1.bias"])
+            x = x + hidden @ state[p + "mlp.fc2.weight"].T + state[p + "mlp.fc2.bias"]
+        if i < len(depths) - 1:
+            p = f"layers.{i}.downsample."
+            x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+            x = layer_norm(x, state, p + "norm", eps) @ state[p + "reduction.weight"].T
+    return layer_norm(x.flatten(1, 2), state, "norm", eps)
+
+
+def esvit_backbone_layout(img_size, patch_size, embed_dim, depths, num_heads, window_size):
+    """Key -> shape of EsViT's Swin backbone (official layout, index tables included)."""
+    shapes = {"patch_embed.proj.weight": (embed_dim, 3, patch_size, patch_size),
+              "patch_embed.proj.bias": (embed_dim,), "patch_embed.norm.weight": (embed_dim,),
+              "patch_embed.norm.bias": (embed_dim,)}
+    size = img_size // patch_size
+    for i, depth in enumerate(depths):
+        dim, w = embed_dim * 2 ** i, min(window_size, size)
+        for j in range(depth):
+            p = f"layers.{i}.blocks.{j}."
+            shapes.update({
+                p + "norm1.weight": (dim,), p + "norm1.bias": (dim,),
+                p + "attn.relative_position_bias_table": ((2 * w - 1) ** 2, num_heads[i]),
+                p + "attn.relative_position_index": (w * w, w * w),
+                p + "attn.qkv.weight": (3 * dim, dim), p + "attn.qkv.bias": (3 * dim,),
+                p + "attn.proj.weight": (dim, dim), p + "attn.proj.bias": (dim,),
+                p + "norm2.weight": (dim,), p + "norm2.bias": (dim,),
+                p + "mlp.fc1.weight": (4 * dim, dim), p + "mlp.fc1.bias": (4 * dim,),
+                p + "mlp.fc2.weight": (dim, 4 * dim), p + "mlp.fc2.bias": (dim,)})
+        if i < len(depths) - 1:
+            p = f"layers.{i}.downsample."
+            shapes.update({p + "reduction.weight": (2 * dim, 4 * dim), p + "norm.weight": (4 * dim,),
+                           p + "norm.bias": (4 * dim,)})
+        size //= 2
+    final = embed_dim * 2 ** (len(depths) - 1)
+    shapes.update({"norm.weight": (final,), "norm.bias": (final,)})
+    return shapes
+
+
+def test_window_partition_round_trip_and_order():
+    x = torch.randn(2, 8, 12, 3)
+    windows = window_partition(x, 4)
+    assert windows.shape == (2 * 2 * 3, 16, 3)
+    torch.testing.assert_close(windows[1], x[0, 0:4, 4:8].reshape(16, 3), rtol=0, atol=0)  # raster order
+    torch.testing.assert_close(windows[6 + 5], x[1, 4:8, 8:12].reshape(16, 3), rtol=0, atol=0)
+    torch.testing.assert_close(window_reverse(windows, 4, 8, 12), x, rtol=0, atol=0)
+
+
+def test_relative_index_and_log_spaced_offsets_against_offset_map():
+    w = 3
+    index, coords = window_position_index(w), log_spaced_offsets(w)
+    cells = [(r, c) for r in range(w) for c in range(w)]
+    assert index.shape == (w * w, w * w) and coords.shape == ((2 * w - 1) ** 2, 2)
+    log8 = lambda t: math.copysign(math.log2(1 + abs(t) * 8 / (w - 1)) / 3, t)
+    for i, (r1, c1) in enumerate(cells):
+        for j, (r2, c2) in enumerate(cells):
+            dr, dc = r1 - r2, c1 - c2
+            assert index[i, j] == (dr + w - 1) * (2 * w - 1) + (dc + w - 1)
+            assert coords[index[i, j]].tolist() == pytest.approx([log8(dr), log8(dc)], abs=1e-6)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_shifted_windows_give_zero_probability_across_regions(version):
+    # At initialisation every visible pair has a clearly positive probability (randomised
+    # weights with V2's temperature of 100 can push some below the smallest float).
+    torch.manual_seed(0)
+    model = build_swin(f"swin{'v2' if version == 2 else ''}_micro_window4", 32).eval()
+    _, attns = model(torch.rand(2, 3, 32, 32), return_attn=True)
+    H, shift = 8, 2
+    for block, probs in enumerate(attns[:2]):  # stage 0: an 8x8 map in 2x2 windows of 4x4
+        assert probs.shape == (2 * 4, model.arch["num_heads"][0], 16, 16)
+        torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+        for window in range(4):
+            top, left = 4 * (window // 2), 4 * (window % 2)
+            wrapped = [(top + r >= H - shift, left + c >= H - shift) for r in range(4) for c in range(4)]
+            allowed = torch.tensor([[a == b for b in wrapped] for a in wrapped])
+            if block == 0:  # no shift: everything is visible
+                allowed[:] = True
+            for image in range(2):
+                p = probs[image * 4 + window]  # (heads, 16, 16)
+                assert (p[:, ~allowed] == 0).all() and (p[:, allowed] > 0).all()
+    assert block == 1 and not allowed.all()  # the last window really was masked
+
+
+def test_window_shrinks_to_the_map_and_then_does_not_shift():
+    def layout(model):
+        return [(stage.window, stage.blocks[1].shift, stage.blocks[1].attn_mask is not None)
+                for stage in model.layers]
+
+    assert layout(SwinTransformer(version=1, position_bias="per_block", **ESVIT_TINY)) == [
+        (4, 2, True), (4, 2, True), (4, 0, False), (2, 0, False)]  # maps 16, 8, 4, 2
+    narrow_w14 = SwinTransformer(version=1, embed_dim=8, depths=[2, 2, 2, 2], num_heads=[1, 1, 1, 1],
+                                 window_size=14, position_bias="per_block")  # EsViT's at 224 px
+    assert layout(narrow_w14) == [(14, 7, True), (14, 7, True), (14, 0, False), (7, 0, False)]
+    # maps 56, 28, 14, 7
+    assert layout(build_swin("swinv2_micro_window7", 224)) == [(7, 3, True), (7, 3, True)]
+    with pytest.raises(ValueError, match="windows"):
+        build_swin("swin_micro_window5", 64)  # a 16x16 map does not split into 5x5 windows
+
+
+def test_shapes_through_all_stages():
+    model = build_swin("swinv2_tiny_window7", 224).eval()
+    with torch.no_grad():
+        tokens, attns = model(torch.rand(1, 3, 224, 224), return_attn=True)
+    assert tokens.shape == (1, 49, 768) and model.grid == (7, 7) and model.embed_dim == 768
+    expected = [(64, 3)] * 2 + [(16, 6)] * 2 + [(4, 12)] * 6 + [(1, 24)] * 2  # (windows, heads)
+    assert [tuple(a.shape) for a in attns] == [(n, h, 49, 49) for n, h in expected]
+    micro = build_swin("swin_micro_window4", 32)
+    images = torch.rand(3, 3, 32, 32)
+    features = micro.forward_features(images)
+    assert features.shape == (3, 16, 64) and micro.grid == (4, 4) and micro.num_prefix_tokens == 0
+    torch.testing.assert_close(micro.norm(features), micro(images))  # forward = features + final norm
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_block_fast_and_explicit_paths_equal_a_loop_over_windows(version):
+    torch.manual_seed(1)
+    model = randomise_(build_swin(f"swin{'v2' if version == 2 else ''}_micro_window4", 32)).eval()
+    stage, eps, w, heads = model.layers[0], model.norm.eps, 4, model.arch["num_heads"][0]
+    x = torch.randn(2, 8, 8, 32)
+    state = {k: v for k, v in stage.state_dict().items()}
+    if version == 2:  # the stage's bias MLP evaluated on every (row, column) offset
+        steps = [math.copysign(math.log2(1 + abs(t) * 8 / (w - 1)) / 3, t) for t in range(1 - w, w)]
+        grid = torch.tensor([[[a, b] for b in steps] for a in steps])  # (2w-1, 2w-1, 2)
+        hidden = torch.relu(grid @ state["rel_pos_bias.rpe_mlp.0.weight"].T
+                            + state["rel_pos_bias.rpe_mlp.0.bias"])
+        offset_bias_v2 = 16 * torch.sigmoid(hidden @ state["rel_pos_bias.rpe_mlp.2.weight"].T)
+    for j, shift in enumerate([0, 2]):
+        p = f"blocks.{j}."
+        if version == 1:
+            y = layer_norm(x, state, p + "norm1", eps)
+            y = x + reference_window_attention(
+                y, w, shift, heads, state[p + "attn.qkv.weight"], state[p + "attn.qkv.bias"],
+                state[p + "attn.proj.weight"], state[p + "attn.proj.bias"],
+                state[p + "attn.relative_position_bias_table"].view(2 * w - 1, 2 * w - 1, -1))
+            mlp_in = layer_norm(y, state, p + "norm2", eps)
+        else:
+            qkv_bias = torch.cat([state[p + "attn.q_bias"], torch.zeros(32), state[p + "attn.v_bias"]])
+            temperature = state[p + "attn.logit_scale"].flatten().exp().clamp(max=100)
+            y = reference_window_attention(
+                x, w, shift, heads, state[p + "attn.qkv.weight"], qkv_bias, state[p + "attn.proj.weight"],
+                state[p + "attn.proj.bias"], offset_bias_v2, temperature)
+            y = x + layer_norm(y, state, p + "norm1", eps)
+            mlp_in = y
+        mlp = F.gelu(mlp_in @ state[p + "mlp.fc1.weight"].T + state[p + "mlp.fc1.bias"])
+        mlp = mlp @ state[p + "mlp.fc2.weight"].T + state[p + "mlp.fc2.bias"]
+        expected = y + (mlp if version == 1 else layer_norm(mlp, state, p + "norm2", eps))
+        bias = stage.rel_pos_bias() if version == 2 else None
+        fast, none = stage.blocks[j](x, bias)
+        explicit, probs = stage.blocks[j](x, bias, return_attn=True)
+        assert none is None and probs.shape == (8, heads, 16, 16)
+        torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(explicit, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_v2_shared_bias_copied_into_every_block_keeps_the_function():
+    shared = randomise_(build_swin("swinv2_micro_window4", 32)).eval()
+    per_block = SwinTransformer(**dict(shared.arch, position_bias="per_block")).eval()
+    converted = swin_shared_to_per_block(shared.state_dict())
+    assert not any(".rel_pos_bias." in k and ".blocks." not in k for k in converted)
+    per_block.load_state_dict(converted)  # strict
+    assert sum(".blocks.1.rel_pos_bias.rpe_mlp.0.weight" in k for k in converted) == 2
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(per_block(images), shared(images))
+
+
+@pytest.mark.parametrize("name", ["swin_micro_window4", "swinv2_micro_window4"])
+def test_every_swin_parameter_gets_a_gradient(name):
+    model = build_swin(name, 32, drop_path=0.1).train()
+    model(torch.rand(2, 3, 32, 32)).square().mean().backward()
+    for key, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and (p.grad != 0).any(), key
+
+
+def test_swin_official_initialisation():
+    torch.manual_seed(0)
+    v1, v2 = build_swin("swin_micro_window4", 32), build_swin("swinv2_micro_window4", 32)
+    block1, block2 = v1.layers[0].blocks[0], v2.layers[0].blocks[0]
+    assert block1.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert (block1.attn.qkv.bias == 0).all() and (block1.norm1.weight == 1).all() and v1.norm.eps == 1e-6
+    assert block1.attn.relative_position_bias_table.std().item() == pytest.approx(0.02, rel=0.3)
+    assert (block2.norm1.weight == 1e-5).all() and (block2.norm2.weight == 1e-5).all()  # post-norm gains
+    assert (v2.norm.weight == 1).all() and v2.norm.eps == 1e-5
+    torch.testing.assert_close(block2.attn.logit_scale.exp(), torch.full((2, 1, 1), 10.0))
+    assert (block2.attn.q_bias == 0).all() and not hasattr(block2.attn, "k_bias")
+
+
+def test_names_and_rebuild_from_arch():
+    model = randomise_(build_swin("swinv2_micro_window4", 32, drop_path=0.2))
+    assert model.arch["version"] == 2 and model.arch["position_bias"] == "shared"
+    assert model.arch["window_size"] == 4 and model.arch["drop_path"] == 0.2
+    rates = [block.drop_path.p for stage in model.layers for block in stage.blocks]
+    assert rates == pytest.approx([0.0, 0.2 / 3, 0.4 / 3, 0.2])  # linear over all blocks
+    v1 = build_swin("swin_micro_window2", 16)
+    assert (v1.arch["version"], v1.arch["window_size"], v1.arch["position_bias"]) == (1, 2, "per_block")
+    assert SWIN_SIZES["base"] == (128, (2, 2, 18, 2), (4, 8, 16, 32))  # Swin-B, EsViT's and FD's
+    assert SWIN_SIZES["tiny"] == (96, (2, 2, 6, 2), (3, 6, 12, 24))
+    rebuilt = SwinTransformer(**model.arch).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    images = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(rebuilt(images), model.eval()(images))
+    for bad in ("swin_huge_window7", "swinv2_base", "vit_base_patch16"):
+        with pytest.raises(ValueError, match="unknown Swin name"):
+            models.swin_arch(bad, 224)
+
+
+def test_esvit_checkpoint_loads_strictly_and_matches_an_independent_forward(tmp_path, monkeypatch):
+    layout = esvit_backbone_layout(**ESVIT_TINY)
+    torch.manual_seed(0)
+    backbone = {}
+    for key, shape in layout.items():
+        if key.endswith("relative_position_index"):  # the official offsets -> table row
+            w = math.isqrt(shape[0])
+            cells = [(r, c) for r in range(w) for c in range(w)]
+            backbone[key] = torch.tensor([[(r1 - r2 + w - 1) * (2 * w - 1) + (c1 - c2 + w - 1)
+                                           for r2, c2 in cells] for r1, c1 in cells])
+        elif "norm" in key and key.endswith("weight"):
+            backbone[key] = 1 + 0.3 * torch.randn(shape)
+        else:
+            backbone[key] = 0.3 * torch.randn(shape)
+    heads = {f"{head}.{name}": torch.randn(shape) for head in ("head", "head_dense") for name, shape in [
+        ("mlp.0.weight", (64, 256)), ("mlp.0.bias", (64,)), ("mlp.4.weight", (16, 64)),
+        ("last_layer.weight_g", (128, 1)), ("last_layer.weight_v", (128, 16))]}
+    student = {"module." + k: v for k, v in {**backbone, **heads}.items()}
+    teacher = {k: torch.zeros_like(v) for k, v in {**backbone, **heads}.items()}  # the EMA teacher: not used by FD
+    torch.save({"student": student, "teacher": teacher, "epoch": 300, "args": argparse.Namespace(arch="swin_base")},
+               tmp_path / "checkpoint.pth")
+
+    model = SwinTransformer(version=1, position_bias="per_block", norm_eps=1e-6, **ESVIT_TINY).eval()
+    expected_keys = [(k, s) for k, s in layout.items() if not k.endswith("relative_position_index")]
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == expected_keys
+    with pytest.raises(pickle.UnpicklingError):  # the pickled Namespace needs the safe way around
+        torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    loaded = models.read_checkpoint(tmp_path / "checkpoint.pth")["student"]
+    model.load_state_dict(esvit_to_swin(loaded))  # strict
+    images = torch.rand(2, 3, 64, 64)
+    expected = reference_swin_v1(backbone, images, ESVIT_TINY["depths"], ESVIT_TINY["num_heads"], 4)
+    torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-4)
+    assert model(images).shape == (2, 4, 256)
+    # The same file through the teacher loader, as `--teacher esvit` reads it (with a tiny architecture).
+    tiny = dict(models.TEACHERS["esvit"], arch=dict(model.arch, img_size=64))
+    monkeypatch.setitem(models.TEACHERS, "esvit", tiny)
+    torch.testing.assert_close(load_teacher("esvit", tmp_path / "checkpoint.pth")(images), expected,
+                               rtol=1e-4, atol=1e-4)
+
+    bad = dict(loaded)
+    bad["module.layers.0.blocks.0.attn.relative_position_index"] = backbone[
+        "layers.0.blocks.0.attn.relative_position_index"].T
+    with pytest.raises(ValueError, match="relative position layout"):
+        esvit_to_swin(bad)
+
+
+def test_esvit_swin_b_layout_fits_the_teacher_architecture_exactly():
+    layout = esvit_backbone_layout(224, 4, 128, [2, 2, 18, 2], [4, 8, 16, 32], 14)
+    with torch.device("meta"):
+        teacher = models.build_from_arch(models.TEACHERS["esvit"]["arch"])
+    assert {k: tuple(v.shape) for k, v in teacher.state_dict().items()} == {
+        k: shape for k, shape in layout.items() if not k.endswith("relative_position_index")}
+    assert sum(v.numel() for v in teacher.state_dict().values()) == 86_917_944  # timm's Swin-B/W14 count
+
+
 def test_fd_loss_equals_independent_computation():
     torch.manual_seed(0)
     teacher_tokens = torch.randn(3, 17, 24) * 5 + 2
@@ -495,20 +836,39 @@ def test_fd_loss_equals_independent_computation():
     whitened = (teacher_tokens - mean) / torch.sqrt(var + 1e-5)
     diff = (prediction - whitened).abs()
     expected = torch.where(diff <= 2.0, 0.5 * diff ** 2 / 2.0, diff - 1.0).mean()
-    target = distill.distillation_target(lambda images: teacher_tokens, None, 17)
+    teacher = lambda images: teacher_tokens  # noqa: E731
+    teacher.num_prefix_tokens = 1
+    target = distill.distillation_target(teacher, None, (4, 4))
     torch.testing.assert_close(distill.fd_loss(prediction, target), expected)
     assert (diff > 2).any() and (diff <= 2).any()  # both branches of smooth L1 exercised
 
 
 def test_teacher_tokens_resized_to_student_grid():
-    tokens = torch.randn(2, 1 + 16 * 16, 8)
-    assert distill.resize_tokens(tokens, 257) is tokens
-    constant = torch.ones(2, 1 + 16 * 16, 8) * torch.arange(8.0)
-    constant[:, 0] = -1
-    resized = distill.resize_tokens(constant, 1 + 14 * 14)
-    assert resized.shape == (2, 197, 8)
-    assert (resized[:, 0] == -1).all()
-    torch.testing.assert_close(resized[:, 1:], torch.ones(2, 196, 8) * torch.arange(8.0))
+    tokens = torch.randn(2, 16 * 16, 8)
+    assert distill.resize_tokens(tokens, (16, 16)) is tokens
+    ramp = torch.arange(4.0).repeat_interleave(2).repeat(8)  # 8x8 map, constant in pairs of columns
+    resized = distill.resize_tokens(ramp.view(1, 64, 1), (4, 4))
+    expected = F.interpolate(ramp.view(1, 1, 8, 8), size=(4, 4), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(resized.view(4, 4), expected.view(4, 4))
+    torch.testing.assert_close(resized.view(4, 4)[0], torch.tensor([0.0, 1.0, 2.0, 3.0]))
+
+
+@pytest.mark.parametrize("student_name, teacher_name", [("vit_micro_patch8", "swin"), ("swinv2_micro_window4", "vit")])
+def test_class_token_in_the_loss_only_when_both_have_one(student_name, teacher_name):
+    student = build_student(student_name, 32)
+    if teacher_name == "swin":
+        teacher = models.Teacher(models.SwinTransformer(version=1, img_size=32, embed_dim=16, depths=[2, 2],
+                                                        num_heads=[2, 2], window_size=4, position_bias="per_block"))
+    else:
+        teacher = load_teacher("vit_micro_patch8", grid=4)
+    model = distill.FDStudent(student, teacher.embed_dim)
+    images = torch.rand(2, 3, 32, 32)
+    tokens = teacher(images)
+    target = F.layer_norm(torch.cat([tokens[:, teacher.num_prefix_tokens:]]), tokens.shape[-1:])  # patches only
+    prediction = model(images)[:, student.num_prefix_tokens:]
+    assert tuple(student.grid) == (4, 4) and target.shape[1] == prediction.shape[1] == 16
+    loss = distill.fd_objective(teacher, student)(model, images)
+    torch.testing.assert_close(loss, F.smooth_l1_loss(prediction, target, beta=2.0))
 
 
 def test_overfitting_one_batch_drives_the_loss_down():
