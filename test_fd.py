@@ -1021,6 +1021,25 @@ def test_distill_on_image_folder_writes_checkpoint_student_and_log(tmp_path):
         load_model_file(out / "checkpoint.pth")
 
 
+def test_swin_teacher_distils_into_a_swinv2_student(tmp_path):
+    # A micro EsViT-like teacher (Swin V1, saved as a model file) and a micro SwinV2 student.
+    torch.manual_seed(1)
+    teacher = SwinTransformer(version=1, img_size=32, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4,
+                              position_bias="per_block", norm_eps=1e-6)
+    torch.save({"arch": teacher.arch, "model": teacher.state_dict()}, tmp_path / "swin_teacher.pth")
+    out = tmp_path / "run"
+    student = distill.main(parse(*MICRO, "--teacher", "esvit_micro", "--teacher-weights", str(tmp_path / "swin_teacher.pth"),
+                                 "--student", "swinv2_micro_window4", "--epochs", "2", "--out", str(out)))
+    log = read_log(out)
+    assert log[-1]["loss"] < log[0]["loss"]
+    state = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert state["projector"]["weight"].shape == (32, 64)  # student width 64 -> teacher width 32
+    assert any(".rel_pos_bias.rpe_mlp." in k and ".blocks." not in k for k in state["student"])  # shared per stage
+    rebuilt = load_model_file(out / "student.pth").eval()
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(rebuilt(images), student.eval()(images))
+
+
 def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     argv = [*MICRO, "--epochs", "2", "--save-every", "5"]  # 8 steps per epoch, 16 in all
     full = distill.main(parse(*argv, "--out", str(tmp_path / "full")))
