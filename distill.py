@@ -401,8 +401,9 @@ def main(args):
         print(f"{world_size} process(es) x {args.batch_size} images x {args.accum} micro-steps = {global_batch} "
               f"images per step; lr {lrs['lr']:.3g} (= {args.lr:g} x {global_batch}/512); "
               f"{total_steps} steps of {steps_per_epoch} per epoch; autocast {dtype or 'off (fp32)'} on {device}")
-        print(f"teacher {args.teacher} from {teacher_info['weights']} (sha256 {teacher_info['sha256']}), "
-              f"{teacher.encoder.grid[0]}x{teacher.encoder.grid[1]} tokens at {teacher.input_size} px")
+        weights = f"{teacher.source} (sha256 {teacher_info['sha256']})" if teacher_info["sha256"] else "random weights"
+        print(f"teacher {args.teacher}: {weights}, {teacher.encoder.grid[0]}x{teacher.encoder.grid[1]} tokens at "
+              f"{teacher.input_size} px")
         print(f"student {args.student} at {args.img_size} px, "
               f"drop path {args.drop_path}, {args.epochs} epochs ({args.warmup_epochs} warmup), crop scale "
               f"{args.min_crop_scale}-1, lr/512 {args.lr:g} (min {args.min_lr:g}, warmup {args.warmup_lr:g})")
