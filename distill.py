@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data import SeededTransform, SyntheticShapes, fd_transform, image_dataset, train_loader
-from models import TEACHERS, build_student, load_teacher, sha256sum
+from models import TEACHERS, build_student, load_teacher, set_grad_checkpointing, sha256sum
 
 # ----------------------------------------------------------------------------- presets
 # The official distillation recipes (PAPER.md §6); every value can be overridden by its flag.
@@ -95,6 +95,8 @@ def get_args_parser():
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the student's blocks: "
+                   "less memory (large students, large batches) for about a third more compute")
     p.add_argument("--seed", type=int, default=0, help="seeds the student's init, the data order and augmentation")
     return p
 
@@ -165,6 +167,18 @@ def fd_objective(teacher, student):
         target = distillation_target(teacher, images, student.grid, with_cls)
         return fd_loss(prediction[:, prediction.shape[1] - target.shape[1]:], target)
     return compute_loss
+
+
+def prepare_teacher(teacher, dtype):
+    """Store the frozen teacher's linear and convolution weights in the autocast dtype. Autocast
+    caches its casts only for weights that require grad, so it would cast a frozen teacher's
+    weights again at every step; the result is the same bit for bit, norms stay in fp32."""
+    if dtype is not None:
+        for module in teacher.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                for param in module.parameters(recurse=False):
+                    param.data = param.data.to(dtype)
+    return teacher
 
 
 # ----------------------------------------------------------------------------- training helpers
@@ -336,6 +350,7 @@ def main(args):
     torch.manual_seed(args.seed)  # the same student initialisation on every rank
 
     student = build_student(args.student, args.img_size, args.drop_path)
+    set_grad_checkpointing(student, args.grad_ckpt)
     teacher = load_teacher(args.teacher, args.teacher_weights, grid=student.grid[0]).to(device)
     is_file = is_main and Path(teacher.source).is_file()  # recorded with the student, for reproducibility
     teacher_info = dict(name=args.teacher, weights=teacher.source, sha256=sha256sum(teacher.source) if is_file else None)
@@ -358,6 +373,7 @@ def main(args):
                                   fused=device.type == "cuda")
     dtype = autocast_dtype(args.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    prepare_teacher(teacher, dtype)
 
     step = 0
     checkpoint = out / "checkpoint.pth"

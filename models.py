@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from einops import rearrange
 
@@ -174,6 +175,21 @@ class Block(nn.Module):
         return x, attn
 
 
+def run_block(block, checkpointed, *args):
+    """block(*args); with `checkpointed`, its activations are recomputed in the backward pass
+    instead of stored (activation checkpointing: less memory for about a third more compute).
+    The RNG state is replayed, so drop path draws the same samples both times."""
+    if checkpointed:
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
+def set_grad_checkpointing(model, enabled=True):
+    for module in model.modules():
+        if hasattr(module, "grad_checkpointing"):
+            module.grad_checkpointing = enabled
+
+
 class VisionTransformer(nn.Module):
     """A ViT that maps images in [0, 1] (B, 3, H, W) to its output tokens (B, 1+N, C) after the
     final norm, class token first.
@@ -185,6 +201,7 @@ class VisionTransformer(nn.Module):
     the blocks (`norm_pre`, OpenAI CLIP's ln_pre), no patch-embedding bias (CLIP), and register
     tokens (DINOv2): extra tokens after the class token that the output drops.
     """
+    grad_checkpointing = False  # see set_grad_checkpointing
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, rel_pos="shared", abs_pos=False, qv_bias=True, layer_scale=0.1,
@@ -270,7 +287,7 @@ class VisionTransformer(nn.Module):
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         attns = []
         for block in self.blocks:
-            x, attn = block(x, bias, return_attn)
+            x, attn = run_block(block, self.grad_checkpointing and self.training, x, bias, return_attn)
             attns.append(attn)
         if self.reg_tokens is not None:
             x = torch.cat([x[:, :1], x[:, 1 + self.reg_tokens.shape[1]:]], dim=1)
@@ -480,6 +497,7 @@ class SwinStage(nn.Module):
     """`depth` blocks at one resolution, every second one with shifted windows, then the patch
     merging (official layout: the downsample ends stages 0-2). When the map is no larger than the
     window, the window shrinks to the map and nothing is shifted: one window covers everything."""
+    grad_checkpointing = False  # see set_grad_checkpointing
 
     def __init__(self, dim, depth, num_heads, resolution, window, version, drop_rates, norm_eps,
                  position_bias, downsample):
@@ -505,7 +523,7 @@ class SwinStage(nn.Module):
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
         attns = []
         for block in self.blocks:
-            x, attn = block(x, bias, return_attn)
+            x, attn = run_block(block, self.grad_checkpointing and self.training, x, bias, return_attn)
             attns.append(attn)
         if self.downsample is not None:
             x = self.downsample(x)
