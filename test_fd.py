@@ -827,6 +827,61 @@ def test_esvit_swin_b_layout_fits_the_teacher_architecture_exactly():
     assert sum(v.numel() for v in teacher.state_dict().values()) == 86_917_944  # timm's Swin-B/W14 count
 
 
+# ----------------------------------------------------------------------------- speed options keep the maths
+@pytest.mark.parametrize("backend", ["MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"])
+@pytest.mark.parametrize("name", ["vit_micro_patch8", "teacher"])
+def test_every_attention_backend_equals_the_explicit_computation(backend, name):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = (load_teacher("vit_micro_patch8", grid=4).encoder.requires_grad_(True) if name == "teacher"
+             else build_student(name, 32)).to(device)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))  # a non-zero position bias, LayerScale off 0.1
+    images = torch.rand(2, 3, 32, 32, device=device)
+    explicit, _ = model(images, return_attn=True)
+    explicit.square().mean().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    try:
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            fused = model(images)
+            fused.square().mean().backward()
+    except RuntimeError as error:
+        pytest.skip(f"{backend} has no kernel for this case on {device}: {str(error)[:60]}")
+    torch.testing.assert_close(fused, explicit, rtol=1e-4, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-3, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", ["vit_micro_patch8", "swinv2_micro_window4"])
+def test_activation_checkpointing_gives_identical_gradients(name):
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = build_student(name, 32, drop_path=0.2).train()
+        models.set_grad_checkpointing(model, checkpointed)
+        torch.manual_seed(1)  # the same drop-path draws
+        model(torch.rand(2, 3, 32, 32)).square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_bf16_autocast_tracks_fp32_and_the_bf16_teacher_is_exact():
+    teacher, model = micro_pair()
+    images = torch.rand(8, 3, 32, 32)
+    compute_loss = fd_closure(teacher)
+    fp32 = compute_loss(model, images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = compute_loss(model, images)
+        target = distill.distillation_target(teacher, images, (4, 4))
+        distill.prepare_teacher(teacher, torch.bfloat16)
+        assert teacher.encoder.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+        assert torch.equal(distill.distillation_target(teacher, images, (4, 4)), target)
+    assert abs(bf16.item() - fp32.item()) < 0.02 * fp32.item()  # bf16 keeps 8 bits of mantissa
+
+
 def test_fd_loss_equals_independent_computation():
     torch.manual_seed(0)
     teacher_tokens = torch.randn(3, 17, 24) * 5 + 2
