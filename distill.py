@@ -199,6 +199,12 @@ def setup_distributed():
     return dist.get_rank(), world_size, device
 
 
+def default_workers():
+    """Data-loading processes per training process: this machine's CPU cores shared among its
+    training processes, at most 8."""
+    return min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
 def cpu_has_native_bf16():
     """True on CPUs with bf16 instructions (AMX or AVX512-BF16), where bf16 autocast makes an FD step
     1.6-1.8x faster than fp32 (README, Measured); elsewhere bf16 is emulated and slower."""
@@ -344,7 +350,7 @@ def main(args):
     rank, world_size, device = setup_distributed()
     is_main = rank == 0
     if args.workers is None:
-        args.workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        args.workers = default_workers()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)  # the same student initialisation on every rank

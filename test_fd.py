@@ -5,6 +5,7 @@ under test; subprocess tests run the real torchrun.
 """
 import argparse
 import collections
+import colorsys
 import hashlib
 import json
 import math
@@ -22,10 +23,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import distill
+import finetune
 import models
 from data import SeededTransform, SyntheticShapes, fd_transform, image_dataset
-from models import (SWIN_SIZES, Attention, SwinTransformer, VisionTransformer, build_student, esvit_to_swin,
-                    load_model_file, load_teacher, log_spaced_offsets, relative_position_index, swin_shared_to_per_block,
+from models import (SWIN_SIZES, Attention, Classifier, SwinTransformer, VisionTransformer, build_student, esvit_to_swin,
+                    load_model_file, load_pretrained, load_teacher, log_spaced_offsets, relative_position_index, swin_shared_to_per_block,
                     window_partition, window_position_index, window_reverse)
 
 REPO = Path(__file__).resolve().parent
@@ -1169,3 +1171,337 @@ def test_torchrun_two_cpu_ranks_with_accumulation_hold_identical_weights(tmp_pat
     torch.manual_seed(0)
     start = build_student("vit_micro_patch8", 32)  # the initialisation of the run: training moved it
     assert not torch.equal(rank0["blocks.0.attn.qkv.weight"], start.state_dict()["blocks.0.attn.qkv.weight"])
+
+
+# ----------------------------------------------------------------------------- finetune.py
+FT_MICRO = ["--recipe", "vit_tiny_patch16", "--model", "vit_micro_patch8", "--img-size", "32", "--synthetic-images",
+            "64", "--synthetic-val-images", "25", "--batch-size", "8", "--workers", "0", "--log-every", "1",
+            "--amp", "fp32"]
+TABLE = "rel_pos_bias.relative_position_bias_table"
+
+
+def ft_parse(*argv):
+    return finetune.get_args_parser().parse_args(list(argv))
+
+
+def ft_log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """A micro FD run (one epoch): its folder holds student.pth and checkpoint.pth."""
+    out = tmp_path_factory.mktemp("fd")
+    distill.main(distill.get_args_parser().parse_args([*MICRO, "--epochs", "1", "--out", str(out)]))
+    return out
+
+
+# ----------------------------------------------------------------------------- conversions
+def test_shared_bias_copied_into_every_block_keeps_the_encoder_output():
+    torch.manual_seed(0)
+    student = build_student("vit_micro_patch8", 32).eval()
+    with torch.no_grad():
+        student.rel_pos_bias.relative_position_bias_table.normal_()
+    source = student.state_dict()
+    state = finetune.encoder_for_finetuning(source, student.arch, 32)
+    for i in range(2):
+        assert torch.equal(state[f"blocks.{i}.{TABLE}"], source[TABLE])
+    assert TABLE in source and TABLE not in state and "norm.weight" not in state  # pure: the input is unchanged
+    state[f"blocks.0.{TABLE}"].add_(1)  # each block owns its copy
+    assert torch.equal(state[f"blocks.1.{TABLE}"], source[TABLE])
+    state[f"blocks.0.{TABLE}"].sub_(1)
+    per_block = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                  rel_pos="per_block").eval()
+    result = per_block.load_state_dict(state, strict=False)
+    assert sorted(result.missing_keys) == ["norm.bias", "norm.weight"] and not result.unexpected_keys
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(per_block.forward_features(images), student.forward_features(images))
+
+
+def test_relative_position_table_resized_bicubically_keeping_class_rows():
+    heads = 3
+    table = torch.randn((2 * 3 - 1) * (2 * 4 - 1) + 3, heads)  # a 3 x 4 grid of patches
+    assert torch.equal(finetune.resize_rel_pos_table(table, (3, 4), (3, 4)), table)
+    resized = finetune.resize_rel_pos_table(table, (3, 4), (5, 6))
+    assert resized.shape == ((2 * 5 - 1) * (2 * 6 - 1) + 3, heads)
+    # Independent reference: the offsets as a (heads, 5, 7) image, row offset major (relative_position_index).
+    image = table[:-3].T.reshape(1, heads, 5, 7)
+    expected = F.interpolate(image, size=(9, 11), mode="bicubic", align_corners=False).reshape(heads, -1).T
+    torch.testing.assert_close(resized[:-3], expected)
+    assert torch.equal(resized[-3:], table[-3:])
+
+
+def test_absolute_position_embedding_resized_keeping_the_class_token():
+    pos_embed = torch.randn(1, 1 + 4 * 4, 8)
+    assert torch.equal(finetune.resize_pos_embed(pos_embed, (4, 4), (4, 4)), pos_embed)
+    resized = finetune.resize_pos_embed(pos_embed, (4, 4), (6, 6))
+    assert resized.shape == (1, 1 + 36, 8) and torch.equal(resized[:, 0], pos_embed[:, 0])
+    image = pos_embed[0, 1:].T.reshape(1, 8, 4, 4)
+    expected = F.interpolate(image, size=(6, 6), mode="bicubic", align_corners=False).reshape(8, 36).T
+    torch.testing.assert_close(resized[0, 1:], expected)
+
+
+def test_layer_decay_scales_every_parameter_group():
+    encoder = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, rel_pos="per_block",
+                                abs_pos=True)
+    model = Classifier(encoder, 10)
+    groups = distill.param_groups(model, 0.05, finetune.layer_decay_scale(encoder.arch, 0.5))
+
+    def by_hand(name):  # depth 2: ids 0 (embeddings), 1 and 2 (blocks), 3 (head, fc_norm); scale 0.5^(3 - id)
+        if name in ("encoder.cls_token", "encoder.pos_embed") or name.startswith("encoder.patch_embed."):
+            return 0.125
+        if name.startswith("encoder.blocks.0."):
+            return 0.25
+        if name.startswith("encoder.blocks.1."):
+            return 0.5
+        assert name.startswith(("fc_norm.", "head.")), name
+        return 1.0
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(names.values())
+    for group in groups:
+        for param in group["params"]:
+            assert group["lr_scale"] == by_hand(names[id(param)]), names[id(param)]
+    optimizer = torch.optim.AdamW(groups)
+    distill.set_lr(optimizer, 2.0)
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == [0.25, 0.5, 1.0, 2.0]
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] for p in g["params"]}
+    assert "head.weight" in decayed and "head.bias" not in decayed and "encoder.blocks.0.rel_pos_bias." \
+        "relative_position_bias_table" not in decayed and "encoder.pos_embed" not in decayed
+
+
+# ----------------------------------------------------------------------------- objective and metrics
+def test_mixup_cutmix_targets_sum_to_one_and_match_the_images():
+    args = finetune.apply_recipe(ft_parse(*FT_MICRO))
+    mixer = finetune.mixup_cutmix(args, 10)
+    torch.manual_seed(0)
+    images, labels = torch.rand(6, 3, 16, 16), torch.tensor([3, 1, 4, 0, 5, 9])
+    kinds = set()
+    for _ in range(12):
+        mixed, targets = finetune.soft_targets(images, labels, 10, mixer, 0.1)
+        torch.testing.assert_close(targets.sum(1), torch.ones(6))
+        assert targets.min() >= 0.01 - 1e-7  # smoothing 0.1 over 10 classes
+        # Each image is mixed with the previous one of the batch, with the weight its target shows.
+        lam = (targets[0, labels[0]] - 0.01) / 0.9
+        partner = images.roll(1, 0)
+        if torch.allclose(mixed, lam * images + (1 - lam) * partner, atol=1e-6):
+            kinds.add("mixup")
+        else:  # cutmix: every pixel from one of the two images, the own image's share being lam
+            own = (mixed == images).all(dim=1)
+            assert (own | (mixed == partner).all(dim=1)).all()
+            assert own[0].float().mean().item() == pytest.approx(lam.item(), abs=1e-6)
+            kinds.add("cutmix")
+    assert kinds == {"mixup", "cutmix"}
+    logits = torch.randn(6, 10)
+    _, targets = finetune.soft_targets(images, labels, 10, None, 0.1)
+    torch.testing.assert_close(finetune.soft_cross_entropy(logits, targets),
+                               F.cross_entropy(logits, labels, label_smoothing=0.1))
+
+
+def test_topk_counts_and_shards_cover_the_validation_set_once():
+    logits = torch.tensor([[0.9, 0.1, 0.0, 0.2, 0.3, 0.4, 0.5],   # label 0: top-1
+                           [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3],   # label 4: 5th, top-5 only
+                           [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3],   # label 5: 6th, neither
+                           [0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0]])  # label 2: top-1
+    hits = finetune.topk_correct(logits, torch.tensor([0, 4, 5, 2]))
+    assert hits.tolist() == [2.0, 3.0]
+    assert finetune.topk_correct(logits[:, :3], torch.tensor([0, 1, 2, 2])).tolist() == [2.0, 4.0]  # k capped
+    dataset = [(torch.tensor(i), i) for i in range(7)]
+    seen = [int(x) for rank in range(2) for batch, _ in finetune.val_loader(dataset, 2, 0, rank, 2) for x in batch]
+    assert sorted(seen) == list(range(7)) and len(seen) == 7  # 4 + 3: nothing padded or dropped
+
+
+# ----------------------------------------------------------------------------- end to end
+def write_colour_classes(root, per_class, seed):
+    """An ImageFolder split of 10 classes told apart by hue, with noise and a grey distractor square:
+    learnable in seconds, unlike SyntheticShapes, which a micro ViT from scratch cannot learn quickly."""
+    rng = torch.Generator().manual_seed(seed)
+    for label in range(10):
+        (root / f"class{label}").mkdir(parents=True)
+        rgb = torch.tensor(colorsys.hsv_to_rgb(label / 10, 0.9, 0.8)) * 255
+        for i in range(per_class):
+            pixels = (rgb[:, None, None] + 25 * torch.randn(3, 32, 32, generator=rng)).clamp(0, 255)
+            x, y = torch.randint(0, 20, (2,), generator=rng).tolist()
+            pixels[:, y:y + 12, x:x + 12] = 128
+            Image.fromarray(pixels.byte().permute(1, 2, 0).numpy()).save(root / f"class{label}" / f"{i}.png")
+
+
+def test_short_finetune_beats_chance_and_eval_only_reproduces_the_logged_top1(tmp_path):
+    write_colour_classes(tmp_path / "data" / "train", 16, seed=0)
+    write_colour_classes(tmp_path / "data" / "val", 5, seed=1)
+    out = tmp_path / "scratch"
+    argv = [*FT_MICRO, "--data", str(tmp_path / "data"), "--batch-size", "16", "--randaug-ops", "0", "--mixup", "0",
+            "--cutmix", "0"]
+    model, last = finetune.main(ft_parse(*argv, "--epochs", "3", "--lr", "0.1", "--out", str(out)))
+    evals = [r for r in ft_log(out) if "top1" in r]
+    assert [r["epoch"] for r in evals] == [0, 1, 2] and all(r["images"] == 50 for r in evals)
+    best = max(evals, key=lambda r: r["top1"])
+    assert best["top1"] >= 50, evals  # chance is 10%
+    _, metrics = finetune.main(ft_parse(*argv, "--eval-only", "--init", str(out / "best.pth")))
+    assert metrics["top1"] == best["top1"] and metrics["top5"] == best["top5"] and metrics["images"] == 50
+    assert isinstance(load_model_file(out / "checkpoint.pth"), Classifier)  # the last state is a model file too
+
+
+def test_init_from_distilled_student_checkpoint_and_teacher(distilled, tmp_path, capsys):
+    student = load_model_file(distilled / "student.pth").eval()
+    images = torch.rand(2, 3, 32, 32)
+    for init in (distilled / "student.pth", distilled / "checkpoint.pth"):
+        model, _ = finetune.main(ft_parse(*FT_MICRO, "--init", str(init), "--epochs", "0", "--drop-path", "0",
+                                          "--out", str(tmp_path / init.stem)))
+        report = capsys.readouterr().out
+        assert "removed ['norm.bias', 'norm.weight', 'rel_pos_bias.relative_position_bias_table']" in report
+        assert "added 2 per-block" in report and "new: fc_norm.weight, fc_norm.bias, head.weight, head.bias" in report
+        for block in model.encoder.blocks:
+            assert torch.equal(block.rel_pos_bias.relative_position_bias_table, student.state_dict()[TABLE])
+        torch.testing.assert_close(model.eval().encoder.forward_features(images), student.forward_features(images))
+    # At another resolution the tables are resized, and the student fine-tunes.
+    out = tmp_path / "fd48"
+    finetune.main(ft_parse(*FT_MICRO, "--init", str(distilled / "student.pth"), "--img-size", "48", "--epochs", "1",
+                           "--out", str(out)))
+    assert "resized from 32 to 48 px: 2 relative position tables;" in capsys.readouterr().out
+    assert [r["images"] for r in ft_log(out) if "top1" in r] == [25]
+    # The baseline: the teacher itself, a plain ViT with an absolute position embedding.
+    model, _ = finetune.main(ft_parse(*FT_MICRO, "--init", "vit_micro_patch8", "--epochs", "1", "--out",
+                                      str(tmp_path / "teacher")))
+    report = capsys.readouterr().out
+    assert "init: vit_micro_patch8 (random weights from a fixed seed)" in report
+    assert "removed ['norm.bias', 'norm.weight']" in report and "added 0 per-block" in report
+    teacher = load_pretrained("vit_micro_patch8", img_size=32)
+    assert model.encoder.pos_embed is not None and model.encoder.blocks[0].rel_pos_bias is None
+    assert not torch.equal(model.encoder.pos_embed, teacher.pos_embed)  # trained from the teacher's weights
+    assert len([r for r in ft_log(tmp_path / "teacher") if "top1" in r]) == 1
+
+
+def test_loading_errors_list_missing_and_unexpected_keys(distilled, tmp_path):
+    state = torch.load(distilled / "student.pth", weights_only=True)
+    del state["model"]["blocks.1.mlp.fc2.weight"]
+    state["model"]["projector.weight"] = torch.zeros(32, 32)
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match=r"missing keys: \['encoder.blocks.1.mlp.fc2.weight'\]; "
+                                         r"unexpected keys: \['encoder.projector.weight'\]"):
+        finetune.main(ft_parse(*FT_MICRO, "--init", str(tmp_path / "broken.pth"), "--out", str(tmp_path / "a")))
+    torch.save({"weights": {}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"other.pth: expected a model file .*found \['weights'\]"):
+        finetune.main(ft_parse(*FT_MICRO, "--init", str(tmp_path / "other.pth"), "--out", str(tmp_path / "b")))
+    with pytest.raises(FileNotFoundError, match="--init missing.pth: no such file"):
+        finetune.main(ft_parse(*FT_MICRO, "--init", "missing.pth", "--out", str(tmp_path / "c")))
+    with pytest.raises(ValueError, match="holds an encoder without a head"):
+        finetune.main(ft_parse(*FT_MICRO, "--eval-only", "--init", str(distilled / "student.pth")))
+
+
+def test_linear_probe_trains_only_the_head(distilled, tmp_path):
+    model, metrics = finetune.main(ft_parse(*FT_MICRO, "--linear-probe", "--init", str(distilled / "student.pth"),
+                                            "--epochs", "1", "--out", str(tmp_path / "lin")))
+    student = torch.load(distilled / "student.pth", weights_only=True)["model"]
+    for name, value in model.encoder.state_dict().items():
+        source = student[TABLE] if name.endswith(TABLE) else student[name]
+        assert torch.equal(value, source), name
+    assert isinstance(model.fc_norm, torch.nn.BatchNorm1d) and model.fc_norm.num_batches_tracked == 8
+    assert model.head.weight.abs().max() > 1e-3  # moved from its init of about 2e-5
+    assert metrics["images"] == 25
+
+
+def test_finetune_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
+    argv = [*FT_MICRO, "--epochs", "2", "--save-every", "3", "--lr", "0.1"]  # 8 steps per epoch; mixup, drop path,
+    # RandAugment and erasing on: their random draws must continue as in the uninterrupted run
+    full, _ = finetune.main(ft_parse(*argv, "--out", str(tmp_path / "full")))
+
+    real_step, calls = finetune.optimizer_step, []
+
+    def crash_at_step_11(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 11:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "optimizer_step", crash_at_step_11)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.main(ft_parse(*argv, "--out", str(tmp_path / "crashed")))
+    assert torch.load(tmp_path / "crashed" / "checkpoint.pth", weights_only=True)["step"] == 9
+    monkeypatch.setattr(finetune, "optimizer_step", real_step)
+    resumed, _ = finetune.main(ft_parse(*argv, "--out", str(tmp_path / "crashed")))
+
+    def without_speed(out):
+        return [{k: v for k, v in r.items() if k != "img_per_s"} for r in ft_log(out)]
+
+    full_log, crashed_log = without_speed(tmp_path / "full"), without_speed(tmp_path / "crashed")
+    assert crashed_log[:11] == full_log[:11]  # steps 1-8, the epoch-0 eval, steps 9-10
+    assert crashed_log[11:] == full_log[10:]  # step 10 redone, then the rest exactly as uninterrupted
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="--img-size 32 -> 48"):
+        finetune.main(ft_parse(*argv, "--img-size", "48", "--out", str(tmp_path / "crashed")))
+
+
+def write_class_folders(root, classes):
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / name / "a.png")
+
+
+def test_val_classes_must_equal_train_classes(tmp_path):
+    write_class_folders(tmp_path / "data" / "train", ["cat", "dog"])
+    write_class_folders(tmp_path / "data" / "val", ["bird", "cat"])
+    with pytest.raises(ValueError, match=r"different classes \(only in train/: \['dog'\]; only in val/: \['bird'\]"):
+        finetune.main(ft_parse(*FT_MICRO, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")))
+
+
+def test_recipes_fill_unset_flags_and_help_covers_every_flag(distilled):
+    args = finetune.apply_recipe(ft_parse("--init", "clip"))
+    assert (args.recipe, args.lr, args.layer_decay, args.drop_path, args.epochs, args.mixup) == (
+        "clip", 1.25e-3, 0.6, 0.3, 100, 0.8)
+    args = finetune.apply_recipe(ft_parse("--init", "clip_l14", "--lr", "1e-3", "--linear-probe"))
+    assert (args.lr, args.min_lr, args.epochs, args.weight_decay, args.mixup, args.layer_decay) == (
+        1e-3, 0.0, 50, 0.0, 0.0, 1.0)
+    assert finetune.apply_recipe(ft_parse()).recipe == "vit_tiny_patch16"
+    assert finetune.apply_recipe(ft_parse("--init", str(distilled / "student.pth"))).recipe == "paper"
+    assert all(action.help for action in finetune.get_args_parser()._actions)
+
+
+def test_torchrun_two_ranks_evaluate_an_uneven_val_set_like_one_process(tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+           str(REPO / "finetune.py"), *FT_MICRO, "--batch-size", "4", "--epochs", "1", "--out", str(out)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) x 4 images x 1 micro-steps = 8 images per step" in result.stdout
+    logged = [r for r in ft_log(out) if "top1" in r]
+    assert len(logged) == 1 and logged[0]["images"] == 25  # 13 + 12 images: none dropped or repeated
+    # Independent count in this one process, over the whole val set.
+    model = load_model_file(out / "checkpoint.pth").eval()
+    val = SeededTransform(SyntheticShapes(25, split="val"), finetune.eval_transform(32))
+    images, labels = torch.stack([val[i][0] for i in range(25)]), torch.tensor([val[i][1] for i in range(25)])
+    with torch.no_grad():
+        logits = model(images)
+    top1 = 100 * (logits.argmax(1) == labels).sum().item() / 25
+    top5 = 100 * (logits.topk(5, 1).indices == labels[:, None]).any(1).sum().item() / 25
+    assert logged[0]["top1"] == pytest.approx(top1) and logged[0]["top5"] == pytest.approx(top5)
+    assert logged[0]["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_swin_student_finetunes_with_per_block_bias_and_layer_decay_per_block(tmp_path):
+    torch.manual_seed(0)
+    student = build_student("swinv2_micro_window4", 32).eval()  # depths (2, 2), one bias MLP per stage
+    torch.save({"arch": student.arch, "model": student.state_dict()}, tmp_path / "student.pth")
+    model, _ = finetune.main(ft_parse(*FT_MICRO, "--init", str(tmp_path / "student.pth"), "--epochs", "1",
+                                      "--out", str(tmp_path / "ft")))
+    encoder = model.encoder.eval()
+    shared = student.state_dict()
+    for i, j in [(0, 0), (0, 1), (1, 0), (1, 1)]:  # every block got a copy of its stage's MLP
+        block_bias = encoder.layers[i].blocks[j].rel_pos_bias
+        assert encoder.layers[i].rel_pos_bias is None and block_bias is not None
+    fresh = finetune.encoder_for_finetuning(shared, student.arch, 32)
+    for key, value in shared.items():
+        if ".rel_pos_bias." in key:
+            i, rest = key.split(".")[1], key.split(".rel_pos_bias.")[1]
+            assert all(torch.equal(fresh[f"layers.{i}.blocks.{j}.rel_pos_bias.{rest}"], value) for j in (0, 1))
+    # Layer ids: patch_embed 0, blocks 1..4 across the stages, stage 0's merging with its last block (2), rest 5.
+    scale = finetune.layer_decay_scale(student.arch, 0.5)
+    expected = {"encoder.patch_embed.proj.weight": 0.5 ** 5, "encoder.layers.0.blocks.0.attn.qkv.weight": 0.5 ** 4,
+                "encoder.layers.0.blocks.1.mlp.fc1.weight": 0.5 ** 3, "encoder.layers.0.downsample.reduction.weight":
+                0.5 ** 3, "encoder.layers.1.blocks.0.attn.logit_scale": 0.5 ** 2,
+                "encoder.layers.1.blocks.1.rel_pos_bias.rpe_mlp.0.weight": 0.5, "head.weight": 1.0}
+    assert {name: scale(name) for name in expected} == expected
+

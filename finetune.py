@@ -1,0 +1,563 @@
+"""Fine-tune and evaluate an encoder as in the FD paper (PAPER.md §6): the distilled student (after
+FD), the teacher itself (before FD, the baseline), or a random ViT (from scratch).
+
+    python distill.py && python finetune.py --init out/distill/student.pth --out out/ft_fd  # after FD
+    python finetune.py --init vit_tiny_patch16 --out out/ft_teacher         # before FD: the default teacher
+    python finetune.py --out out/ft_scratch                                 # from scratch
+    torchrun --nproc_per_node 8 finetune.py --init out/fd_clip/student.pth --data /path/to/imagenet --out out/ft_clip
+    python finetune.py --init clip --init-weights FILE --data /path/to/imagenet   # fine-tune a teacher directly
+    python finetune.py --eval-only --init out/ft_fd/best.pth                # top-1/top-5 on the val split
+    python finetune.py --linear-probe --init out/distill/student.pth --out out/lin_fd
+
+Running the same command again in the same --out resumes from OUT/checkpoint.pth (the last state,
+also a model file). OUT/best.pth holds the classifier of the best epoch; OUT/log.jsonl gets train
+lines (step, epoch, loss, lr, img_per_s) and one eval line per epoch (top1, top5, loss, images).
+"""
+import argparse
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from data import SeededTransform, SyntheticShapes, image_dataset, train_loader
+from distill import (autocast_dtype, check_finite, default_workers, git_hash, load_resume, lr_at, optimizer_step,
+                     param_groups, restore_rng, rng_states, save_atomic, set_lr, setup_distributed)
+from models import (IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, load_model_file,
+                    load_pretrained, resize_grid, swin_shared_to_per_block)
+
+# ----------------------------------------------------------------------------- presets
+# The official fine-tuning configs (PAPER.md §6, configs/finetune/*); lr, min_lr and warmup_lr are
+# per 512 images and scale linearly with the global batch. `model` is the architecture trained
+# from scratch (no --init); with --init the architecture comes from the loaded encoder.
+PAPER_RECIPE = dict(model="vit_base_patch16", img_size=224, epochs=100, warmup_epochs=20, batch_size=128,
+                    lr=1.25e-3, min_lr=2.5e-7, warmup_lr=2.5e-7, weight_decay=0.05, layer_decay=0.65,
+                    drop_path=0.1)  # layer decay and drop path of the CLIP-B 100-epoch config
+RECIPES = {
+    "clip": dict(PAPER_RECIPE, layer_decay=0.6, drop_path=0.3),
+    "clip_l14": dict(PAPER_RECIPE, model="vit_large_patch14", epochs=50, warmup_epochs=5, lr=2.5e-4, min_lr=5e-7,
+                     warmup_lr=5e-7, layer_decay=0.75, drop_path=0.4),
+    "dino": dict(PAPER_RECIPE, lr=1.5e-3, layer_decay=0.6, drop_path=0.2),
+    "deit": dict(PAPER_RECIPE, layer_decay=0.65, drop_path=0.3),
+    "esvit": dict(PAPER_RECIPE, model="swinv2_base_window14", batch_size=64, layer_decay=0.8, drop_path=0.4),
+    "paper": PAPER_RECIPE,
+    # The built-in default, for the output of distill.py's default: a tiny ViT at 96 px on the synthetic
+    # data, about a minute on a laptop CPU. A larger lr than the paper's: a few hundred steps, not 100 epochs.
+    "vit_tiny_patch16": dict(model="vit_tiny_patch16", img_size=96, epochs=4, warmup_epochs=0.5, batch_size=32,
+                             lr=4e-3, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05, layer_decay=0.75,
+                             drop_path=0.1),
+}
+DEFAULT_RECIPE = "vit_tiny_patch16"
+# --linear-probe (MAE's recipe, main_linprobe.py): frozen encoder, BatchNorm without affine before the
+# head, no weight decay, no mixup, smoothing, RandAugment or erasing. MAE uses LARS at 0.1 per 256 images;
+# we use SGD with momentum 0.9 at that lr: LARS's per-layer trust ratio matters little for one linear layer.
+LINEAR_PROBE = dict(lr=0.2, min_lr=0.0, warmup_lr=0.0, weight_decay=0.0, layer_decay=1.0, drop_path=0.0,
+                    mixup=0.0, cutmix=0.0, smoothing=0.0, randaug_ops=0, reprob=0.0)
+AUGMENTATION = dict(mixup=0.8, cutmix=1.0, smoothing=0.1, randaug_ops=2, reprob=0.25)  # all recipes
+FROM_RECIPE = " (unset: from the recipe)"
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("FD fine-tuning", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--init", default=None, help="what to fine-tune: a distilled student.pth or distill checkpoint.pth, "
+                   "a model file this project wrote, or a teacher name (clip, dino, vit_tiny_patch16, ...); "
+                   "from scratch if not given")
+    p.add_argument("--init-weights", default=None, help="weights file for a teacher named by --init")
+    p.add_argument("--recipe", default=None, choices=list(RECIPES), help="fine-tuning recipe [unset: the --init "
+                   f"teacher's, or the teacher the --init file was distilled from, else {DEFAULT_RECIPE}]")
+    p.add_argument("--model", default=None, help="architecture trained from scratch" + FROM_RECIPE)
+    p.add_argument("--data", default=None, help="ImageFolder root with train/ and val/; the built-in synthetic "
+                                                "dataset if not given")
+    p.add_argument("--synthetic-images", type=int, default=2048, help="training images of the built-in dataset")
+    p.add_argument("--synthetic-val-images", type=int, default=500, help="validation images of the built-in dataset")
+    p.add_argument("--out", default="out/finetune", help="output folder; rerunning in it resumes")
+    p.add_argument("--epochs", type=int, default=None, help="training length" + FROM_RECIPE)
+    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup length" + FROM_RECIPE)
+    p.add_argument("--batch-size", type=int, default=None, help="images per process per micro-step" + FROM_RECIPE)
+    p.add_argument("--accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate per 512 images" + FROM_RECIPE)
+    p.add_argument("--min-lr", type=float, default=None, help="final learning rate per 512 images" + FROM_RECIPE)
+    p.add_argument("--warmup-lr", type=float, default=None, help="initial learning rate per 512 images" + FROM_RECIPE)
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (not on biases, norms, "
+                   "LayerScale, class token, position tables)" + FROM_RECIPE)
+    p.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay: block i of L gets "
+                   "decay^(L-i), the patch embedding decay^(L+1)" + FROM_RECIPE)
+    p.add_argument("--drop-path", type=float, default=None, help="drop path rate" + FROM_RECIPE)
+    p.add_argument("--clip-grad", type=float, default=5.0, help="max gradient norm (the official config.py default)")
+    p.add_argument("--img-size", type=int, default=None, help="training and evaluation crop; position tables are "
+                   "resized to it" + FROM_RECIPE)
+    p.add_argument("--smoothing", type=float, default=None, help="label smoothing [0.1; 0 with --linear-probe]")
+    p.add_argument("--mixup", type=float, default=None, help="mixup alpha, 0 = off [0.8; 0 with --linear-probe]")
+    p.add_argument("--cutmix", type=float, default=None, help="cutmix alpha, 0 = off; with mixup, one of the two "
+                   "per batch with probability 0.5 [1.0; 0 with --linear-probe]")
+    p.add_argument("--randaug-ops", type=int, default=None, help="RandAugment ops per image (magnitude 9), 0 = off "
+                   "[2; 0 with --linear-probe]")
+    p.add_argument("--reprob", type=float, default=None, help="random erasing probability [0.25; 0 with "
+                   "--linear-probe]")
+    p.add_argument("--linear-probe", action="store_true", help="train only a BatchNorm + linear head on the frozen "
+                   "encoder (SGD, see LINEAR_PROBE)")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the classifier file given by --init and exit")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-loading processes per training process [up to 8, the CPU cores shared among "
+                        "the processes of this machine]")
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps, and every epoch")
+    p.add_argument("--log-every", type=int, default=10, help="log every N optimizer steps")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training model")
+    p.add_argument("--seed", type=int, default=0, help="seeds the head's init, the data order and augmentation")
+    return p
+
+
+def recipe_of(init):
+    """The recipe for an --init: a teacher's own, or that of the teacher a file was distilled from."""
+    if init is None or init in RECIPES:
+        return init or DEFAULT_RECIPE
+    if Path(init).is_file():  # mmap: reads the few plain-data keys, not the weights
+        state = torch.load(init, map_location="cpu", weights_only=True, mmap=True)
+        teacher = state.get("teacher") or state.get("args", {}).get("teacher")  # a dict in distill's files
+        name = state.get("recipe") or (teacher.get("name") if isinstance(teacher, dict) else teacher)
+        return name if name in RECIPES else "paper"
+    return "paper"
+
+
+def apply_recipe(args):
+    """Fill every flag left unset from the recipe (and, with --linear-probe, from LINEAR_PROBE)."""
+    args.recipe = args.recipe or recipe_of(args.init)
+    values = {**RECIPES[args.recipe], **AUGMENTATION, **(LINEAR_PROBE if args.linear_probe else {})}
+    for key, value in values.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+# ----------------------------------------------------------------------------- loading an encoder
+# Pure state_dict -> state_dict conversions, from the encoder as distilled (or pretrained) to the
+# encoder as fine-tuned.
+def shared_bias_to_per_block(state, depth):
+    """Copy the shared relative position bias table into every block (PAPER.md §6): fine-tuning starts
+    from the same function, and each block's table is then free to change on its own."""
+    state = dict(state)
+    table = state.pop("rel_pos_bias.relative_position_bias_table")
+    for i in range(depth):
+        state[f"blocks.{i}.rel_pos_bias.relative_position_bias_table"] = table.clone()
+    return state
+
+
+def resize_rel_pos_table(table, old_grid, new_grid):
+    """A BEiT table ((2h-1)(2w-1) + 3, heads) for a grid of patches h x w, resampled to another grid:
+    the offsets form a (2h-1) x (2w-1) grid of their own; the 3 class-token rows are kept. The official
+    code (utils.remap_pretrained_keys_vit) instead places the old offsets on a geometric progression and
+    resamples with scipy's interp2d; we use the project's one bicubic resampler on a uniform grid."""
+    offsets = [(2 * h - 1, 2 * w - 1) for h, w in (old_grid, new_grid)]
+    return torch.cat([resize_grid(table[:-3], *offsets), table[-3:]])
+
+
+def resize_pos_embed(pos_embed, old_grid, new_grid):
+    """Absolute position embeddings (1, 1+N, C) resampled to another grid, the class token's kept."""
+    patches = resize_grid(pos_embed[0, 1:], old_grid, new_grid)
+    return torch.cat([pos_embed[:, :1], patches[None]], dim=1)
+
+
+def finetuning_arch(arch, img_size, drop_path):
+    """The encoder's arch as fine-tuned: at img_size, with the recipe's drop path and a position
+    bias of its own in every block."""
+    if "depths" in arch:  # Swin
+        return dict(arch, img_size=img_size, drop_path=drop_path, position_bias="per_block")
+    return dict(arch, img_size=img_size, drop_path=drop_path, rel_pos="per_block" if arch.get("rel_pos") else None)
+
+
+def encoder_for_finetuning(state, arch, img_size):
+    """Encoder weights of an `arch` model made ready for Classifier(finetuning_arch(...)) at img_size:
+    no final norm (the classifier pools before it), per-block relative position tables, position
+    tables resized to the new grid. A Swin's position bias depends on its window, not on the image
+    size: SwinV2's per-stage MLP is only copied into the blocks."""
+    state = {k: v for k, v in state.items() if k not in ("norm.weight", "norm.bias")}
+    if "depths" in arch:
+        return swin_shared_to_per_block(state) if arch["position_bias"] == "shared" else state
+    old_grid = (arch["img_size"] // arch["patch_size"],) * 2
+    new_grid = (img_size // arch["patch_size"],) * 2
+    if "rel_pos_bias.relative_position_bias_table" in state:
+        state = shared_bias_to_per_block(state, arch["depth"])
+    for key in state:
+        if key.endswith("relative_position_bias_table"):
+            state[key] = resize_rel_pos_table(state[key], old_grid, new_grid)
+    if "pos_embed" in state:
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], old_grid, new_grid)
+    return state
+
+
+def read_init(init, init_weights, img_size):
+    """(arch, encoder state_dict, description) of what --init names."""
+    path = Path(init)
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "student" in state and "arch" in state:
+            return (state["arch"], state["student"],
+                    f"the student of distillation checkpoint {path} (step {state['step']})")
+        if isinstance(state, dict) and "arch" in state and "model" in state:
+            if "encoder" in state["arch"]:  # a fine-tuned classifier: its encoder, without the old head
+                encoder = {k.removeprefix("encoder."): v for k, v in state["model"].items() if k.startswith("encoder.")}
+                return state["arch"]["encoder"], encoder, f"the encoder of classifier {path}"
+            return state["arch"], state["model"], f"model file {path}"
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"--init {path}: expected a model file ('arch', 'model') or a distillation checkpoint "
+                         f"('arch', 'student'), found {found}")
+    if path.suffix in (".pth", ".pt") or os.sep in init:
+        raise FileNotFoundError(f"--init {init}: no such file")
+    encoder = load_pretrained(init, init_weights, img_size)
+    return encoder.arch, encoder.state_dict(), f"{init} " + (f"weights {init_weights}" if init_weights else
+                                                             "(random weights from a fixed seed)")
+
+
+def build_classifier(args, num_classes, verbose=True):
+    """The classifier to fine-tune, with the --init encoder loaded into it. Loading is strict except
+    for what the recipe replaces, and says what it loaded and replaced."""
+    if args.init is None:
+        # The FD student's architecture and initialisation, with per-block tables as after distillation.
+        arch = build_student(args.model, args.img_size, args.drop_path).arch
+        encoder = build_from_arch(finetuning_arch(arch, args.img_size, args.drop_path))
+        if verbose:
+            print(f"init: none, a random {args.model} (from scratch)")
+        return Classifier(encoder, num_classes, args.linear_probe)
+    arch, source, description = read_init(args.init, args.init_weights, args.img_size)
+    state = encoder_for_finetuning(source, arch, args.img_size)
+    tables = sum(k.endswith("relative_position_bias_table") for k in state)
+    resized = [f"{tables} relative position tables"] * bool(tables) + ["pos_embed"] * ("pos_embed" in state)
+    resized = f"resized from {arch['img_size']} to {args.img_size} px: {', '.join(resized) or 'nothing'}" if (
+        arch["img_size"] != args.img_size) else f"no resizing (at {args.img_size} px already)"
+    model = Classifier(build_from_arch(finetuning_arch(arch, args.img_size, args.drop_path)), num_classes,
+                       args.linear_probe)
+    result = model.load_state_dict({"encoder." + k: v for k, v in state.items()}, strict=False)
+    new = [k for k in result.missing_keys if k.startswith(("fc_norm.", "head."))]
+    missing = [k for k in result.missing_keys if k not in new]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"--init {args.init}: {description} does not fit the classifier built from its arch; "
+                         f"missing keys: {missing or 'none'}; unexpected keys: {result.unexpected_keys or 'none'}")
+    if verbose:
+        print(f"init: {description}: loaded {len(state)} encoder tensors, all the classifier needs but its head")
+        print(f"  replaced by the recipe: removed {sorted(set(source) - set(state)) or 'nothing'}; "
+              f"added {len(set(state) - set(source))} per-block relative position tables; {resized}; "
+              f"new: {', '.join(new)}")
+    return model
+
+
+# ----------------------------------------------------------------------------- data and objective
+def train_transform(args):
+    """RandomResizedCrop + flip + RandAugment, then random erasing, all bicubic (timm's
+    create_transform as the official code uses it). Output in [0, 1] (models normalise themselves)."""
+    bicubic = transforms.InterpolationMode.BICUBIC
+    steps = [transforms.RandomResizedCrop(args.img_size, scale=(0.08, 1.0), interpolation=bicubic),
+             transforms.RandomHorizontalFlip()]
+    if args.randaug_ops:
+        steps.append(transforms.RandAugment(args.randaug_ops, magnitude=9, interpolation=bicubic))
+    steps.append(transforms.ToTensor())
+    if args.reprob:
+        # timm erases with per-pixel normal noise in normalised space: erase between a normalise and its inverse.
+        inverse_mean, inverse_std = [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], [1 / s for s in IMAGENET_STD]
+        steps += [transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+                  transforms.RandomErasing(args.reprob, value="random"), transforms.Normalize(inverse_mean, inverse_std)]
+    return transforms.Compose(steps)
+
+
+def eval_transform(img_size):
+    """Resize to img_size / 0.875 (256 for 224), bicubic, then the centre crop."""
+    return transforms.Compose([
+        transforms.Resize(int(img_size / 0.875), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(img_size), transforms.ToTensor()])
+
+
+def labelled_splits(args):
+    """The untransformed train and val datasets, refusing splits with different classes."""
+    if args.data is None:
+        return SyntheticShapes(args.synthetic_images), SyntheticShapes(args.synthetic_val_images, split="val")
+    if not (Path(args.data) / "val").is_dir():
+        raise FileNotFoundError(f"--data {args.data}: no val/ folder (fine-tuning needs train/ and val/)")
+    train, val = image_dataset(args.data, "train"), image_dataset(args.data, "val")
+    train_classes, val_classes = getattr(train, "classes", None), getattr(val, "classes", None)
+    if train_classes is None or val_classes is None:
+        raise ValueError(f"--data {args.data}: train/ and val/ need class subfolders (labels) for fine-tuning")
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        raise ValueError(f"--data {args.data}: train/ and val/ have different classes (only in train/: "
+                         f"{only_train or 'none'}; only in val/: {only_val or 'none'})")
+    return train, val
+
+
+def mixup_cutmix(args, num_classes):
+    """Mixup (alpha 0.8) or CutMix (alpha 1.0), one of the two per batch with probability 0.5, as timm's
+    Mixup with the official settings; None when both are off."""
+    mixers = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup else []) + (
+        [v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix else [])
+    return v2.RandomChoice(mixers) if mixers else None
+
+
+def soft_targets(images, labels, num_classes, mixer, smoothing):
+    """Images (B, 3, H, W) and labels (B,) -> mixed images and target distributions (B, classes),
+    each summing to 1: one-hot or mixed, then label-smoothed (smoothing commutes with mixing)."""
+    if mixer is not None:
+        images, targets = mixer(images, labels)
+    else:
+        targets = F.one_hot(labels, num_classes).float()
+    return images, targets * (1.0 - smoothing) + smoothing / num_classes
+
+
+def soft_cross_entropy(logits, targets):
+    """Cross-entropy with target distributions, averaged over the batch, in fp32."""
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def layer_decay_scale(arch, decay):
+    """lr_scale(name) for a Classifier of an encoder `arch` (PAPER.md §6): layer id 0 for what comes
+    before the blocks (class token, position embedding, patch embedding, CLIP's ln_pre, DINOv2's
+    registers), i+1 for block i, depth+1 for the rest (fc_norm, head); scale decay^(depth+1-id).
+    Swin numbers its blocks across stages, and a stage's patch merging goes with its last block."""
+    depths = arch.get("depths") or [arch["depth"]]
+    depth = sum(depths)
+
+    def layer_id(name):
+        parts = name.removeprefix("encoder.").split(".")
+        if parts[0] in ("cls_token", "pos_embed", "patch_embed", "norm_pre", "reg_tokens"):
+            return 0
+        if parts[0] == "blocks":
+            return int(parts[1]) + 1
+        if parts[0] == "layers":
+            stage = int(parts[1])
+            before = sum(depths[:stage])
+            return before + int(parts[3]) + 1 if parts[2] == "blocks" else before + depths[stage]
+        return depth + 1
+    return lambda name: decay ** (depth + 1 - layer_id(name))
+
+
+# ----------------------------------------------------------------------------- evaluation
+def topk_correct(logits, labels, ks=(1, 5)):
+    """How many of the labels are among the top-k logits, for each k: a float64 tensor (len(ks),)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (B, kmax)
+    hits = top == labels[:, None]
+    return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks]).double()
+
+
+def val_loader(dataset, batch_size, workers, rank, world_size):
+    """Every validation image exactly once over all ranks: rank r takes images r, r + world, ...
+    (DistributedSampler would pad the last shard with repeats)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=range(rank, len(dataset), world_size),
+                      num_workers=workers, generator=torch.Generator())  # never touches the global RNG
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast, world_size):
+    """Top-1, top-5 (%) and cross-entropy over the whole validation set, summed over the ranks."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, summed loss, images
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast():
+            logits = model(images).float()
+        loss = F.cross_entropy(logits, labels, reduction="sum").double()
+        totals += torch.cat([topk_correct(logits, labels), torch.stack([loss, loss.new_tensor(len(labels))])])
+    model.train(was_training)
+    if world_size > 1:  # float64 counts are exact: every image counted once, on one rank
+        dist.all_reduce(totals)
+    top1, top5, loss, count = totals.tolist()
+    return dict(top1=100 * top1 / count, top5=100 * top5 / count, loss=loss / count, images=int(count))
+
+
+def load_classifier(path, num_classes):
+    """A fine-tuned classifier file (OUT/best.pth or OUT/checkpoint.pth), for --eval-only."""
+    if path is None or not Path(path).is_file():
+        raise ValueError("--eval-only needs --init FILE, a fine-tuned classifier such as OUT/best.pth")
+    model = load_model_file(path)
+    if not isinstance(model, Classifier):
+        raise ValueError(f"--eval-only: {path} holds an encoder without a head: fine-tune it first")
+    if model.arch["num_classes"] != num_classes:
+        raise ValueError(f"--eval-only: {path} has {model.arch['num_classes']} classes, the data {num_classes}")
+    return model
+
+
+# ----------------------------------------------------------------------------- main
+RESUME_FLAGS = ("init", "init_weights", "recipe", "model", "img_size", "batch_size", "accum", "linear_probe")
+
+
+def main(args):
+    """Fine-tune (or with --eval-only, evaluate); returns (classifier, the last evaluation)."""
+    args = apply_recipe(args)
+    rank, world_size, device = setup_distributed()
+    is_main = rank == 0
+    if args.workers is None:
+        args.workers = default_workers()
+    dtype = autocast_dtype(args.amp, device)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+    train_images, val_images = labelled_splits(args)
+    num_classes = len(train_images.classes)
+    if args.eval_only:
+        model = load_classifier(args.init, num_classes)
+        img_size = model.arch["encoder"]["img_size"]  # the classifier's own resolution
+        val = val_loader(SeededTransform(val_images, eval_transform(img_size)), args.batch_size, args.workers,
+                         rank, world_size)
+        metrics = evaluate(model.to(device), val, device, autocast, world_size)
+        if is_main:
+            print(f"{args.init} at {img_size} px: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
+                  f"loss {metrics['loss']:.4f} on {metrics['images']} images")
+        if world_size > 1:
+            dist.destroy_process_group()
+        return model, metrics
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint.pth"
+    torch.manual_seed(args.seed)  # the same head initialisation on every rank
+    state = load_resume(checkpoint, args, RESUME_FLAGS, world_size) if checkpoint.exists() else None
+    if state:
+        model = build_from_arch(state["arch"])
+        model.load_state_dict(state["model"])
+    else:
+        model = build_classifier(args, num_classes, verbose=is_main)
+    if args.linear_probe:
+        model.encoder.requires_grad_(False)
+    model.to(device)
+
+    dataset = SeededTransform(train_images, train_transform(args), args.seed)
+    loader, sampler = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
+                                   pin_memory=device.type == "cuda")
+    val = val_loader(SeededTransform(val_images, eval_transform(args.img_size)), args.batch_size, args.workers,
+                     rank, world_size)
+    steps_per_epoch = len(loader) // args.accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"one epoch has {len(loader)} batches per process, fewer than --accum {args.accum}: "
+                         f"lower --accum or --batch-size")
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    global_batch = args.batch_size * world_size * args.accum
+    lrs = {k: getattr(args, k) * global_batch / 512 for k in ("lr", "min_lr", "warmup_lr")}
+
+    lr_scale = layer_decay_scale(model.encoder.arch, args.layer_decay) if args.layer_decay != 1 else None
+    groups = param_groups(model, args.weight_decay, lr_scale)
+    if args.linear_probe:
+        optimizer = torch.optim.SGD(groups, lr=lrs["lr"], momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=lrs["lr"], betas=(0.9, 0.999), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    step, best = 0, dict(top1=-1.0, epoch=-1)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        step, best = state["step"], state["best"]
+        restore_rng(state["rng"], rank, world_size, fresh_seed=args.seed + rank + step)
+        if is_main:
+            print(f"resuming from {checkpoint} at step {step}")
+    else:
+        torch.manual_seed(args.seed + rank)  # each rank its own drop path and mixup draws
+
+    train_model = model
+    if world_size > 1:  # the linear probe's BatchNorm statistics follow rank 0's so every rank evaluates the same
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              broadcast_buffers=args.linear_probe)
+    if args.compile:
+        train_model = torch.compile(train_model)
+    mixer = mixup_cutmix(args, num_classes)
+
+    def compute_loss(model, batch):
+        images, targets = soft_targets(*batch, num_classes, mixer, args.smoothing)
+        return soft_cross_entropy(model(images), targets)
+
+    commit = git_hash()
+    model_file = dict(arch=model.arch, recipe=args.recipe, init=args.init, git=commit)
+
+    def save_checkpoint():  # the resume state, also a model file: load_model_file reads it
+        rng = rng_states(world_size)  # every rank takes part
+        if is_main:
+            save_atomic(dict(model_file, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                             scaler=scaler.state_dict(), step=step, epoch=step // steps_per_epoch, best=best,
+                             world_size=world_size, rng=rng, args=vars(args)), checkpoint)
+
+    if is_main:
+        print(f"{world_size} process(es) x {args.batch_size} images x {args.accum} micro-steps = {global_batch} "
+              f"images per step; lr {lrs['lr']:.3g} (= {args.lr:g} x {global_batch}/512); "
+              f"{total_steps} steps of {steps_per_epoch} per epoch; autocast {dtype or 'off (fp32)'} on {device}")
+        print(f"recipe {args.recipe}{' (linear probe)' if args.linear_probe else ''}: {num_classes} classes at "
+              f"{args.img_size} px, {args.epochs} epochs ({args.warmup_epochs} warmup), layer decay {args.layer_decay} "
+              f"(lr scales {', '.join(f'{s:.3g}' for s in sorted({g['lr_scale'] for g in groups}))}), drop path "
+              f"{args.drop_path}, mixup {args.mixup}, cutmix {args.cutmix}, smoothing {args.smoothing}, "
+              f"RandAugment {args.randaug_ops} ops, erasing {args.reprob}")
+    if step >= total_steps and is_main:
+        print(f"{checkpoint} is already at step {step} of {total_steps}: nothing to train")
+
+    start = time.perf_counter()
+    progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
+    log_loss, log_steps, log_start, metrics = 0.0, 0, time.perf_counter(), None
+    train_model.train()
+    if args.linear_probe:
+        model.encoder.eval()  # frozen: no drop path
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        sampler.start = skip * args.accum * args.batch_size  # resume mid-epoch where we stopped
+        dataset.epoch = epoch
+        batches = iter(loader)
+        for _ in range(skip, steps_per_epoch):
+            micro_batches = [[t.to(device, non_blocking=True) for t in next(batches)] for _ in range(args.accum)]
+            lr = lr_at(step, total_steps, warmup_steps, **lrs)
+            set_lr(optimizer, lr)
+            log_loss += optimizer_step(train_model, micro_batches, compute_loss, optimizer, scaler, args.clip_grad,
+                                       autocast)
+            step += 1
+            log_steps += 1
+            progress.update()
+            is_log = step % args.log_every == 0 or step % steps_per_epoch == 0
+            is_epoch_end = step % steps_per_epoch == 0
+            if is_log:
+                loss = log_loss / log_steps  # averaged over the interval and the ranks: all ranks agree on a NaN
+                if world_size > 1:
+                    dist.all_reduce(loss)
+                    loss /= world_size
+                loss = loss.item()
+                check_finite(loss, step, checkpoint)
+                if is_main:
+                    img_per_s = log_steps * global_batch / (time.perf_counter() - log_start)
+                    with open(out / "log.jsonl", "a") as f:
+                        f.write(json.dumps(dict(step=step, epoch=epoch, loss=loss, lr=lr, img_per_s=img_per_s)) + "\n")
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.1f}")
+                log_loss, log_steps, log_start = 0.0, 0, time.perf_counter()
+            if is_epoch_end:
+                metrics = evaluate(model, val, device, autocast, world_size)
+                if args.linear_probe:
+                    model.encoder.eval()
+                if metrics["top1"] > best["top1"]:
+                    best = dict(metrics, epoch=epoch)
+                    if is_main:
+                        save_atomic(dict(model_file, model=model.state_dict(), step=step, **best), out / "best.pth")
+                if is_main:
+                    with open(out / "log.jsonl", "a") as f:
+                        f.write(json.dumps(dict(step=step, epoch=epoch, **metrics)) + "\n")
+                    progress.write(f"epoch {epoch + 1}/{args.epochs}: top-1 {metrics['top1']:.2f}% top-5 "
+                                   f"{metrics['top5']:.2f}% val loss {metrics['loss']:.4f} on {metrics['images']} "
+                                   f"images; best top-1 {best['top1']:.2f}% (epoch {best['epoch'] + 1})")
+            if is_epoch_end or step % args.save_every == 0:
+                save_checkpoint()
+    progress.close()
+    if is_main:
+        print(f"done in {time.perf_counter() - start:.0f} s: best top-1 {best['top1']:.2f}% "
+              f"({out / 'best.pth'}), last state {checkpoint}")
+    if world_size > 1:
+        dist.destroy_process_group()
+    return model, metrics
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
