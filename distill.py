@@ -97,6 +97,8 @@ def get_args_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the student's blocks: "
                    "less memory (large students, large batches) for about a third more compute")
+    p.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many optimizer steps in a row "
+                   "skipped for a non-finite loss or gradient")
     p.add_argument("--seed", type=int, default=0, help="seeds the student's init, the data order and augmentation")
     return p
 
@@ -258,9 +260,11 @@ def set_lr(optimizer, lr):
 
 
 def optimizer_step(model, micro_batches, compute_loss, optimizer, scaler, clip_grad, autocast):
-    """One optimizer step over the micro-batches of one batch; returns the mean loss (a tensor:
-    reading it would synchronise). Under DDP the gradients are all-reduced only on the last
-    micro-step: no_sync covers the forward and backward of the others."""
+    """One optimizer step over the micro-batches of one batch; returns the mean loss (a tensor)
+    and whether the step was taken. Under DDP the gradients are all-reduced only on the last
+    micro-step: no_sync covers the forward and backward of the others. A step whose gradient is
+    not finite (a NaN or inf loss, an fp16 overflow) is skipped: the same on every rank, since
+    the gradients were all-reduced."""
     total_loss = 0.0
     for i, batch in enumerate(micro_batches):
         is_last = i == len(micro_batches) - 1
@@ -271,11 +275,13 @@ def optimizer_step(model, micro_batches, compute_loss, optimizer, scaler, clip_g
             scaler.scale(loss).backward()
         total_loss += loss.detach()
     scaler.unscale_(optimizer)  # clip the true gradients; a no-op unless fp16
-    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
-    scaler.update()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    finite = bool(torch.isfinite(grad_norm))  # one synchronisation per step, as GradScaler's own check
+    if finite:
+        scaler.step(optimizer)
+    scaler.update()  # in fp16, a skipped step also lowers the loss scale
     optimizer.zero_grad(set_to_none=True)
-    return total_loss
+    return total_loss, finite
 
 
 def save_atomic(obj, path):
@@ -313,10 +319,45 @@ def restore_rng(states, rank, world_size, fresh_seed):
         torch.cuda.set_rng_state(states[rank]["cuda"])
 
 
-def check_finite(loss, step, checkpoint):
-    if not math.isfinite(loss):
-        kept = f"{checkpoint} holds the last good state" if checkpoint.exists() else "no checkpoint was written"
-        raise FloatingPointError(f"step {step}: the loss is {loss}; {kept}. Try --amp bf16 or fp32, or a lower --lr")
+class TrainingLog:
+    """OUT/log.jsonl, written by rank 0: every --log-every steps the loss averaged over the interval
+    and the ranks, the lr, images/s, and the steps skipped for a non-finite gradient. Skipped steps
+    change no weight; `max_nonfinite` of them in a row stop the run, the last checkpoint intact."""
+
+    def __init__(self, path, device, world_size, is_main, max_nonfinite, checkpoint):
+        self.path, self.device, self.world_size, self.is_main = path, device, world_size, is_main
+        self.max_nonfinite, self.checkpoint = max_nonfinite, checkpoint
+        self.in_a_row = 0
+        self.reset()
+
+    def reset(self):
+        self.loss, self.steps, self.skipped, self.start = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss, finite, step):
+        if finite:
+            self.loss, self.steps, self.in_a_row = self.loss + loss, self.steps + 1, 0
+            return
+        self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+        print(f"step {step}: non-finite loss or gradient, step skipped ({self.in_a_row} in a row)")
+        if self.in_a_row >= self.max_nonfinite:
+            kept = f"{self.checkpoint} holds the last good state" if self.checkpoint.exists() else "no checkpoint was written"
+            raise FloatingPointError(f"step {step}: {self.in_a_row} steps in a row had a non-finite loss or gradient "
+                                     f"(--max-nonfinite {self.max_nonfinite}); {kept}. Try --amp bf16 or fp32, or a "
+                                     f"lower --lr")
+
+    def write(self, images_per_step, **fields):
+        """Log the interval that ends now; returns the record (on every rank)."""
+        loss = torch.as_tensor(self.loss / max(self.steps, 1), dtype=torch.float64, device=self.device)
+        if self.world_size > 1:  # the decision to skip is the same on every rank: so is self.steps
+            dist.all_reduce(loss)
+            loss /= self.world_size
+        record = dict(fields, loss=loss.item() if self.steps else None, skipped=self.skipped,
+                      img_per_s=(self.steps + self.skipped) * images_per_step / (time.perf_counter() - self.start))
+        if self.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.reset()
+        return record
 
 
 def git_hash():
@@ -434,7 +475,7 @@ def main(args):
               f"(raise --epochs or use a new --out)")
 
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
-    log_loss, log_steps, log_start = 0.0, 0, time.perf_counter()
+    log = TrainingLog(out / "log.jsonl", device, world_size, is_main, args.max_nonfinite, checkpoint)
     train_model.train()
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
@@ -446,31 +487,15 @@ def main(args):
             micro_batches = [next(batches)[0].to(device, non_blocking=True) for _ in range(args.accum)]
             lr = lr_at(step, total_steps, warmup_steps, **lrs)
             set_lr(optimizer, lr)
-            log_loss += optimizer_step(train_model, micro_batches, compute_loss, optimizer, scaler,
-                                       args.clip_grad, autocast)
+            loss, finite = optimizer_step(train_model, micro_batches, compute_loss, optimizer, scaler, args.clip_grad,
+                                          autocast)
             step += 1
-            log_steps += 1
+            log.add(loss, finite, step)
             progress.update()
-            is_log = step % args.log_every == 0 or step == total_steps
-            is_save = step % args.save_every == 0 or step == total_steps
-            if is_log or is_save:
-                # Averaged over the interval and the ranks, so that all ranks agree to stop on a NaN,
-                # and checked before saving so that a NaN never overwrites the last good checkpoint.
-                loss = log_loss / log_steps
-                if world_size > 1:
-                    dist.all_reduce(loss)
-                    loss /= world_size
-                loss = loss.item()
-                check_finite(loss, step, checkpoint)
-            if is_log:
-                img_per_s = log_steps * global_batch / (time.perf_counter() - log_start)
-                if is_main:
-                    record = dict(step=step, epoch=epoch, loss=loss, lr=lr, img_per_s=img_per_s)
-                    with open(out / "log.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.1f}")
-                log_loss, log_steps, log_start = 0.0, 0, time.perf_counter()
-            if is_save:
+            if step % args.log_every == 0 or step == total_steps:
+                record = log.write(global_batch, step=step, epoch=epoch, lr=lr)
+                progress.set_postfix(loss=record["loss"], lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.1f}")
+            if step % args.save_every == 0 or step == total_steps:
                 save_checkpoint()
     progress.close()
 

@@ -30,7 +30,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from data import SeededTransform, SyntheticShapes, image_dataset, train_loader
-from distill import (autocast_dtype, check_finite, default_workers, git_hash, load_resume, lr_at, optimizer_step,
+from distill import (TrainingLog, autocast_dtype, default_workers, git_hash, load_resume, lr_at, optimizer_step,
                      param_groups, restore_rng, rng_states, save_atomic, set_lr, setup_distributed)
 from models import (IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, load_model_file,
                     load_pretrained, resize_grid, swin_shared_to_per_block)
@@ -115,6 +115,8 @@ def get_args_parser():
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the training model")
+    p.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many optimizer steps in a row "
+                   "skipped for a non-finite loss or gradient")
     p.add_argument("--seed", type=int, default=0, help="seeds the head's init, the data order and augmentation")
     return p
 
@@ -500,7 +502,8 @@ def main(args):
 
     start = time.perf_counter()
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
-    log_loss, log_steps, log_start, metrics = 0.0, 0, time.perf_counter(), None
+    log = TrainingLog(out / "log.jsonl", device, world_size, is_main, args.max_nonfinite, checkpoint)
+    metrics = None
     train_model.train()
     if args.linear_probe:
         model.encoder.eval()  # frozen: no drop path
@@ -514,26 +517,15 @@ def main(args):
             micro_batches = [[t.to(device, non_blocking=True) for t in next(batches)] for _ in range(args.accum)]
             lr = lr_at(step, total_steps, warmup_steps, **lrs)
             set_lr(optimizer, lr)
-            log_loss += optimizer_step(train_model, micro_batches, compute_loss, optimizer, scaler, args.clip_grad,
-                                       autocast)
+            loss, finite = optimizer_step(train_model, micro_batches, compute_loss, optimizer, scaler, args.clip_grad,
+                                          autocast)
             step += 1
-            log_steps += 1
+            log.add(loss, finite, step)
             progress.update()
-            is_log = step % args.log_every == 0 or step % steps_per_epoch == 0
             is_epoch_end = step % steps_per_epoch == 0
-            if is_log:
-                loss = log_loss / log_steps  # averaged over the interval and the ranks: all ranks agree on a NaN
-                if world_size > 1:
-                    dist.all_reduce(loss)
-                    loss /= world_size
-                loss = loss.item()
-                check_finite(loss, step, checkpoint)
-                if is_main:
-                    img_per_s = log_steps * global_batch / (time.perf_counter() - log_start)
-                    with open(out / "log.jsonl", "a") as f:
-                        f.write(json.dumps(dict(step=step, epoch=epoch, loss=loss, lr=lr, img_per_s=img_per_s)) + "\n")
-                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{img_per_s:.1f}")
-                log_loss, log_steps, log_start = 0.0, 0, time.perf_counter()
+            if step % args.log_every == 0 or is_epoch_end:
+                record = log.write(global_batch, step=step, epoch=epoch, lr=lr)
+                progress.set_postfix(loss=record["loss"], lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.1f}")
             if is_epoch_end:
                 metrics = evaluate(model, val, device, autocast, world_size)
                 if args.linear_probe:

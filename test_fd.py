@@ -934,7 +934,7 @@ def test_overfitting_one_batch_drives_the_loss_down():
     optimizer = torch.optim.AdamW(distill.param_groups(model, 0.05), lr=2e-3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses = [distill.optimizer_step(model, [images], fd_closure(teacher), optimizer, scaler, 3.0,
-                                     torch.enable_grad).item() for _ in range(40)]
+                                     torch.enable_grad)[0].item() for _ in range(40)]
     assert losses[-1] < 0.3 * losses[0]
 
 
@@ -947,7 +947,7 @@ def test_gradient_accumulation_equals_one_step_on_the_double_batch():
     for model, micro_batches in ((model_a, [images[:4], images[4:]]), (model_b, [images])):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
         losses.append(distill.optimizer_step(model, micro_batches, fd_closure(teacher), optimizer, scaler, 1e9,
-                                             torch.enable_grad))
+                                             torch.enable_grad)[0])
     torch.testing.assert_close(losses[0], losses[1])
     for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
@@ -1130,21 +1130,34 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
         distill.main(parse(*argv, "--batch-size", "4", "--out", str(tmp_path / "crashed")))
 
 
-def test_non_finite_loss_stops_before_overwriting_the_checkpoint(tmp_path, monkeypatch):
+def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path, monkeypatch):
     real_loss, calls = distill.fd_loss, []
 
-    def nan_from_step_3(prediction, target):
-        calls.append(1)
-        loss = real_loss(prediction, target)
-        return loss * float("nan") if len(calls) >= 3 else loss
+    def nan_at(steps):
+        def loss(prediction, target):
+            calls.append(1)
+            value = real_loss(prediction, target)
+            return value * float("nan") if len(calls) in steps else value
+        return loss
 
-    monkeypatch.setattr(distill, "fd_loss", nan_from_step_3)
+    # One NaN (optimizer step 3): skipped, weights unchanged by it, counted in the log; the run goes on.
+    monkeypatch.setattr(distill, "fd_loss", nan_at({3}))
+    out = tmp_path / "one_nan"
+    student = distill.main(parse(*MICRO, "--epochs", "1", "--log-every", "4", "--out", str(out)))
+    log = read_log(out)
+    assert [r["skipped"] for r in log] == [1, 0] and all(math.isfinite(r["loss"]) for r in log)
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+
+    # NaN from step 3 on, --max-nonfinite 3: steps 3, 4, 5 skipped, then the run stops. The checkpoint
+    # saved at step 4 holds the weights of step 2 (skipped steps change nothing), all finite.
+    calls.clear()
+    monkeypatch.setattr(distill, "fd_loss", nan_at(set(range(3, 100))))
     out = tmp_path / "nan"
-    argv = [*MICRO, "--epochs", "1", "--save-every", "2", "--log-every", "5", "--out", str(out)]
-    with pytest.raises(FloatingPointError, match="step 4: the loss is nan; .*checkpoint.pth holds the last good"):
+    argv = [*MICRO, "--epochs", "1", "--save-every", "2", "--max-nonfinite", "3", "--out", str(out)]
+    with pytest.raises(FloatingPointError, match="step 5: 3 steps in a row .*checkpoint.pth holds the last good"):
         distill.main(parse(*argv))
     state = torch.load(out / "checkpoint.pth", weights_only=True)
-    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["student"].values())
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["student"].values())
 
 
 def test_torchrun_two_cpu_ranks_with_accumulation_hold_identical_weights(tmp_path):
