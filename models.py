@@ -220,6 +220,7 @@ class VisionTransformer(nn.Module):
                          patch_bias=patch_bias, num_registers=num_registers)
         self.embed_dim, self.patch_size = embed_dim, patch_size
         self.num_prefix_tokens = 1  # the class token in front of the patch tokens
+        self.num_registers = num_registers  # after the class token in the blocks (and their attention maps)
         self.grid = (img_size // patch_size, img_size // patch_size)
         num_patches = self.grid[0] * self.grid[1]
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
