@@ -10,11 +10,12 @@ does not depend on the number of workers or on whether the run was resumed.
 """
 import itertools
 import random
+import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from PIL import Image, ImageDraw, ImageOps
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision import datasets, transforms
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -93,6 +94,26 @@ class SyntheticShapes(Dataset):
         image.paste(colour, (0, 0), mask)
 
 
+class UnreadableImage(Exception):
+    """An image file that cannot be decoded (truncated, empty, not an image)."""
+
+
+def load_rgb(path):
+    """An image file as 8-bit RGB, whatever it holds: the EXIF orientation applied, 16-bit and
+    32-bit greyscale scaled down (not clipped), palette and alpha images flattened, CMYK converted.
+    A file that cannot be decoded raises UnreadableImage naming it."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale
+                image = image.convert("I").point(lambda v: v * (255 / 65535)).convert("L")
+            elif image.mode == "P":  # a palette, possibly with a transparent colour
+                image = image.convert("RGBA")
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise UnreadableImage(f"{path}: {error}") from None
+
+
 class FlatImageFolder(Dataset):
     """Every image directly inside a folder, unlabelled (label -1): distillation needs no labels."""
 
@@ -103,8 +124,7 @@ class FlatImageFolder(Dataset):
         return len(self.files)
 
     def __getitem__(self, index):
-        with Image.open(self.files[index]) as image:
-            return image.convert("RGB"), -1
+        return load_rgb(self.files[index]), -1
 
 
 def image_dataset(root, split="train"):
@@ -117,7 +137,10 @@ def image_dataset(root, split="train"):
     if (root / split).is_dir():
         root = root / split
     if any(p.is_dir() for p in root.iterdir()):
-        return datasets.ImageFolder(root)  # returns PIL images, labels from the folder names
+        try:  # PIL images, labels from the folder names
+            return datasets.ImageFolder(root, loader=load_rgb)
+        except FileNotFoundError as error:
+            raise ValueError(f"--data {root}: {error}") from None
     dataset = FlatImageFolder(root)
     if len(dataset) == 0:
         raise ValueError(f"--data {root}: no images found (expected class subfolders or image files "
@@ -138,7 +161,8 @@ def fd_transform(img_size, min_scale=0.08):
 class SeededTransform(Dataset):
     """Applies a random transform with the torch RNG seeded by (seed, epoch, index), so every
     image's augmentation is reproducible whatever the workers, ranks or resume point.
-    Set `.epoch` before each epoch's iterator is created."""
+    Set `.epoch` before each epoch's iterator is created. An unreadable image gives None and a
+    warning naming it; `skip_unreadable` (the loaders' collate) leaves it out of the batch."""
 
     def __init__(self, dataset, transform, seed=0):
         self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
@@ -147,10 +171,23 @@ class SeededTransform(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        image, label = self.dataset[index]
+        try:
+            image, label = self.dataset[index]
+        except UnreadableImage as error:
+            warnings.warn(f"skipping an unreadable image: {error}")
+            return None
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
             return self.transform(image), label
+
+
+def skip_unreadable(samples):
+    """Collate (image, label) samples into (images, labels, number of unreadable images left out)."""
+    readable = [sample for sample in samples if sample is not None]
+    if not readable:
+        raise RuntimeError(f"all {len(samples)} images of a batch were unreadable (see the warnings above)")
+    images, labels = default_collate(readable)
+    return images, labels, torch.tensor(len(samples) - len(readable))
 
 
 class ResumableSampler(DistributedSampler):
@@ -176,6 +213,7 @@ def train_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, pin_m
                          f"with --batch-size {batch_size}; lower --batch-size or add images")
     # Workers are started afresh each epoch (not persistent) so they see the new epoch number. The
     # loader's own generator keeps it from drawing on the global RNG (the student's drop path).
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        drop_last=True, pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+                        collate_fn=skip_unreadable, pin_memory=pin_memory,
+                        generator=torch.Generator().manual_seed(seed))
     return loader, sampler

@@ -22,6 +22,7 @@ from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -91,6 +92,7 @@ def get_args_parser():
                    help="data-loading processes per training process [up to 8, the CPU cores shared among "
                         "the processes of this machine]")
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps")
+    p.add_argument("--keep", type=int, default=0, help="also keep the last N checkpoints as OUT/checkpoint-STEP.pth")
     p.add_argument("--log-every", type=int, default=10, help="log every N optimizer steps")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
@@ -99,6 +101,8 @@ def get_args_parser():
                    "less memory (large students, large batches) for about a third more compute")
     p.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many optimizer steps in a row "
                    "skipped for a non-finite loss or gradient")
+    p.add_argument("--max-bad-frac", type=float, default=0.01, help="stop when more than this fraction of an "
+                   "epoch's images are unreadable (they are skipped with a warning naming the file)")
     p.add_argument("--seed", type=int, default=0, help="seeds the student's init, the data order and augmentation")
     return p
 
@@ -285,21 +289,41 @@ def optimizer_step(model, micro_batches, compute_loss, optimizer, scaler, clip_g
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash during
-    the save leaves the previous file intact."""
+    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash or a full
+    disk during the save leaves the previous file intact."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint_files(state, out, step, keep):
+    """OUT/checkpoint.pth, the state to resume from, and with `keep` > 0 also a snapshot
+    OUT/checkpoint-STEP.pth of which the newest `keep` are kept."""
+    save_atomic(state, out / "checkpoint.pth")
+    if keep > 0:
+        save_atomic(state, out / f"checkpoint-{step:07d}.pth")
+        for old in sorted(out.glob("checkpoint-*.pth"))[:-keep]:
+            old.unlink()
 
 
 def rng_states(world_size):
     """This process's RNG states, gathered from every rank (a collective when distributed)."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    kind, keys, position, has_gauss, gauss = np.random.get_state()  # as plain data: loads with weights_only
+    state = {"python": random.getstate(), "numpy": (kind, keys.tolist(), position, has_gauss, gauss),
+             "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     if world_size == 1:
         return [state]
     states = [None] * world_size
@@ -314,6 +338,8 @@ def restore_rng(states, rank, world_size, fresh_seed):
         torch.manual_seed(fresh_seed)
         return
     random.setstate(states[rank]["python"])
+    kind, keys, position, has_gauss, gauss = states[rank]["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(states[rank]["torch"])
     if states[rank]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(states[rank]["cuda"])
@@ -321,19 +347,21 @@ def restore_rng(states, rank, world_size, fresh_seed):
 
 class TrainingLog:
     """OUT/log.jsonl, written by rank 0: every --log-every steps the loss averaged over the interval
-    and the ranks, the lr, images/s, and the steps skipped for a non-finite gradient. Skipped steps
-    change no weight; `max_nonfinite` of them in a row stop the run, the last checkpoint intact."""
+    and the ranks, the lr, images/s, the steps skipped for a non-finite gradient and the unreadable
+    images left out. Skipped steps change no weight; `max_nonfinite` of them in a row stop the run,
+    the last checkpoint intact. More than `max_bad_frac` unreadable images in an epoch stop it too."""
 
-    def __init__(self, path, device, world_size, is_main, max_nonfinite, checkpoint):
+    def __init__(self, path, device, world_size, is_main, max_nonfinite, max_bad_frac, checkpoint):
         self.path, self.device, self.world_size, self.is_main = path, device, world_size, is_main
-        self.max_nonfinite, self.checkpoint = max_nonfinite, checkpoint
-        self.in_a_row = 0
+        self.max_nonfinite, self.max_bad_frac, self.checkpoint = max_nonfinite, max_bad_frac, checkpoint
+        self.in_a_row, self.epoch, self.epoch_bad, self.epoch_seen = 0, None, 0, 0
         self.reset()
 
     def reset(self):
-        self.loss, self.steps, self.skipped, self.start = 0.0, 0, 0, time.perf_counter()
+        self.loss, self.steps, self.skipped, self.bad, self.start = 0.0, 0, 0, 0, time.perf_counter()
 
-    def add(self, loss, finite, step):
+    def add(self, loss, finite, step, bad_images=0):
+        self.bad += bad_images
         if finite:
             self.loss, self.steps, self.in_a_row = self.loss + loss, self.steps + 1, 0
             return
@@ -345,14 +373,22 @@ class TrainingLog:
                                      f"(--max-nonfinite {self.max_nonfinite}); {kept}. Try --amp bf16 or fp32, or a "
                                      f"lower --lr")
 
-    def write(self, images_per_step, **fields):
+    def write(self, images_per_step, epoch, **fields):
         """Log the interval that ends now; returns the record (on every rank)."""
         loss = torch.as_tensor(self.loss / max(self.steps, 1), dtype=torch.float64, device=self.device)
+        totals = torch.stack([loss, torch.tensor(float(self.bad), dtype=torch.float64, device=self.device)])
         if self.world_size > 1:  # the decision to skip is the same on every rank: so is self.steps
-            dist.all_reduce(loss)
-            loss /= self.world_size
-        record = dict(fields, loss=loss.item() if self.steps else None, skipped=self.skipped,
-                      img_per_s=(self.steps + self.skipped) * images_per_step / (time.perf_counter() - self.start))
+            dist.all_reduce(totals)
+        loss, bad = totals[0].item() / self.world_size, int(totals[1].item())
+        seen = (self.steps + self.skipped) * images_per_step
+        if epoch != self.epoch:
+            self.epoch, self.epoch_bad, self.epoch_seen = epoch, 0, 0
+        self.epoch_bad, self.epoch_seen = self.epoch_bad + bad, self.epoch_seen + seen
+        if self.epoch_bad > self.max_bad_frac * self.epoch_seen:
+            raise RuntimeError(f"epoch {epoch}: {self.epoch_bad} of {self.epoch_seen} images were unreadable, more "
+                               f"than --max-bad-frac {self.max_bad_frac}: the warnings name them; fix or remove them")
+        record = dict(fields, epoch=epoch, loss=loss if self.steps else None, skipped=self.skipped, bad_images=bad,
+                      img_per_s=seen / (time.perf_counter() - self.start))
         if self.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -368,10 +404,17 @@ def git_hash():
         return None
 
 
-def load_resume(path, args, resume_flags, world_size):
+def load_resume(path, args, resume_flags, world_size, is_main=True):
     """The checkpoint to resume from, refusing one written by a run with another model or another
-    batch (the step count would then mean another place in the data and the schedule)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    batch (the step count would then mean another place in the data and the schedule). Flags that
+    may change (the length, workers, logging) are allowed and reported."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        snapshots = sorted(path.parent.glob("checkpoint-*.pth"))
+        offer = (f"the newest snapshot is {snapshots[-1]}: copy it to {path} to resume from it" if snapshots
+                 else "no snapshot to fall back on (see --keep); move it away to start afresh")
+        raise RuntimeError(f"{path} cannot be read ({str(error).split('.')[0]}); {offer}") from None
     changed = [f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(args, k)}"
                for k in resume_flags if state["args"].get(k) != getattr(args, k)]
     if state["world_size"] != world_size:
@@ -379,6 +422,10 @@ def load_resume(path, args, resume_flags, world_size):
     if changed:
         raise ValueError(f"{path} was written by a run with other settings ({'; '.join(changed)}): "
                          f"use another --out, or the same flags to resume")
+    allowed = [f"--{k.replace('_', '-')} {v} -> {getattr(args, k)}" for k, v in state["args"].items()
+               if k not in resume_flags and hasattr(args, k) and getattr(args, k) != v]
+    if allowed and is_main:
+        print(f"resuming with changed settings: {'; '.join(allowed)}")
     return state
 
 
@@ -425,7 +472,7 @@ def main(args):
     step = 0
     checkpoint = out / "checkpoint.pth"
     if checkpoint.exists():
-        state = load_resume(checkpoint, args, RESUME_FLAGS, world_size)
+        state = load_resume(checkpoint, args, RESUME_FLAGS, world_size, is_main)
         student.load_state_dict(state["student"])
         model.projector.load_state_dict(state["projector"])
         optimizer.load_state_dict(state["optimizer"])
@@ -454,11 +501,11 @@ def main(args):
     def save_checkpoint():
         rng = rng_states(world_size)  # every rank takes part
         if is_main:
-            save_atomic({"student": student.state_dict(), "projector": model.projector.state_dict(),
+            save_checkpoint_files({"student": student.state_dict(), "projector": model.projector.state_dict(),
                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                          "step": step, "epoch": step // steps_per_epoch, "world_size": world_size,
                          "rng": rng, "args": vars(args), "arch": student.arch, "git": commit,
-                         "teacher": teacher_info}, checkpoint)
+                         "teacher": teacher_info}, out, step, args.keep)
 
     if is_main:
         print(f"{world_size} process(es) x {args.batch_size} images x {args.accum} micro-steps = {global_batch} "
@@ -475,7 +522,7 @@ def main(args):
               f"(raise --epochs or use a new --out)")
 
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
-    log = TrainingLog(out / "log.jsonl", device, world_size, is_main, args.max_nonfinite, checkpoint)
+    log = TrainingLog(out / "log.jsonl", device, world_size, is_main, args.max_nonfinite, args.max_bad_frac, checkpoint)
     train_model.train()
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
@@ -484,13 +531,14 @@ def main(args):
         dataset.epoch = epoch
         batches = iter(loader)
         for _ in range(skip, steps_per_epoch):
-            micro_batches = [next(batches)[0].to(device, non_blocking=True) for _ in range(args.accum)]
+            batch = [next(batches) for _ in range(args.accum)]  # (images, labels, unreadable images left out)
+            micro_batches = [images.to(device, non_blocking=True) for images, _, _ in batch]
             lr = lr_at(step, total_steps, warmup_steps, **lrs)
             set_lr(optimizer, lr)
             loss, finite = optimizer_step(train_model, micro_batches, compute_loss, optimizer, scaler, args.clip_grad,
                                           autocast)
             step += 1
-            log.add(loss, finite, step)
+            log.add(loss, finite, step, bad_images=sum(int(bad) for _, _, bad in batch))
             progress.update()
             if step % args.log_every == 0 or step == total_steps:
                 record = log.write(global_batch, step=step, epoch=epoch, lr=lr)

@@ -29,9 +29,10 @@ from torchvision import transforms
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from data import SeededTransform, SyntheticShapes, image_dataset, train_loader
+from data import SeededTransform, SyntheticShapes, image_dataset, skip_unreadable, train_loader
 from distill import (TrainingLog, autocast_dtype, default_workers, git_hash, load_resume, lr_at, optimizer_step,
-                     param_groups, restore_rng, rng_states, save_atomic, set_lr, setup_distributed)
+                     param_groups, restore_rng, rng_states, save_atomic, save_checkpoint_files, set_lr,
+                     setup_distributed)
 from models import (IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, load_model_file,
                     load_pretrained, resize_grid, swin_shared_to_per_block)
 
@@ -111,12 +112,15 @@ def get_args_parser():
                    help="data-loading processes per training process [up to 8, the CPU cores shared among "
                         "the processes of this machine]")
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps, and every epoch")
+    p.add_argument("--keep", type=int, default=0, help="also keep the last N checkpoints as OUT/checkpoint-STEP.pth")
     p.add_argument("--log-every", type=int, default=10, help="log every N optimizer steps")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the training model")
     p.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many optimizer steps in a row "
                    "skipped for a non-finite loss or gradient")
+    p.add_argument("--max-bad-frac", type=float, default=0.01, help="stop when more than this fraction of an "
+                   "epoch's images are unreadable (they are skipped with a warning naming the file)")
     p.add_argument("--seed", type=int, default=0, help="seeds the head's init, the data order and augmentation")
     return p
 
@@ -354,7 +358,7 @@ def val_loader(dataset, batch_size, workers, rank, world_size):
     """Every validation image exactly once over all ranks: rank r takes images r, r + world, ...
     (DistributedSampler would pad the last shard with repeats)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=range(rank, len(dataset), world_size),
-                      num_workers=workers, generator=torch.Generator())  # never touches the global RNG
+                      num_workers=workers, collate_fn=skip_unreadable, generator=torch.Generator())
 
 
 @torch.no_grad()
@@ -363,7 +367,7 @@ def evaluate(model, loader, device, autocast, world_size):
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, summed loss, images
-    for images, labels in loader:
+    for images, labels, _ in loader:  # unreadable images are left out, with a warning
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast():
             logits = model(images).float()
@@ -423,7 +427,7 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pth"
     torch.manual_seed(args.seed)  # the same head initialisation on every rank
-    state = load_resume(checkpoint, args, RESUME_FLAGS, world_size) if checkpoint.exists() else None
+    state = load_resume(checkpoint, args, RESUME_FLAGS, world_size, is_main) if checkpoint.exists() else None
     if state:
         model = build_from_arch(state["arch"])
         model.load_state_dict(state["model"])
@@ -484,9 +488,9 @@ def main(args):
     def save_checkpoint():  # the resume state, also a model file: load_model_file reads it
         rng = rng_states(world_size)  # every rank takes part
         if is_main:
-            save_atomic(dict(model_file, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                             scaler=scaler.state_dict(), step=step, epoch=step // steps_per_epoch, best=best,
-                             world_size=world_size, rng=rng, args=vars(args)), checkpoint)
+            save_checkpoint_files(dict(model_file, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                       scaler=scaler.state_dict(), step=step, epoch=step // steps_per_epoch, best=best,
+                                       world_size=world_size, rng=rng, args=vars(args)), out, step, args.keep)
 
     if is_main:
         print(f"{world_size} process(es) x {args.batch_size} images x {args.accum} micro-steps = {global_batch} "
@@ -502,7 +506,7 @@ def main(args):
 
     start = time.perf_counter()
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
-    log = TrainingLog(out / "log.jsonl", device, world_size, is_main, args.max_nonfinite, checkpoint)
+    log = TrainingLog(out / "log.jsonl", device, world_size, is_main, args.max_nonfinite, args.max_bad_frac, checkpoint)
     metrics = None
     train_model.train()
     if args.linear_probe:
@@ -514,13 +518,14 @@ def main(args):
         dataset.epoch = epoch
         batches = iter(loader)
         for _ in range(skip, steps_per_epoch):
-            micro_batches = [[t.to(device, non_blocking=True) for t in next(batches)] for _ in range(args.accum)]
+            batch = [next(batches) for _ in range(args.accum)]  # (images, labels, unreadable images left out)
+            micro_batches = [[t.to(device, non_blocking=True) for t in b[:2]] for b in batch]
             lr = lr_at(step, total_steps, warmup_steps, **lrs)
             set_lr(optimizer, lr)
             loss, finite = optimizer_step(train_model, micro_batches, compute_loss, optimizer, scaler, args.clip_grad,
                                           autocast)
             step += 1
-            log.add(loss, finite, step)
+            log.add(loss, finite, step, bad_images=sum(int(b[2]) for b in batch))
             progress.update()
             is_epoch_end = step % steps_per_epoch == 0
             if step % args.log_every == 0 or is_epoch_end:

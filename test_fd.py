@@ -1058,6 +1058,49 @@ def test_image_folders_and_clear_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------- end to end
+def write_odd_and_bad_images(folder):
+    """Readable images in every awkward form, and three unreadable files."""
+    import numpy as np
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("L").save(folder / "grey.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rgb).convert("RGBA").save(folder / "rgba.png")
+    palette = Image.fromarray(rgb).convert("P")
+    palette.info["transparency"] = 0
+    palette.save(folder / "palette.png", transparency=0)
+    Image.fromarray(np.full((40, 48), 65535, np.uint16)).save(folder / "white16.png")  # 16-bit greyscale
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees when shown
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif)
+    Image.fromarray(rgb[:8, :8]).save(folder / "tiny.png")  # smaller than the crop
+    for i in range(10):
+        Image.fromarray(np.roll(rgb, i, axis=0)).save(folder / f"plain{i}.jpg")
+    data = (folder / "plain0.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image")
+
+
+def test_odd_images_load_and_unreadable_ones_are_skipped_counted_and_bounded(tmp_path):
+    from data import UnreadableImage, load_rgb
+    folder = tmp_path / "odd"
+    write_odd_and_bad_images(folder)
+    assert load_rgb(folder / "white16.png").getpixel((0, 0)) == (255, 255, 255)  # scaled, not clipped
+    assert load_rgb(folder / "rotated.jpg").size == (40, 48)  # EXIF orientation applied
+    assert all(load_rgb(folder / f).mode == "RGB" for f in ("grey.png", "cmyk.jpg", "rgba.png", "palette.png"))
+    for name in ("truncated.jpg", "empty.jpg", "notes.png"):
+        with pytest.raises(UnreadableImage, match=name):
+            load_rgb(folder / name)
+    # 20 files, 3 unreadable: skipped with a warning naming them, counted in the log.
+    argv = [*MICRO, "--data", str(folder), "--batch-size", "4", "--epochs", "1", "--log-every", "100"]
+    with pytest.warns(UserWarning, match="skipping an unreadable image: .*(truncated|empty|notes)"):
+        distill.main(parse(*argv, "--max-bad-frac", "0.5", "--out", str(tmp_path / "run")))
+    assert sum(r["bad_images"] for r in read_log(tmp_path / "run")) == 3  # 5 batches of 4: every file drawn
+    with pytest.raises(RuntimeError, match=r"epoch 0: 3 of 20 images were unreadable, more than --max-bad-frac 0.1"):
+        distill.main(parse(*argv, "--max-bad-frac", "0.1", "--out", str(tmp_path / "strict")))
+
+
 def test_distill_on_image_folder_writes_checkpoint_student_and_log(tmp_path):
     write_images(tmp_path / "flat", 16)
     out = tmp_path / "run"
@@ -1129,6 +1172,55 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
         distill.main(parse(*argv, "--student", "vit_tiny_patch8", "--out", str(tmp_path / "crashed")))
     with pytest.raises(ValueError, match="--batch-size 8 -> 4"):
         distill.main(parse(*argv, "--batch-size", "4", "--out", str(tmp_path / "crashed")))
+
+
+def test_sigkill_mid_epoch_then_the_same_command_gives_the_uninterrupted_weights(tmp_path):
+    import signal
+    import time
+    command = [sys.executable, str(REPO / "distill.py"), *MICRO, "--epochs", "2", "--save-every", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([*command, "--out", str(tmp_path / "straight")], check=True, capture_output=True, env=env)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*command, "--out", str(killed)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=env)
+    while not (killed / "checkpoint.pth").exists() and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)  # no chance to clean up: as a preempted job
+    assert process.wait() == -signal.SIGKILL
+    step = torch.load(killed / "checkpoint.pth", weights_only=True)["step"]
+    assert 3 <= step < 16 and step % 3 == 0  # killed mid-run; the checkpoint on disk is whole
+    subprocess.run([*command, "--out", str(killed)], check=True, capture_output=True, env=env)
+    straight = torch.load(tmp_path / "straight" / "student.pth", weights_only=True)["model"]
+    resumed = torch.load(killed / "student.pth", weights_only=True)["model"]
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_and_corrupt_files_are_reported(tmp_path, monkeypatch,
+                                                                                       capsys):
+    out = tmp_path / "run"
+    argv = [*MICRO, "--epochs", "1", "--save-every", "2", "--keep", "2", "--out", str(out)]
+    real_save, saves = torch.save, []
+
+    def disk_full_on_the_third_save(obj, f):
+        saves.append(1)
+        if len(saves) == 3:
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", disk_full_on_the_third_save)
+    with pytest.raises(OSError, match="No space left"):
+        distill.main(parse(*argv))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 2  # the previous one, whole
+    assert not list(out.glob("*.tmp"))
+    distill.main(parse(*argv[:-4], "--epochs", "2", "--save-every", "2", "--keep", "2", "--out", str(out)))
+    assert "resuming with changed settings: --epochs 1 -> 2" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-0000014.pth", "checkpoint-0000016.pth"]
+    (out / "checkpoint.pth").write_bytes((out / "checkpoint.pth").read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match=r"checkpoint.pth cannot be read .*the newest snapshot is "
+                                           r".*checkpoint-0000016.pth: copy it to"):
+        distill.main(parse(*argv[:-4], "--epochs", "3", "--out", str(out)))
 
 
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path, monkeypatch):
