@@ -1414,7 +1414,7 @@ def test_topk_counts_and_shards_cover_the_validation_set_once():
     assert hits.tolist() == [2.0, 3.0]
     assert finetune.topk_correct(logits[:, :3], torch.tensor([0, 1, 2, 2])).tolist() == [2.0, 4.0]  # k capped
     dataset = [(torch.tensor(i), i) for i in range(7)]
-    seen = [int(x) for rank in range(2) for batch, _ in finetune.val_loader(dataset, 2, 0, rank, 2) for x in batch]
+    seen = [int(x) for rank in range(2) for batch, _, _ in finetune.val_loader(dataset, 2, 0, rank, 2) for x in batch]
     assert sorted(seen) == list(range(7)) and len(seen) == 7  # 4 + 3: nothing padded or dropped
 
 
