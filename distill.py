@@ -75,36 +75,49 @@ def get_args_parser():
                                                 "images; the built-in synthetic dataset if not given")
     p.add_argument("--synthetic-images", type=int, default=2048, help="size of the built-in dataset")
     p.add_argument("--out", default="out/distill", help="output folder; rerunning in it resumes")
-    p.add_argument("--epochs", type=int, default=None, help="training length" + FROM_PRESET)
-    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup length" + FROM_PRESET)
-    p.add_argument("--batch-size", type=int, default=None, help="images per process per micro-step" + FROM_PRESET)
-    p.add_argument("--accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate per 512 images" + FROM_PRESET)
-    p.add_argument("--min-lr", type=float, default=None, help="final learning rate per 512 images" + FROM_PRESET)
-    p.add_argument("--warmup-lr", type=float, default=None, help="initial learning rate per 512 images" + FROM_PRESET)
+    add_schedule_flags(p, FROM_PRESET)
     p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases, norms, "
                    "LayerScale, class token, position tables)")
     p.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm")
     p.add_argument("--drop-path", type=float, default=None, help="student drop path rate" + FROM_PRESET)
     p.add_argument("--min-crop-scale", type=float, default=None, help="RandomResizedCrop min scale" + FROM_PRESET)
     p.add_argument("--img-size", type=int, default=None, help="crop size seen by teacher and student" + FROM_PRESET)
+    add_run_flags(p)
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the student's blocks: "
+                   "less memory (large students, large batches) for about a third more compute")
+    p.add_argument("--seed", type=int, default=0, help="seeds the student's init, the data order and augmentation")
+    return p
+
+
+def add_schedule_flags(p, unset):
+    """The length, batch and learning-rate flags of distill.py and finetune.py; `unset` says where
+    a flag left unset takes its value from."""
+    p.add_argument("--epochs", type=int, default=None, help="training length" + unset)
+    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup length" + unset)
+    p.add_argument("--batch-size", type=int, default=None, help="images per process per micro-step" + unset)
+    p.add_argument("--accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate per 512 images" + unset)
+    p.add_argument("--min-lr", type=float, default=None, help="final learning rate per 512 images" + unset)
+    p.add_argument("--warmup-lr", type=float, default=None, help="initial learning rate per 512 images" + unset)
+
+
+def add_run_flags(p):
+    """How a run of distill.py or finetune.py is carried out: data loading, checkpoints, logging,
+    precision, compilation, and when to give up."""
     p.add_argument("--workers", type=int, default=None,
                    help="data-loading processes per training process [up to 8, the CPU cores shared among "
                         "the processes of this machine]")
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps")
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps (fine-tuning: "
+                   "also after every epoch)")
     p.add_argument("--keep", type=int, default=0, help="also keep the last N checkpoints as OUT/checkpoint-STEP.pth")
     p.add_argument("--log-every", type=int, default=10, help="log every N optimizer steps")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
-    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the student's blocks: "
-                   "less memory (large students, large batches) for about a third more compute")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained model (and the teacher)")
     p.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many optimizer steps in a row "
                    "skipped for a non-finite loss or gradient")
     p.add_argument("--max-bad-frac", type=float, default=0.01, help="stop when more than this fraction of an "
                    "epoch's images are unreadable (they are skipped with a warning naming the file)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the student's init, the data order and augmentation")
-    return p
 
 
 def apply_preset(args):

@@ -30,11 +30,11 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from data import SeededTransform, SyntheticShapes, image_dataset, skip_unreadable, train_loader
-from distill import (TrainingLog, autocast_dtype, default_workers, git_hash, load_resume, lr_at, optimizer_step,
-                     param_groups, restore_rng, rng_states, save_atomic, save_checkpoint_files, set_lr,
-                     setup_distributed)
+from distill import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, default_workers, git_hash,
+                     load_resume, lr_at, optimizer_step, param_groups, restore_rng, rng_states, save_atomic,
+                     save_checkpoint_files, set_lr, setup_distributed)
 from models import (IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, load_model_file,
-                    load_pretrained, resize_grid, swin_shared_to_per_block)
+                    load_pretrained, read_checkpoint, resize_grid, swin_shared_to_per_block)
 
 # ----------------------------------------------------------------------------- presets
 # The official fine-tuning configs (PAPER.md §6, configs/finetune/*); lr, min_lr and warmup_lr are
@@ -82,13 +82,7 @@ def get_args_parser():
     p.add_argument("--synthetic-images", type=int, default=2048, help="training images of the built-in dataset")
     p.add_argument("--synthetic-val-images", type=int, default=500, help="validation images of the built-in dataset")
     p.add_argument("--out", default="out/finetune", help="output folder; rerunning in it resumes")
-    p.add_argument("--epochs", type=int, default=None, help="training length" + FROM_RECIPE)
-    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup length" + FROM_RECIPE)
-    p.add_argument("--batch-size", type=int, default=None, help="images per process per micro-step" + FROM_RECIPE)
-    p.add_argument("--accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate per 512 images" + FROM_RECIPE)
-    p.add_argument("--min-lr", type=float, default=None, help="final learning rate per 512 images" + FROM_RECIPE)
-    p.add_argument("--warmup-lr", type=float, default=None, help="initial learning rate per 512 images" + FROM_RECIPE)
+    add_schedule_flags(p, FROM_RECIPE)
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (not on biases, norms, "
                    "LayerScale, class token, position tables)" + FROM_RECIPE)
     p.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay: block i of L gets "
@@ -108,19 +102,7 @@ def get_args_parser():
     p.add_argument("--linear-probe", action="store_true", help="train only a BatchNorm + linear head on the frozen "
                    "encoder (SGD, see LINEAR_PROBE)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the classifier file given by --init and exit")
-    p.add_argument("--workers", type=int, default=None,
-                   help="data-loading processes per training process [up to 8, the CPU cores shared among "
-                        "the processes of this machine]")
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps, and every epoch")
-    p.add_argument("--keep", type=int, default=0, help="also keep the last N checkpoints as OUT/checkpoint-STEP.pth")
-    p.add_argument("--log-every", type=int, default=10, help="log every N optimizer steps")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training model")
-    p.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many optimizer steps in a row "
-                   "skipped for a non-finite loss or gradient")
-    p.add_argument("--max-bad-frac", type=float, default=0.01, help="stop when more than this fraction of an "
-                   "epoch's images are unreadable (they are skipped with a warning naming the file)")
+    add_run_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seeds the head's init, the data order and augmentation")
     return p
 
@@ -130,7 +112,10 @@ def recipe_of(init):
     if init is None or init in RECIPES:
         return init or DEFAULT_RECIPE
     if Path(init).is_file():  # mmap: reads the few plain-data keys, not the weights
-        state = torch.load(init, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(init, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # read_init reports what is wrong with the file
+            return "paper"
         teacher = state.get("teacher") or state.get("args", {}).get("teacher")  # a dict in distill's files
         name = state.get("recipe") or (teacher.get("name") if isinstance(teacher, dict) else teacher)
         return name if name in RECIPES else "paper"
@@ -207,7 +192,7 @@ def read_init(init, init_weights, img_size):
     """(arch, encoder state_dict, description) of what --init names."""
     path = Path(init)
     if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path)
         if isinstance(state, dict) and "student" in state and "arch" in state:
             return (state["arch"], state["student"],
                     f"the student of distillation checkpoint {path} (step {state['step']})")

@@ -736,10 +736,7 @@ def build_student(name, img_size, drop_path=0.0):
 def load_model_file(path):
     """Rebuild a model from a file this project wrote ({'arch': ..., 'model': state_dict}), such as
     a distilled `student.pth`. Loads with weights_only=True and strictly."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path)
     if not isinstance(state, dict) or "arch" not in state or "model" not in state:
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: not a model file written by this project (expected the keys "
@@ -1083,7 +1080,7 @@ def load_pretrained(name, weights=None, img_size=None, grid=None):
         else:
             raise ValueError(f"--teacher {name} has no fixed architecture: give a weights file")
     elif weights not in (None, "random"):
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = read_checkpoint(weights)
         if not (isinstance(state, dict) and "arch" in state):
             raise ValueError(f"{weights}: not a model file of this project; for a published checkpoint name its "
                              f"layout with --teacher ({', '.join(TEACHERS)})")

@@ -1279,6 +1279,27 @@ def test_torchrun_two_cpu_ranks_with_accumulation_hold_identical_weights(tmp_pat
     assert not torch.equal(rank0["blocks.0.attn.qkv.weight"], start.state_dict()["blocks.0.attn.qkv.weight"])
 
 
+def test_a_rank_that_dies_takes_the_job_down_instead_of_hanging(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import distill\n"
+        "real_step, calls = distill.optimizer_step, []\n"
+        "def failing_step(*args, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    if os.environ['RANK'] == '1' and len(calls) == 2:\n"
+        "        raise RuntimeError('simulated failure on rank 1')\n"
+        "    return real_step(*args, **kwargs)\n"
+        "distill.optimizer_step = failing_step\n"
+        "distill.main(distill.get_args_parser().parse_args(sys.argv[1:]))\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+           str(driver), *MICRO, "--batch-size", "4", "--epochs", "1", "--out", str(tmp_path / "run")]
+    result = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=180)  # rank 0 waits in an all-reduce: torchrun must end it
+    assert result.returncode != 0 and "simulated failure on rank 1" in result.stderr
+
+
 # ----------------------------------------------------------------------------- finetune.py
 FT_MICRO = ["--recipe", "vit_tiny_patch16", "--model", "vit_micro_patch8", "--img-size", "32", "--synthetic-images",
             "64", "--synthetic-val-images", "25", "--batch-size", "8", "--workers", "0", "--log-every", "1",
@@ -1494,6 +1515,10 @@ def test_loading_errors_list_missing_and_unexpected_keys(distilled, tmp_path):
         finetune.main(ft_parse(*FT_MICRO, "--init", "missing.pth", "--out", str(tmp_path / "c")))
     with pytest.raises(ValueError, match="holds an encoder without a head"):
         finetune.main(ft_parse(*FT_MICRO, "--eval-only", "--init", str(distilled / "student.pth")))
+    data = (distilled / "student.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.pth: not a readable checkpoint, probably truncated"):
+        finetune.main(ft_parse(*FT_MICRO, "--init", str(tmp_path / "truncated.pth"), "--out", str(tmp_path / "d")))
 
 
 def test_linear_probe_trains_only_the_head(distilled, tmp_path):
