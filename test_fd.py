@@ -1055,6 +1055,9 @@ def test_image_folders_and_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="--data .*no images"):
         image_dataset(tmp_path / "empty")
+    (tmp_path / "empty_classes" / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match="--data .*empty_classes: Found no valid file for the classes cat"):
+        image_dataset(tmp_path / "empty_classes")
 
 
 # ----------------------------------------------------------------------------- end to end
