@@ -34,7 +34,8 @@ from distill import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dt
                      load_resume, lr_at, optimizer_step, param_groups, restore_rng, rng_states, save_atomic,
                      save_checkpoint_files, set_lr, setup_distributed)
 from models import (IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, load_model_file,
-                    load_pretrained, read_checkpoint, resize_grid, swin_shared_to_per_block)
+                    load_pretrained, read_checkpoint, resize_grid, resize_pos_embed,
+                    swin_shared_to_per_block)
 
 # ----------------------------------------------------------------------------- presets
 # The official fine-tuning configs (PAPER.md §6, configs/finetune/*); lr, min_lr and warmup_lr are
@@ -152,12 +153,6 @@ def resize_rel_pos_table(table, old_grid, new_grid):
     resamples with scipy's interp2d; we use the project's one bicubic resampler on a uniform grid."""
     offsets = [(2 * h - 1, 2 * w - 1) for h, w in (old_grid, new_grid)]
     return torch.cat([resize_grid(table[:-3], *offsets), table[-3:]])
-
-
-def resize_pos_embed(pos_embed, old_grid, new_grid):
-    """Absolute position embeddings (1, 1+N, C) resampled to another grid, the class token's kept."""
-    patches = resize_grid(pos_embed[0, 1:], old_grid, new_grid)
-    return torch.cat([pos_embed[:, :1], patches[None]], dim=1)
 
 
 def finetuning_arch(arch, img_size, drop_path):

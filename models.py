@@ -92,6 +92,12 @@ def resize_grid(values, old_grid, new_grid):
     return rearrange(grid, "1 c h w -> (h w) c").to(values.dtype)
 
 
+def resize_pos_embed(pos_embed, old_grid, new_grid):
+    """Absolute position embeddings (1, 1+N, C) resampled to another grid, the class token's kept."""
+    patches = resize_grid(pos_embed[0, 1:], old_grid, new_grid)
+    return torch.cat([pos_embed[:, :1], patches[None]], dim=1)
+
+
 class RelativePositionBias(nn.Module):
     """A learned bias per head and relative offset, added to the attention logits (BEiT layout).
     The student shares one of these across all blocks during distillation (PAPER.md §1.3)."""
@@ -1100,8 +1106,7 @@ def load_pretrained(name, weights=None, img_size=None, grid=None):
     if img_size and img_size != arch["img_size"] and resizable:
         if state is not None:
             old_grid, new_grid = (arch["img_size"] // arch["patch_size"],) * 2, (img_size // arch["patch_size"],) * 2
-            pos = state["pos_embed"][0]
-            state["pos_embed"] = torch.cat([pos[:1], resize_grid(pos[1:], old_grid, new_grid)])[None]
+            state["pos_embed"] = resize_pos_embed(state["pos_embed"], old_grid, new_grid)
         arch["img_size"] = img_size
     with torch.random.fork_rng(devices=[]):  # the same random weights on every process
         torch.manual_seed(0)

@@ -1363,8 +1363,8 @@ def test_relative_position_table_resized_bicubically_keeping_class_rows():
 
 def test_absolute_position_embedding_resized_keeping_the_class_token():
     pos_embed = torch.randn(1, 1 + 4 * 4, 8)
-    assert torch.equal(finetune.resize_pos_embed(pos_embed, (4, 4), (4, 4)), pos_embed)
-    resized = finetune.resize_pos_embed(pos_embed, (4, 4), (6, 6))
+    assert torch.equal(models.resize_pos_embed(pos_embed, (4, 4), (4, 4)), pos_embed)
+    resized = models.resize_pos_embed(pos_embed, (4, 4), (6, 6))
     assert resized.shape == (1, 1 + 36, 8) and torch.equal(resized[:, 0], pos_embed[:, 0])
     image = pos_embed[0, 1:].T.reshape(1, 8, 4, 4)
     expected = F.interpolate(image, size=(6, 6), mode="bicubic", align_corners=False).reshape(8, 36).T
