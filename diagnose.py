@@ -268,7 +268,7 @@ def run_attention(model, images, batch_size, renorm, keep_layers, desc=""):
         for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
             x = images[start:start + batch_size]
             tokens, attns = encoder(x, return_attn=True)
-            features.append(tokens[:, prefix:].mean(1))
+            features.append(tokens[:, encoder.num_prefix_tokens:].mean(1))  # the output has no registers
             sums = sums or [dict(n=0, distance=0, prefix=0, cosine=0, kl=0, maps=0) for _ in attns]
             for s, attn in zip(sums, attns):
                 s["grid"], s["pixels"] = token_layout(attn, len(x), prefix, images.shape[-1])
@@ -319,13 +319,14 @@ def landscape(model, images, labels, alphas, seeds, batch_size, plane=None, desc
 
 
 # ----------------------------------------------------------------------------- figures
-def panels(count, width, height, rows=1):
-    """A figure of rows x count panels, each width x height inches; the axes of its first row."""
+def panels(count, width, height, rows=None):
+    """A figure of rows x count panels, each width x height inches: its grid of axes, or with
+    rows=None one row of count panels and that row's axes."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(rows, count, figsize=(width * count, height * rows), squeeze=False)
-    return plt, fig, axes[0] if rows == 1 else axes
+    fig, axes = plt.subplots(rows or 1, count, figsize=(width * count, height * (rows or 1)), squeeze=False)
+    return plt, fig, axes[0] if rows is None else axes
 
 
 def save(plt, fig, path, dpi):

@@ -364,10 +364,11 @@ class TrainingLog:
     images left out. Skipped steps change no weight; `max_nonfinite` of them in a row stop the run,
     the last checkpoint intact. More than `max_bad_frac` unreadable images in an epoch stop it too."""
 
-    def __init__(self, path, device, world_size, is_main, max_nonfinite, max_bad_frac, checkpoint):
+    def __init__(self, path, device, world_size, is_main, max_nonfinite, max_bad_frac, images_per_epoch, checkpoint):
         self.path, self.device, self.world_size, self.is_main = path, device, world_size, is_main
         self.max_nonfinite, self.max_bad_frac, self.checkpoint = max_nonfinite, max_bad_frac, checkpoint
-        self.in_a_row, self.epoch, self.epoch_bad, self.epoch_seen = 0, None, 0, 0
+        self.images_per_epoch = images_per_epoch
+        self.in_a_row, self.epoch, self.epoch_bad = 0, None, 0
         self.reset()
 
     def reset(self):
@@ -395,11 +396,12 @@ class TrainingLog:
         loss, bad = totals[0].item() / self.world_size, int(totals[1].item())
         seen = (self.steps + self.skipped) * images_per_step
         if epoch != self.epoch:
-            self.epoch, self.epoch_bad, self.epoch_seen = epoch, 0, 0
-        self.epoch_bad, self.epoch_seen = self.epoch_bad + bad, self.epoch_seen + seen
-        if self.epoch_bad > self.max_bad_frac * self.epoch_seen:
-            raise RuntimeError(f"epoch {epoch}: {self.epoch_bad} of {self.epoch_seen} images were unreadable, more "
-                               f"than --max-bad-frac {self.max_bad_frac}: the warnings name them; fix or remove them")
+            self.epoch, self.epoch_bad = epoch, 0
+        self.epoch_bad += bad
+        if self.epoch_bad > self.max_bad_frac * self.images_per_epoch:
+            raise RuntimeError(f"epoch {epoch}: {self.epoch_bad} of its {self.images_per_epoch} images were unreadable, "
+                               f"more than --max-bad-frac {self.max_bad_frac}: the warnings name them; fix or remove "
+                               f"them")
         record = dict(fields, epoch=epoch, loss=loss if self.steps else None, skipped=self.skipped, bad_images=bad,
                       img_per_s=seen / (time.perf_counter() - self.start))
         if self.is_main:
@@ -535,7 +537,8 @@ def main(args):
               f"(raise --epochs or use a new --out)")
 
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
-    log = TrainingLog(out / "log.jsonl", device, world_size, is_main, args.max_nonfinite, args.max_bad_frac, checkpoint)
+    log = TrainingLog(out / "log.jsonl", device, world_size, is_main, args.max_nonfinite, args.max_bad_frac,
+                      steps_per_epoch * global_batch, checkpoint)
     train_model.train()
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)

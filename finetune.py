@@ -34,7 +34,7 @@ from distill import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dt
                      load_resume, lr_at, optimizer_step, param_groups, restore_rng, rng_states, save_atomic,
                      save_checkpoint_files, set_lr, setup_distributed)
 from models import (IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, load_model_file,
-                    load_pretrained, read_checkpoint, resize_grid, resize_pos_embed,
+                    load_pretrained, read_encoder_file, resize_grid, resize_pos_embed,
                     swin_shared_to_per_block)
 
 # ----------------------------------------------------------------------------- presets
@@ -166,11 +166,20 @@ def finetuning_arch(arch, img_size, drop_path):
 def encoder_for_finetuning(state, arch, img_size):
     """Encoder weights of an `arch` model made ready for Classifier(finetuning_arch(...)) at img_size:
     no final norm (the classifier pools before it), per-block relative position tables, position
-    tables resized to the new grid. A Swin's position bias depends on its window, not on the image
-    size: SwinV2's per-stage MLP is only copied into the blocks."""
+    tables resized to the new grid. A Swin's position bias follows its windows: SwinV2's per-stage
+    MLP (a function of the offset) is copied into the blocks; Swin V1's tables are resized where a
+    stage's window changes, as it does where the window was clipped to a small map."""
     state = {k: v for k, v in state.items() if k not in ("norm.weight", "norm.bias")}
     if "depths" in arch:
-        return swin_shared_to_per_block(state) if arch["position_bias"] == "shared" else state
+        if arch["position_bias"] == "shared":
+            return swin_shared_to_per_block(state)
+        for key in state:
+            if key.endswith("relative_position_bias_table"):
+                stage = int(key.split(".")[1])
+                old, new = (min(arch["window_size"], size // arch["patch_size"] // 2 ** stage)
+                            for size in (arch["img_size"], img_size))
+                state[key] = resize_grid(state[key], (2 * old - 1,) * 2, (2 * new - 1,) * 2)
+        return state
     old_grid = (arch["img_size"] // arch["patch_size"],) * 2
     new_grid = (img_size // arch["patch_size"],) * 2
     if "rel_pos_bias.relative_position_bias_table" in state:
@@ -187,18 +196,7 @@ def read_init(init, init_weights, img_size):
     """(arch, encoder state_dict, description) of what --init names."""
     path = Path(init)
     if path.is_file():
-        state = read_checkpoint(path)
-        if isinstance(state, dict) and "student" in state and "arch" in state:
-            return (state["arch"], state["student"],
-                    f"the student of distillation checkpoint {path} (step {state['step']})")
-        if isinstance(state, dict) and "arch" in state and "model" in state:
-            if "encoder" in state["arch"]:  # a fine-tuned classifier: its encoder, without the old head
-                encoder = {k.removeprefix("encoder."): v for k, v in state["model"].items() if k.startswith("encoder.")}
-                return state["arch"]["encoder"], encoder, f"the encoder of classifier {path}"
-            return state["arch"], state["model"], f"model file {path}"
-        found = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"--init {path}: expected a model file ('arch', 'model') or a distillation checkpoint "
-                         f"('arch', 'student'), found {found}")
+        return read_encoder_file(path)
     if path.suffix in (".pth", ".pt") or os.sep in init:
         raise FileNotFoundError(f"--init {init}: no such file")
     encoder = load_pretrained(init, init_weights, img_size)
@@ -451,9 +449,9 @@ def main(args):
         torch.manual_seed(args.seed + rank)  # each rank its own drop path and mixup draws
 
     train_model = model
-    if world_size > 1:  # the linear probe's BatchNorm statistics follow rank 0's so every rank evaluates the same
+    if world_size > 1:
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              broadcast_buffers=args.linear_probe)
+                                              broadcast_buffers=False)
     if args.compile:
         train_model = torch.compile(train_model)
     mixer = mixup_cutmix(args, num_classes)
@@ -486,7 +484,8 @@ def main(args):
 
     start = time.perf_counter()
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
-    log = TrainingLog(out / "log.jsonl", device, world_size, is_main, args.max_nonfinite, args.max_bad_frac, checkpoint)
+    log = TrainingLog(out / "log.jsonl", device, world_size, is_main, args.max_nonfinite, args.max_bad_frac,
+                      steps_per_epoch * global_batch, checkpoint)
     metrics = None
     train_model.train()
     if args.linear_probe:
@@ -512,6 +511,10 @@ def main(args):
                 record = log.write(global_batch, step=step, epoch=epoch, lr=lr)
                 progress.set_postfix(loss=record["loss"], lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.1f}")
             if is_epoch_end:
+                if args.linear_probe and world_size > 1:  # the probe's BatchNorm statistics, averaged over
+                    for buffer in (model.fc_norm.running_mean, model.fc_norm.running_var):  # the ranks' data
+                        dist.all_reduce(buffer)
+                        buffer /= world_size
                 metrics = evaluate(model, val, device, autocast, world_size)
                 if args.linear_probe:
                     model.encoder.eval()

@@ -752,6 +752,24 @@ def load_model_file(path):
     return model
 
 
+def read_encoder_file(path):
+    """(arch, state dict, description) of the encoder in a file this project wrote: a model file
+    (a distilled student.pth; a fine-tuned Classifier, whose encoder is taken without its head)
+    or a distillation checkpoint.pth (its student)."""
+    state = read_checkpoint(path)
+    if isinstance(state, dict) and "arch" in state and "student" in state:
+        return state["arch"], state["student"], f"the student of distillation checkpoint {path} (step {state['step']})"
+    if isinstance(state, dict) and "arch" in state and "model" in state:
+        if "encoder" in state["arch"]:
+            encoder = {k.removeprefix("encoder."): v for k, v in state["model"].items() if k.startswith("encoder.")}
+            return state["arch"]["encoder"], encoder, f"the encoder of classifier {path}"
+        return state["arch"], state["model"], f"model file {path}"
+    found = sorted(state) if isinstance(state, dict) else type(state).__name__
+    raise ValueError(f"{path}: expected a model file of this project ('arch', 'model') or a distillation "
+                     f"checkpoint ('arch', 'student'), found {found}; for a published checkpoint name its layout "
+                     f"with --teacher ({', '.join(TEACHERS)})")
+
+
 def build_from_arch(arch):
     """The model described by an `arch` dict saved with its weights (an encoder or a Classifier)."""
     if "encoder" in arch:
@@ -866,15 +884,23 @@ CONVERTERS = {"openai_clip": convert_openai_clip, "timm": convert_timm, "torchvi
               "esvit": esvit_to_swin}
 
 
+# No tensor shape gives the number of heads. Published ViTs use 64 channels per head, except
+# these widths (ViT-H/14, ViT-g/14, ViT-bigG/14: 16 heads each).
+HEADS_BY_WIDTH = {1280: 16, 1408: 16, 1664: 16}
+
+
 def infer_vit_arch(state, act="gelu"):
     """The architecture of a converted ViT state dict, from its tensor shapes."""
     embed_dim = state["cls_token"].shape[-1]
+    num_heads = HEADS_BY_WIDTH.get(embed_dim) or embed_dim // 64
+    if embed_dim not in HEADS_BY_WIDTH and embed_dim % 64:
+        raise ValueError(f"a ViT of width {embed_dim}: its number of heads is unknown (not 64 channels per head)")
     patch_size = state["patch_embed.weight"].shape[-1]
     grid = math.isqrt(state["pos_embed"].shape[1] - 1)
     clip_like = "norm_pre.weight" in state  # CLIP towers: LayerNorm eps 1e-5 and CLIP statistics
     stats = dict(mean=CLIP_MEAN, std=CLIP_STD) if clip_like else {}
     return dict(img_size=grid * patch_size, patch_size=patch_size, embed_dim=embed_dim,
-                depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}), num_heads=embed_dim // 64,
+                depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}), num_heads=num_heads,
                 mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim, rel_pos=None, abs_pos=True,
                 qv_bias=False, layer_scale=1.0 if "blocks.0.gamma_1" in state else None,
                 norm_eps=1e-5 if clip_like else 1e-6, act=act, norm_pre=clip_like,
@@ -1066,7 +1092,7 @@ def load_pretrained(name, weights=None, img_size=None, grid=None):
     `img_size`, or `grid` (tokens per side), sets the input resolution: absolute position
     embeddings are resized bicubically when it differs from the checkpoint's.
     """
-    source = name
+    source, final_norm = name, True
     if name in TEACHERS:
         spec = TEACHERS[name]
         state = None
@@ -1086,11 +1112,9 @@ def load_pretrained(name, weights=None, img_size=None, grid=None):
         else:
             raise ValueError(f"--teacher {name} has no fixed architecture: give a weights file")
     elif weights not in (None, "random"):
-        state = read_checkpoint(weights)
-        if not (isinstance(state, dict) and "arch" in state):
-            raise ValueError(f"{weights}: not a model file of this project; for a published checkpoint name its "
-                             f"layout with --teacher ({', '.join(TEACHERS)})")
-        arch, state, source = state["arch"], state["model"], str(weights)
+        arch, state, _ = read_encoder_file(weights)
+        source = str(weights)
+        final_norm = any(k.startswith("norm.") for k in state)  # a fine-tuned classifier pools before any
     else:  # a plain ViT of a named size, random weights
         try:
             arch, state = teacher_arch(*parse_vit_name(name)), None
@@ -1111,6 +1135,8 @@ def load_pretrained(name, weights=None, img_size=None, grid=None):
     with torch.random.fork_rng(devices=[]):  # the same random weights on every process
         torch.manual_seed(0)
         model = build_from_arch(arch)
+    if not final_norm:  # the encoder of a fine-tuned classifier: its tokens are used as they come
+        model.norm = nn.Identity()
     if state is not None:
         load_strict(model, state, source)
     model.source = source

@@ -27,9 +27,10 @@ import distill
 import finetune
 import models
 from data import SeededTransform, SyntheticShapes, fd_transform, image_dataset
-from models import (SWIN_SIZES, Attention, Classifier, SwinTransformer, VisionTransformer, build_student, esvit_to_swin,
-                    load_model_file, load_pretrained, load_teacher, log_spaced_offsets, relative_position_index, swin_shared_to_per_block,
-                    window_partition, window_position_index, window_reverse)
+from models import (Attention, Classifier, SWIN_SIZES, SwinTransformer, VisionTransformer, build_from_arch,
+                    build_student, esvit_to_swin, load_model_file, load_pretrained, load_teacher, log_spaced_offsets,
+                    relative_position_index, swin_shared_to_per_block, window_partition, window_position_index,
+                    window_reverse)
 
 REPO = Path(__file__).resolve().parent
 MICRO = ["--teacher", "vit_micro_patch8", "--student", "vit_micro_patch8", "--img-size", "32",
@@ -1100,7 +1101,7 @@ def test_odd_images_load_and_unreadable_ones_are_skipped_counted_and_bounded(tmp
     with pytest.warns(UserWarning, match="skipping an unreadable image: .*(truncated|empty|notes)"):
         distill.main(parse(*argv, "--max-bad-frac", "0.5", "--out", str(tmp_path / "run")))
     assert sum(r["bad_images"] for r in read_log(tmp_path / "run")) == 3  # 5 batches of 4: every file drawn
-    with pytest.raises(RuntimeError, match=r"epoch 0: 3 of 20 images were unreadable, more than --max-bad-frac 0.1"):
+    with pytest.raises(RuntimeError, match=r"epoch 0: 3 of its 20 images were unreadable, more than --max-bad-frac 0.1"):
         distill.main(parse(*argv, "--max-bad-frac", "0.1", "--out", str(tmp_path / "strict")))
 
 
@@ -1615,6 +1616,35 @@ def test_torchrun_two_ranks_evaluate_an_uneven_val_set_like_one_process(tmp_path
     assert logged[0]["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
+def test_swin_v1_tables_follow_a_window_that_grows_with_the_image():
+    torch.manual_seed(0)
+    teacher = SwinTransformer(version=1, img_size=32, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=8,
+                              position_bias="per_block")  # stage maps 8 and 4: the second window clipped to 4
+    state = finetune.encoder_for_finetuning(teacher.state_dict(), teacher.arch, 64)  # maps 16 and 8: windows 8, 8
+    model = build_from_arch(finetune.finetuning_arch(teacher.arch, 64, 0.0))
+    model.load_state_dict(dict(state, **{k: v for k, v in model.state_dict().items() if k.startswith("norm.")}))
+    table = teacher.state_dict()["layers.1.blocks.0.attn.relative_position_bias_table"]  # (7 x 7, heads)
+    expected = F.interpolate(table.T.reshape(1, 2, 7, 7), size=(15, 15), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(state["layers.1.blocks.0.attn.relative_position_bias_table"],
+                               expected.reshape(2, 225).T)
+    assert torch.equal(state["layers.0.blocks.0.attn.relative_position_bias_table"],
+                       teacher.state_dict()["layers.0.blocks.0.attn.relative_position_bias_table"])
+
+
+def test_encoders_of_classifiers_and_checkpoints_serve_as_teachers(distilled, tmp_path):
+    student = load_model_file(distilled / "student.pth").eval()
+    classifier = Classifier(load_model_file(distilled / "student.pth"), 10)
+    torch.save({"arch": classifier.arch, "model": classifier.state_dict()}, tmp_path / "classifier.pth")
+    images = torch.rand(2, 3, 32, 32)
+    from_checkpoint = load_teacher("mine", distilled / "checkpoint.pth", grid=4)
+    torch.testing.assert_close(from_checkpoint(images), student(images))
+    from_classifier = load_teacher("mine", tmp_path / "classifier.pth", grid=4)
+    torch.testing.assert_close(from_classifier.encoder.forward_features(images), student.forward_features(images))
+    assert models.infer_vit_arch(models.convert_timm(timm_layout(1280, 1, 14, 2, make=meta)))["num_heads"] == 16
+    with pytest.raises(ValueError, match="width 100: its number of heads is unknown"):
+        models.infer_vit_arch(models.convert_timm(timm_layout(100, 1, 14, 2, make=meta)))
+
+
 def test_swin_student_finetunes_with_per_block_bias_and_layer_decay_per_block(tmp_path):
     torch.manual_seed(0)
     student = build_student("swinv2_micro_window4", 32).eval()  # depths (2, 2), one bias MLP per stage
@@ -1770,6 +1800,19 @@ def test_linear_head_fit_is_deterministic_and_folds_the_standardisation():
     again = diagnose.fit_linear_head(features, labels, 3)
     assert torch.equal(head.weight, again.weight) and torch.equal(head.bias, again.bias)
     assert F.cross_entropy(head(features), labels) < math.log(3)
+
+
+def test_diagnose_one_model_with_registers(tmp_path):
+    torch.manual_seed(0)
+    encoder = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, rel_pos=None,
+                                abs_pos=True, qv_bias=False, layer_scale=None, num_registers=2)
+    torch.save({"arch": encoder.arch, "model": encoder.state_dict()}, tmp_path / "reg.pth")
+    diagnose.main(diagnose.get_args_parser().parse_args([
+        "--model", str(tmp_path / "reg.pth"), "--images", "8", "--tools", "maps,distance", "--dpi", "30",
+        "--out", str(tmp_path / "figures")]))
+    assert (tmp_path / "figures" / "attn_maps_L1.png").exists()
+    distance = json.loads((tmp_path / "figures" / "attn_distance.json").read_text())["models"]
+    assert len(distance[str(tmp_path / "reg")]["distance_tokens"][0]) == 2  # a 4x4 grid after 1 + 2 prefix tokens
 
 
 def test_diagnose_main_writes_every_json_and_png(tmp_path):
