@@ -35,7 +35,7 @@ from distill import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dt
                      save_checkpoint_files, set_lr, setup_distributed)
 from models import (IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, load_model_file,
                     load_pretrained, read_encoder_file, resize_grid, resize_pos_embed,
-                    swin_shared_to_per_block)
+                    swin_shared_to_per_block, swin_stage_windows)
 
 # ----------------------------------------------------------------------------- presets
 # The official fine-tuning configs (PAPER.md §6, configs/finetune/*); lr, min_lr and warmup_lr are
@@ -158,8 +158,10 @@ def resize_rel_pos_table(table, old_grid, new_grid):
 def finetuning_arch(arch, img_size, drop_path):
     """The encoder's arch as fine-tuned: at img_size, with the recipe's drop path and a position
     bias of its own in every block."""
-    if "depths" in arch:  # Swin
-        return dict(arch, img_size=img_size, drop_path=drop_path, position_bias="per_block")
+    if "depths" in arch:  # Swin; V2 keeps the offset scale of the windows it was trained with
+        windows = arch.get("pretrained_windows") or swin_stage_windows(arch)
+        return dict(arch, img_size=img_size, drop_path=drop_path, position_bias="per_block",
+                    pretrained_windows=windows if arch["version"] == 2 else None)
     return dict(arch, img_size=img_size, drop_path=drop_path, rel_pos="per_block" if arch.get("rel_pos") else None)
 
 
@@ -173,11 +175,10 @@ def encoder_for_finetuning(state, arch, img_size):
     if "depths" in arch:
         if arch["position_bias"] == "shared":
             return swin_shared_to_per_block(state)
+        old_windows, new_windows = swin_stage_windows(arch), swin_stage_windows(arch, img_size)
         for key in state:
             if key.endswith("relative_position_bias_table"):
-                stage = int(key.split(".")[1])
-                old, new = (min(arch["window_size"], size // arch["patch_size"] // 2 ** stage)
-                            for size in (arch["img_size"], img_size))
+                old, new = old_windows[int(key.split(".")[1])], new_windows[int(key.split(".")[1])]
                 state[key] = resize_grid(state[key], (2 * old - 1,) * 2, (2 * new - 1,) * 2)
         return state
     old_grid = (arch["img_size"] // arch["patch_size"],) * 2

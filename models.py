@@ -356,11 +356,13 @@ def window_position_index(window):
     return relative_position_index(window, window)[1:, 1:]
 
 
-def log_spaced_offsets(window):
+def log_spaced_offsets(window, scale_window=None):
     """((2w-1)^2, 2) input of V2's position-bias MLP, rows in the order of window_position_index:
     each (row, column) offset scaled to [-8, 8], then sign(x) * log2(1 + |x|) / 3, so that a
-    model can move to larger windows with little extrapolation (SwinV2 §3.3, 'norm8_log')."""
-    steps = torch.arange(-(window - 1), window, dtype=torch.float32) * 8 / max(window - 1, 1)
+    model can move to larger windows with little extrapolation (SwinV2 §3.3, 'norm8_log').
+    A model moved to larger windows keeps the scale of the window it was trained with
+    (`scale_window`, the official `pretrained_window_size`): the same offset, the same input."""
+    steps = torch.arange(-(window - 1), window, dtype=torch.float32) * 8 / max((scale_window or window) - 1, 1)
     offsets = torch.stack(torch.meshgrid(steps, steps, indexing="ij"), dim=-1).reshape(-1, 2)
     return torch.sign(offsets) * torch.log2(offsets.abs() + 1.0) / math.log2(8)
 
@@ -369,12 +371,12 @@ class ContinuousPositionBias(nn.Module):
     """V2's relative position bias: an MLP (2 -> 512 -> heads) of the log-spaced offset, bounded
     by 16 * sigmoid. Lives in the stage (shared by its blocks) or in every block."""
 
-    def __init__(self, window, num_heads, hidden_dim=512):
+    def __init__(self, window, num_heads, scale_window=None, hidden_dim=512):
         super().__init__()
         self.rpe_mlp = nn.Sequential(nn.Linear(2, hidden_dim), nn.ReLU(inplace=True),
                                      nn.Linear(hidden_dim, num_heads, bias=False))
         # Both follow from the window size, so neither enters a checkpoint.
-        self.register_buffer("relative_coords_table", log_spaced_offsets(window), persistent=False)
+        self.register_buffer("relative_coords_table", log_spaced_offsets(window, scale_window), persistent=False)
         self.register_buffer("relative_position_index", window_position_index(window), persistent=False)
 
     def forward(self):
@@ -444,7 +446,7 @@ class SwinBlock(nn.Module):
     V2 normalises its output (res-post-norm), which keeps deep, wide models stable (SwinV2 §3.1)."""
 
     def __init__(self, dim, num_heads, resolution, window, shift, version, drop_path, norm_eps,
-                 own_position_bias):
+                 own_position_bias, scale_window=None):
         super().__init__()
         self.window, self.shift, self.post_norm = window, shift, version == 2
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
@@ -452,7 +454,7 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, 4 * dim)
         self.drop_path = DropPath(drop_path)
-        self.rel_pos_bias = ContinuousPositionBias(window, num_heads) if own_position_bias else None
+        self.rel_pos_bias = ContinuousPositionBias(window, num_heads, scale_window) if own_position_bias else None
         mask = shifted_window_mask(*resolution, window, shift) if shift else None
         self.register_buffer("attn_mask", mask, persistent=False)  # EsViT saves none either
 
@@ -507,23 +509,22 @@ class SwinStage(nn.Module):
     grad_checkpointing = False  # see set_grad_checkpointing
 
     def __init__(self, dim, depth, num_heads, resolution, window, version, drop_rates, norm_eps,
-                 position_bias, downsample):
+                 position_bias, downsample, scale_window=None):
         super().__init__()
-        if min(resolution) <= window:
-            window, shift = min(resolution), 0
-        else:
-            window, shift = window, window // 2
+        window = min(window, *resolution)
+        shift = 0 if window == min(resolution) else window // 2
         if resolution[0] % window or resolution[1] % window:
             raise ValueError(f"a {resolution[0]}x{resolution[1]} map does not split into "
                              f"{window}x{window} windows")
         self.window = window
         self.blocks = nn.ModuleList([
             SwinBlock(dim, num_heads, resolution, window, shift if j % 2 else 0, version, drop_rates[j],
-                      norm_eps, own_position_bias=version == 2 and position_bias == "per_block")
+                      norm_eps, own_position_bias=version == 2 and position_bias == "per_block",
+                      scale_window=scale_window)
             for j in range(depth)])
         self.downsample = PatchMerging(dim, version, norm_eps) if downsample else None
         shared = version == 2 and position_bias == "shared"
-        self.rel_pos_bias = ContinuousPositionBias(window, num_heads) if shared else None
+        self.rel_pos_bias = ContinuousPositionBias(window, num_heads, scale_window) if shared else None
 
     def forward(self, x, return_attn=False):
         # The shared bias is computed once per stage and forward, not once per block.
@@ -547,7 +548,7 @@ class SwinTransformer(nn.Module):
 
     def __init__(self, version=2, img_size=224, patch_size=4, embed_dim=128, depths=(2, 2, 18, 2),
                  num_heads=(4, 8, 16, 32), window_size=14, position_bias="shared", drop_path=0.0,
-                 norm_eps=1e-5, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 norm_eps=1e-5, mean=IMAGENET_MEAN, std=IMAGENET_STD, pretrained_windows=None):
         super().__init__()
         if version not in (1, 2):
             raise ValueError(f"Swin version must be 1 or 2, not {version!r}")
@@ -561,7 +562,7 @@ class SwinTransformer(nn.Module):
         self.arch = dict(version=version, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
                          depths=list(depths), num_heads=list(num_heads), window_size=window_size,
                          position_bias=position_bias, drop_path=drop_path, norm_eps=norm_eps,
-                         mean=list(mean), std=list(std))
+                         mean=list(mean), std=list(std), pretrained_windows=pretrained_windows)
         self.img_size = img_size
         self.embed_dim = embed_dim * 2 ** (num_stages - 1)  # the width of the output tokens
         side = img_size // patch_size // 2 ** (num_stages - 1)
@@ -578,7 +579,8 @@ class SwinTransformer(nn.Module):
             first = sum(depths[:i])
             self.layers.append(SwinStage(
                 embed_dim * 2 ** i, depth, num_heads[i], resolution, window_size, version,
-                drop_rates[first:first + depth], norm_eps, position_bias, downsample=i < num_stages - 1))
+                drop_rates[first:first + depth], norm_eps, position_bias, downsample=i < num_stages - 1,
+                scale_window=pretrained_windows[i] if pretrained_windows else None))
         self.norm = nn.LayerNorm(self.embed_dim, eps=norm_eps)
         self._init_weights(version)
 
@@ -648,6 +650,13 @@ def swin_arch(name, img_size=224, drop_path=0.0):
                 num_heads=list(num_heads), window_size=int(match[3]),
                 position_bias="shared" if version == 2 else "per_block", drop_path=drop_path,
                 norm_eps=1e-5 if version == 2 else 1e-6, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+
+
+def swin_stage_windows(arch, img_size=None):
+    """The window of every stage of a Swin `arch` at img_size (its own by default): the arch's
+    window, clipped to a stage's map when the map is smaller."""
+    side = (img_size or arch["img_size"]) // arch["patch_size"]
+    return [min(arch["window_size"], side // 2 ** i) for i in range(len(arch["depths"]))]
 
 
 def swin_shared_to_per_block(state_dict):

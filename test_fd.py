@@ -1631,6 +1631,17 @@ def test_swin_v1_tables_follow_a_window_that_grows_with_the_image():
                        teacher.state_dict()["layers.0.blocks.0.attn.relative_position_bias_table"])
 
 
+def test_swinv2_keeps_its_offset_scale_when_its_window_grows():
+    student = build_student("swinv2_micro_window8", 32)  # stage windows 8 and 4 (clipped to the 4x4 map)
+    arch = finetune.finetuning_arch(student.arch, 64, 0.0)  # at 64 px: windows 8 and 8
+    model = build_from_arch(arch)
+    assert arch["pretrained_windows"] == [8, 4] and model.layers[1].window == 8
+    grown = model.layers[1].blocks[0].rel_pos_bias.relative_coords_table.view(15, 15, 2)
+    trained = student.layers[1].rel_pos_bias.relative_coords_table.view(7, 7, 2)
+    assert torch.equal(grown[4:11, 4:11], trained)  # offsets up to 3: the inputs the MLP was trained on
+    assert grown.abs().max() > trained.abs().max()  # larger offsets extrapolate beyond them
+
+
 def test_encoders_of_classifiers_and_checkpoints_serve_as_teachers(distilled, tmp_path):
     student = load_model_file(distilled / "student.pth").eval()
     classifier = Classifier(load_model_file(distilled / "student.pth"), 10)
