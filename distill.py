@@ -263,6 +263,19 @@ def param_groups(model, weight_decay, lr_scale=None):
     return list(groups.values())
 
 
+def schedule(args, batches_per_epoch, world_size):
+    """(steps per epoch, total steps, warmup steps, global batch, lrs): the learning rates per 512
+    images of args scaled linearly to the global batch."""
+    steps_per_epoch = batches_per_epoch // args.accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"one epoch has {batches_per_epoch} batches per process, fewer than --accum {args.accum}: "
+                         f"lower --accum or --batch-size")
+    global_batch = args.batch_size * world_size * args.accum
+    lrs = {k: getattr(args, k) * global_batch / 512 for k in ("lr", "min_lr", "warmup_lr")}
+    return (steps_per_epoch, args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch),
+            global_batch, lrs)
+
+
 def lr_at(step, total_steps, warmup_steps, lr, min_lr, warmup_lr):
     """Linear warmup from warmup_lr to lr, then cosine decay to min_lr: a pure function of the step."""
     if step < warmup_steps:
@@ -469,14 +482,7 @@ def main(args):
     dataset = SeededTransform(images, fd_transform(args.img_size, args.min_crop_scale), args.seed)
     loader, sampler = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
                                    pin_memory=device.type == "cuda")
-    steps_per_epoch = len(loader) // args.accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"one epoch has {len(loader)} batches per process, fewer than --accum {args.accum}: "
-                         f"lower --accum or --batch-size")
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    global_batch = args.batch_size * world_size * args.accum
-    lrs = {k: getattr(args, k) * global_batch / 512 for k in ("lr", "min_lr", "warmup_lr")}
+    steps_per_epoch, total_steps, warmup_steps, global_batch, lrs = schedule(args, len(loader), world_size)
 
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lrs["lr"], betas=(0.9, 0.999),
                                   fused=device.type == "cuda")

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from data import SeededTransform, SyntheticShapes, image_dataset, skip_unreadable, train_loader
 from distill import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, default_workers, git_hash,
                      load_resume, lr_at, optimizer_step, param_groups, restore_rng, rng_states, save_atomic,
-                     save_checkpoint_files, set_lr, setup_distributed)
+                     save_checkpoint_files, schedule, set_lr, setup_distributed)
 from models import (IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, load_model_file,
                     load_pretrained, read_encoder_file, resize_grid, resize_pos_embed,
                     swin_shared_to_per_block, swin_stage_windows)
@@ -421,14 +421,7 @@ def main(args):
                                    pin_memory=device.type == "cuda")
     val = val_loader(SeededTransform(val_images, eval_transform(args.img_size)), args.batch_size, args.workers,
                      rank, world_size)
-    steps_per_epoch = len(loader) // args.accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"one epoch has {len(loader)} batches per process, fewer than --accum {args.accum}: "
-                         f"lower --accum or --batch-size")
-    total_steps = args.epochs * steps_per_epoch
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    global_batch = args.batch_size * world_size * args.accum
-    lrs = {k: getattr(args, k) * global_batch / 512 for k in ("lr", "min_lr", "warmup_lr")}
+    steps_per_epoch, total_steps, warmup_steps, global_batch, lrs = schedule(args, len(loader), world_size)
 
     lr_scale = layer_decay_scale(model.encoder.arch, args.layer_decay) if args.layer_decay != 1 else None
     groups = param_groups(model, args.weight_decay, lr_scale)
