@@ -217,3 +217,17 @@ def train_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, pin_m
                         collate_fn=skip_unreadable, pin_memory=pin_memory,
                         generator=torch.Generator().manual_seed(seed))
     return loader, sampler
+
+
+def steps_of_batches(loader, sampler, dataset, step, steps_per_epoch, total_steps, accum):
+    """For every optimizer step from `step` to `total_steps`: (epoch, its `accum` micro-batches).
+    A run resumed at `step` starts mid-epoch with exactly the batches it had not yet seen."""
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        sampler.start = skip * accum * loader.batch_size
+        dataset.epoch = epoch
+        batches = iter(loader)
+        for _ in range(skip, steps_per_epoch):
+            yield epoch, [next(batches) for _ in range(accum)]
+            step += 1

@@ -31,7 +31,7 @@ from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import SeededTransform, SyntheticShapes, fd_transform, image_dataset, train_loader
+from data import SeededTransform, SyntheticShapes, fd_transform, image_dataset, steps_of_batches, train_loader
 from models import TEACHERS, build_student, load_teacher, set_grad_checkpointing, sha256sum
 
 # ----------------------------------------------------------------------------- presets
@@ -546,27 +546,21 @@ def main(args):
     log = TrainingLog(out / "log.jsonl", device, world_size, is_main, args.max_nonfinite, args.max_bad_frac,
                       steps_per_epoch * global_batch, checkpoint)
     train_model.train()
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        sampler.start = skip * args.accum * args.batch_size  # resume mid-epoch where we stopped
-        dataset.epoch = epoch
-        batches = iter(loader)
-        for _ in range(skip, steps_per_epoch):
-            batch = [next(batches) for _ in range(args.accum)]  # (images, labels, unreadable images left out)
-            micro_batches = [images.to(device, non_blocking=True) for images, _, _ in batch]
-            lr = lr_at(step, total_steps, warmup_steps, **lrs)
-            set_lr(optimizer, lr)
-            loss, finite = optimizer_step(train_model, micro_batches, compute_loss, optimizer, scaler, args.clip_grad,
-                                          autocast)
-            step += 1
-            log.add(loss, finite, step, bad_images=sum(int(bad) for _, _, bad in batch))
-            progress.update()
-            if step % args.log_every == 0 or step == total_steps:
-                record = log.write(global_batch, step=step, epoch=epoch, lr=lr)
-                progress.set_postfix(loss=record["loss"], lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.1f}")
-            if step % args.save_every == 0 or step == total_steps:
-                save_checkpoint()
+    # Each step's batch: `accum` micro-batches of (images, labels, unreadable images left out).
+    for epoch, batch in steps_of_batches(loader, sampler, dataset, step, steps_per_epoch, total_steps, args.accum):
+        micro_batches = [images.to(device, non_blocking=True) for images, _, _ in batch]
+        lr = lr_at(step, total_steps, warmup_steps, **lrs)
+        set_lr(optimizer, lr)
+        loss, finite = optimizer_step(train_model, micro_batches, compute_loss, optimizer, scaler, args.clip_grad,
+                                      autocast)
+        step += 1
+        log.add(loss, finite, step, bad_images=sum(int(bad) for _, _, bad in batch))
+        progress.update()
+        if step % args.log_every == 0 or step == total_steps:
+            record = log.write(global_batch, step=step, epoch=epoch, lr=lr)
+            progress.set_postfix(loss=record["loss"], lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.1f}")
+        if step % args.save_every == 0 or step == total_steps:
+            save_checkpoint()
     progress.close()
 
     if is_main:

@@ -29,7 +29,7 @@ from torchvision import transforms
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from data import SeededTransform, SyntheticShapes, image_dataset, skip_unreadable, train_loader
+from data import SeededTransform, SyntheticShapes, image_dataset, skip_unreadable, steps_of_batches, train_loader
 from distill import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, default_workers, git_hash,
                      load_resume, lr_at, optimizer_step, param_groups, restore_rng, rng_states, save_atomic,
                      save_checkpoint_files, schedule, set_lr, setup_distributed)
@@ -484,46 +484,40 @@ def main(args):
     train_model.train()
     if args.linear_probe:
         model.encoder.eval()  # frozen: no drop path
-    while step < total_steps:
-        epoch, skip = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        sampler.start = skip * args.accum * args.batch_size  # resume mid-epoch where we stopped
-        dataset.epoch = epoch
-        batches = iter(loader)
-        for _ in range(skip, steps_per_epoch):
-            batch = [next(batches) for _ in range(args.accum)]  # (images, labels, unreadable images left out)
-            micro_batches = [[t.to(device, non_blocking=True) for t in b[:2]] for b in batch]
-            lr = lr_at(step, total_steps, warmup_steps, **lrs)
-            set_lr(optimizer, lr)
-            loss, finite = optimizer_step(train_model, micro_batches, compute_loss, optimizer, scaler, args.clip_grad,
-                                          autocast)
-            step += 1
-            log.add(loss, finite, step, bad_images=sum(int(b[2]) for b in batch))
-            progress.update()
-            is_epoch_end = step % steps_per_epoch == 0
-            if step % args.log_every == 0 or is_epoch_end:
-                record = log.write(global_batch, step=step, epoch=epoch, lr=lr)
-                progress.set_postfix(loss=record["loss"], lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.1f}")
-            if is_epoch_end:
-                if args.linear_probe and world_size > 1:  # the probe's BatchNorm statistics, averaged over
-                    for buffer in (model.fc_norm.running_mean, model.fc_norm.running_var):  # the ranks' data
-                        dist.all_reduce(buffer)
-                        buffer /= world_size
-                metrics = evaluate(model, val, device, autocast, world_size)
-                if args.linear_probe:
-                    model.encoder.eval()
-                if metrics["top1"] > best["top1"]:
-                    best = dict(metrics, epoch=epoch)
-                    if is_main:
-                        save_atomic(dict(model_file, model=model.state_dict(), step=step, **best), out / "best.pth")
+    # Each step's batch: `accum` micro-batches of (images, labels, unreadable images left out).
+    for epoch, batch in steps_of_batches(loader, sampler, dataset, step, steps_per_epoch, total_steps, args.accum):
+        micro_batches = [[t.to(device, non_blocking=True) for t in b[:2]] for b in batch]
+        lr = lr_at(step, total_steps, warmup_steps, **lrs)
+        set_lr(optimizer, lr)
+        loss, finite = optimizer_step(train_model, micro_batches, compute_loss, optimizer, scaler, args.clip_grad,
+                                      autocast)
+        step += 1
+        log.add(loss, finite, step, bad_images=sum(int(b[2]) for b in batch))
+        progress.update()
+        is_epoch_end = step % steps_per_epoch == 0
+        if step % args.log_every == 0 or is_epoch_end:
+            record = log.write(global_batch, step=step, epoch=epoch, lr=lr)
+            progress.set_postfix(loss=record["loss"], lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.1f}")
+        if is_epoch_end:
+            if args.linear_probe and world_size > 1:  # the probe's BatchNorm statistics, averaged over
+                for buffer in (model.fc_norm.running_mean, model.fc_norm.running_var):  # the ranks' data
+                    dist.all_reduce(buffer)
+                    buffer /= world_size
+            metrics = evaluate(model, val, device, autocast, world_size)
+            if args.linear_probe:
+                model.encoder.eval()
+            if metrics["top1"] > best["top1"]:
+                best = dict(metrics, epoch=epoch)
                 if is_main:
-                    with open(out / "log.jsonl", "a") as f:
-                        f.write(json.dumps(dict(step=step, epoch=epoch, **metrics)) + "\n")
-                    progress.write(f"epoch {epoch + 1}/{args.epochs}: top-1 {metrics['top1']:.2f}% top-5 "
-                                   f"{metrics['top5']:.2f}% val loss {metrics['loss']:.4f} on {metrics['images']} "
-                                   f"images; best top-1 {best['top1']:.2f}% (epoch {best['epoch'] + 1})")
-            if is_epoch_end or step % args.save_every == 0:
-                save_checkpoint()
+                    save_atomic(dict(model_file, model=model.state_dict(), step=step, **best), out / "best.pth")
+            if is_main:
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(dict(step=step, epoch=epoch, **metrics)) + "\n")
+                progress.write(f"epoch {epoch + 1}/{args.epochs}: top-1 {metrics['top1']:.2f}% top-5 "
+                               f"{metrics['top5']:.2f}% val loss {metrics['loss']:.4f} on {metrics['images']} "
+                               f"images; best top-1 {best['top1']:.2f}% (epoch {best['epoch'] + 1})")
+        if is_epoch_end or step % args.save_every == 0:
+            save_checkpoint()
     progress.close()
     if is_main:
         print(f"done in {time.perf_counter() - start:.0f} s: best top-1 {best['top1']:.2f}% "
