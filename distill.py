@@ -393,7 +393,8 @@ class TrainingLog:
             self.loss, self.steps, self.in_a_row = self.loss + loss, self.steps + 1, 0
             return
         self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
-        print(f"step {step}: non-finite loss or gradient, step skipped ({self.in_a_row} in a row)")
+        if self.is_main:
+            print(f"step {step}: non-finite loss or gradient, step skipped ({self.in_a_row} in a row)")
         if self.in_a_row >= self.max_nonfinite:
             kept = f"{self.checkpoint} holds the last good state" if self.checkpoint.exists() else "no checkpoint was written"
             raise FloatingPointError(f"step {step}: {self.in_a_row} steps in a row had a non-finite loss or gradient "
