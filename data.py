@@ -158,6 +158,14 @@ def fd_transform(img_size, min_scale=0.08):
     ])
 
 
+def eval_transform(img_size):
+    """The evaluation view (fine-tuning's validation, the diagnosis images): resize to
+    img_size / 0.875 (256 for 224), bicubic, then the centre crop. Output in [0, 1]."""
+    return transforms.Compose([
+        transforms.Resize(int(img_size / 0.875), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(img_size), transforms.ToTensor()])
+
+
 class SeededTransform(Dataset):
     """Applies a random transform with the torch RNG seeded by (seed, epoch, index), so every
     image's augmentation is reproducible whatever the workers, ranks or resume point.

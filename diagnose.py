@@ -21,10 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torchvision import transforms
 from tqdm import tqdm
 
-from data import SyntheticShapes, image_dataset
+from data import SyntheticShapes, eval_transform, image_dataset
 from models import Classifier, load_model_file, load_pretrained, relative_position_index
 
 TOOLS = ("distance", "diversity", "maps", "landscape", "cka", "hessian")
@@ -106,9 +105,10 @@ def linear_cka(x, y):
 
 def is_excluded(name, param):
     """Parameters the landscape leaves alone (PAPER.md §3.4): 1-D ones (biases, norms, LayerScale),
-    as loss-landscape's ignore='biasbn'; the class token and position embeddings (dim 0 is 1: no
-    filters); relative-position tables, SwinV2's position-bias MLP and per-head temperatures."""
-    return param.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "logit_scale")) or any(
+    as loss-landscape's ignore='biasbn'; the class and register tokens and position embeddings
+    (dim 0 is 1: no filters); relative-position tables, SwinV2's position-bias MLP and per-head
+    temperatures."""
+    return param.ndim <= 1 or name.endswith(("cls_token", "reg_tokens", "pos_embed", "logit_scale")) or any(
         key in name for key in ("relative_position", "rpe_mlp", "cpb_mlp"))
 
 
@@ -195,9 +195,7 @@ def load_images(data, count, img_size):
     img, img) in [0, 1], their labels (-1 in a flat folder) and where they came from."""
     dataset = image_dataset(data, split="val") if data else SyntheticShapes(count, split="val")
     indices = sorted(set(torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().long().tolist()))
-    transform = transforms.Compose([
-        transforms.Resize(int(img_size / 0.875), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(img_size), transforms.ToTensor()])
+    transform = eval_transform(img_size)
     pairs = [dataset[i] for i in indices]
     images = torch.stack([transform(image) for image, _ in pairs])
     return images, torch.tensor([label for _, label in pairs]), dict(

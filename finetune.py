@@ -29,7 +29,8 @@ from torchvision import transforms
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from data import SeededTransform, SyntheticShapes, image_dataset, skip_unreadable, steps_of_batches, train_loader
+from data import (SeededTransform, SyntheticShapes, eval_transform, image_dataset, skip_unreadable, steps_of_batches,
+                  train_loader)
 from distill import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, default_workers, git_hash,
                      load_resume, lr_at, optimizer_step, param_groups, restore_rng, rng_states, save_atomic,
                      save_checkpoint_files, schedule, set_lr, setup_distributed)
@@ -253,13 +254,6 @@ def train_transform(args):
         steps += [transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
                   transforms.RandomErasing(args.reprob, value="random"), transforms.Normalize(inverse_mean, inverse_std)]
     return transforms.Compose(steps)
-
-
-def eval_transform(img_size):
-    """Resize to img_size / 0.875 (256 for 224), bicubic, then the centre crop."""
-    return transforms.Compose([
-        transforms.Resize(int(img_size / 0.875), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(img_size), transforms.ToTensor()])
 
 
 def labelled_splits(args):

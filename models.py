@@ -114,6 +114,13 @@ class RelativePositionBias(nn.Module):
         return self.relative_position_bias_table[self.index].permute(2, 0, 1)  # (heads, 1+N, 1+N)
 
 
+def qkv_heads(x, qkv, q_bias, v_bias, num_heads):
+    """x (B, N, C) -> q, k, v (B, heads, N, d). With separate q and v biases (BEiT, SwinV2) the k
+    bias is zero: it would cancel in the softmax."""
+    bias = qkv.bias if q_bias is None else torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+    return rearrange(F.linear(x, qkv.weight, bias), "b n (three h d) -> three b h n d", three=3, h=num_heads)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention. `qv_bias=True` is the BEiT form used by the student: one qkv
     matrix without bias plus separate q and v biases (a k bias would cancel in the softmax)."""
@@ -132,11 +139,7 @@ class Attention(nn.Module):
     def forward(self, x, bias=None, return_attn=False):
         """x (B, N, C), bias (heads, N, N) or None -> (B, N, C) and, with return_attn, the
         attention probabilities (B, heads, N, N); otherwise None in their place."""
-        qkv_bias = self.qkv.bias
-        if self.q_bias is not None:
-            qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, qkv_bias)
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        q, k, v = qkv_heads(x, self.qkv, self.q_bias, self.v_bias, self.num_heads)
         if bias is not None:
             bias = bias.to(q.dtype)
         attn = None
@@ -196,7 +199,20 @@ def set_grad_checkpointing(model, enabled=True):
             module.grad_checkpointing = enabled
 
 
-class VisionTransformer(nn.Module):
+class Encoder(nn.Module):
+    """What VisionTransformer and SwinTransformer share: forward is forward_features, then the
+    final norm."""
+
+    def forward(self, images, return_attn=False):
+        """images (B, 3, H, W) in [0, 1] -> tokens after the final norm (B, [1 +] N, C); with
+        return_attn also every block's attention probabilities (see forward_features)."""
+        if return_attn:
+            x, attns = self.forward_features(images, return_attn=True)
+            return self.norm(x), attns
+        return self.norm(self.forward_features(images))
+
+
+class VisionTransformer(Encoder):
     """A ViT that maps images in [0, 1] (B, 3, H, W) to its output tokens (B, 1+N, C) after the
     final norm, class token first.
 
@@ -268,16 +284,10 @@ class VisionTransformer(nn.Module):
                 block.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
                 block.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
 
-    def forward(self, images, return_attn=False):
-        """images (B, 3, H, W) in [0, 1] -> tokens after the final norm (B, 1+N, C); with
-        return_attn also a list with each block's attention probabilities (B, heads, 1+N, 1+N)."""
-        x, attns = self.forward_features(images, return_attn=True) if return_attn else (
-            self.forward_features(images), None)
-        x = self.norm(x)
-        return (x, attns) if return_attn else x
-
     def forward_features(self, images, return_attn=False):
-        """Like forward, without the final norm (fine-tuning pools these tokens instead)."""
+        """images (B, 3, H, W) in [0, 1] -> tokens before the final norm (B, 1+N, C), which
+        fine-tuning pools; with return_attn also each block's attention probabilities
+        (B, heads, T, T), T = 1 + registers + N."""
         x = self.patch_embed((images - self.mean) / self.std)  # (B, C, h, w)
         if tuple(x.shape[-2:]) != self.grid:
             raise ValueError(f"this model was built for {self.grid[0] * self.patch_size} px images, "
@@ -411,11 +421,7 @@ class WindowAttention(nn.Module):
         (nW, N, N) or None -> (B*nW, N, C) and the probabilities (B*nW, heads, N, N) or None."""
         if self.logit_scale is None:
             bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
-        qkv_bias = self.qkv.bias
-        if self.q_bias is not None:
-            qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, qkv_bias)
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        q, k, v = qkv_heads(x, self.qkv, self.q_bias, self.v_bias, self.num_heads)
         if return_attn:  # the explicit path, for diagnosis, works in full precision
             q, k, v = q.float(), k.float(), v.float()
         scale = q.shape[-1] ** -0.5
@@ -504,14 +510,13 @@ class PatchEmbed(nn.Module):
 
 class SwinStage(nn.Module):
     """`depth` blocks at one resolution, every second one with shifted windows, then the patch
-    merging (official layout: the downsample ends stages 0-2). When the map is no larger than the
-    window, the window shrinks to the map and nothing is shifted: one window covers everything."""
+    merging (official layout: the downsample ends stages 0-2). A window as large as the map
+    covers everything: nothing is shifted."""
     grad_checkpointing = False  # see set_grad_checkpointing
 
     def __init__(self, dim, depth, num_heads, resolution, window, version, drop_rates, norm_eps,
                  position_bias, downsample, scale_window=None):
         super().__init__()
-        window = min(window, *resolution)
         shift = 0 if window == min(resolution) else window // 2
         if resolution[0] % window or resolution[1] % window:
             raise ValueError(f"a {resolution[0]}x{resolution[1]} map does not split into "
@@ -538,7 +543,7 @@ class SwinStage(nn.Module):
         return x, attns
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(Encoder):
     """Swin V1 (`version=1`, the EsViT teacher) or V2 (`version=2`, the FD student): images in
     [0, 1] (B, 3, H, W) -> the last stage's tokens after the final norm (B, N, C), no class token.
 
@@ -574,11 +579,12 @@ class SwinTransformer(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, embed_dim, norm_eps)
         drop_rates = [drop_path * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # deeper blocks drop more
         self.layers = nn.ModuleList()
+        windows = swin_stage_windows(self.arch)
         for i, depth in enumerate(depths):
             resolution = (img_size // patch_size // 2 ** i,) * 2
             first = sum(depths[:i])
             self.layers.append(SwinStage(
-                embed_dim * 2 ** i, depth, num_heads[i], resolution, window_size, version,
+                embed_dim * 2 ** i, depth, num_heads[i], resolution, windows[i], version,
                 drop_rates[first:first + depth], norm_eps, position_bias, downsample=i < num_stages - 1,
                 scale_window=pretrained_windows[i] if pretrained_windows else None))
         self.norm = nn.LayerNorm(self.embed_dim, eps=norm_eps)
@@ -606,16 +612,10 @@ class SwinTransformer(nn.Module):
                     nn.init.constant_(block.norm1.weight, 1e-5)
                     nn.init.constant_(block.norm2.weight, 1e-5)
 
-    def forward(self, images, return_attn=False):
-        """images (B, 3, H, W) in [0, 1] -> tokens after the final norm (B, N, C); with return_attn
-        also a list of every block's attention probabilities (B * windows, heads, w*w, w*w)."""
-        x, attns = self.forward_features(images, return_attn=True) if return_attn else (
-            self.forward_features(images), None)
-        x = self.norm(x)
-        return (x, attns) if return_attn else x
-
     def forward_features(self, images, return_attn=False):
-        """Like forward, without the final norm (fine-tuning mean-pools these tokens instead)."""
+        """images (B, 3, H, W) in [0, 1] -> the last stage's tokens before the final norm (B, N, C),
+        which fine-tuning pools; with return_attn also every block's attention probabilities per
+        window (B * windows, heads, w*w, w*w)."""
         if tuple(images.shape[-2:]) != (self.img_size, self.img_size):
             raise ValueError(f"this model was built for {self.img_size} px images, "
                              f"got {tuple(images.shape[-2:])}")
@@ -654,7 +654,7 @@ def swin_arch(name, img_size=224, drop_path=0.0):
 
 def swin_stage_windows(arch, img_size=None):
     """The window of every stage of a Swin `arch` at img_size (its own by default): the arch's
-    window, clipped to a stage's map when the map is smaller."""
+    window, shrunk to a stage's map when the map is smaller (one window then covers the map)."""
     side = (img_size or arch["img_size"]) // arch["patch_size"]
     return [min(arch["window_size"], side // 2 ** i) for i in range(len(arch["depths"]))]
 
@@ -825,7 +825,7 @@ TEACHERS = {
     "tv_vit_l_16": dict(layout="torchvision", arch=teacher_arch("large", 16),
                         url="https://download.pytorch.org/models/vit_l_16-852ce7e3.pth", sha256="852ce7e3"),
     # EsViT's full training checkpoint: Swin-B with window 14; FD distils its student, not its EMA teacher.
-    "esvit": dict(layout="esvit", arch=swin_arch("swin_base_window14"),
+    "esvit": dict(layout="esvit", arch=swin_arch("swin_base_window14"), state_key="student",
                   url="https://chunyleu.blob.core.windows.net/output/ckpts/esvit/swin/swin_base/"
                       "bl_lr0.0005_nodes4_gpu16_bs8_multicrop_epoch300_dino_aug_window14_lv/"
                       "continued_from_epoch0200_dense_norm_true/checkpoint_best.pth"),
@@ -835,7 +835,6 @@ TEACHERS = {
     "open_clip_quickgelu": dict(layout="openai_clip", act="quick_gelu"),  # OpenAI weights in open_clip files
     "torchvision": dict(layout="torchvision", act="gelu"),
 }
-PAPER_TEACHERS = ("clip", "clip_l14", "dino", "deit", "esvit")
 
 
 # Key conversions: pure functions from a published state dict to our names. Towers and heads the
@@ -1107,7 +1106,7 @@ def load_pretrained(name, weights=None, img_size=None, grid=None):
         state = None
         if weights != "random":
             path = Path(weights) if weights else teacher_weights_file(name)
-            prefer = ("student",) + WRAPPER_KEYS if name == "esvit" else WRAPPER_KEYS
+            prefer = (spec["state_key"], *WRAPPER_KEYS) if "state_key" in spec else WRAPPER_KEYS
             state = CONVERTERS[spec["layout"]](unwrap_state_dict(read_checkpoint(path), path, prefer))
             source = f"{path}"
         if "arch" in spec:
