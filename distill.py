@@ -64,7 +64,7 @@ def get_args_parser():
     p.add_argument("--teacher", default=DEFAULT_TEACHER,
                    help=f"teacher: a published one ({', '.join(TEACHERS)}), a plain ViT such as vit_small_patch16 "
                         f"(random weights), or any name with --teacher-weights FILE of this project; the paper's "
-                        f"teachers ({', '.join(p for p in PRESETS if p in TEACHERS or p == 'esvit')}) bring their "
+                        f"teachers ({', '.join(p for p in PRESETS if p in TEACHERS)}) bring their "
                         f"recipe, which fills the flags left unset")
     p.add_argument("--teacher-weights", default=None,
                    help="the teacher's weights file, in its published layout (downloaded to the torch hub cache if "
