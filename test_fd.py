@@ -859,6 +859,23 @@ def test_every_attention_backend_equals_the_explicit_computation(backend, name):
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-3, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("name", ["vit_micro_patch8", "swinv2_micro_window4", "swin_v1"])
+def test_position_biases_reach_sdpa_contiguous(name, monkeypatch):
+    """The GPU's fused SDPA kernels refuse a mask with a strided last dimension: the student would
+    silently run the unfused math kernel."""
+    model = (SwinTransformer(version=1, position_bias="per_block", **ESVIT_TINY) if name == "swin_v1"
+             else build_student(name, 64))
+    strides = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, **kwargs):
+        strides.append(attn_mask.stride(-1))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    model(torch.rand(2, 3, 64, 64))
+    assert strides and set(strides) == {1}
+
+
 @pytest.mark.parametrize("name", ["vit_micro_patch8", "swinv2_micro_window4"])
 def test_activation_checkpointing_gives_identical_gradients(name):
     grads = []
@@ -1108,7 +1125,7 @@ def test_odd_images_load_and_unreadable_ones_are_skipped_counted_and_bounded(tmp
 def test_distill_on_image_folder_writes_checkpoint_student_and_log(tmp_path):
     write_images(tmp_path / "flat", 16)
     out = tmp_path / "run"
-    student = distill.main(parse(*MICRO, "--data", str(tmp_path / "flat"), "--epochs", "2", "--out", str(out)))
+    student = distill.main(parse(*MICRO, "--data", str(tmp_path / "flat"), "--epochs", "2", "--out", str(out))).cpu()
     log = read_log(out)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(set(r) >= {"step", "epoch", "loss", "lr", "img_per_s"} for r in log)
@@ -1134,7 +1151,7 @@ def test_swin_teacher_distils_into_a_swinv2_student(tmp_path):
     torch.save({"arch": teacher.arch, "model": teacher.state_dict()}, tmp_path / "swin_teacher.pth")
     out = tmp_path / "run"
     student = distill.main(parse(*MICRO, "--teacher", "esvit_micro", "--teacher-weights", str(tmp_path / "swin_teacher.pth"),
-                                 "--student", "swinv2_micro_window4", "--epochs", "2", "--out", str(out)))
+                                 "--student", "swinv2_micro_window4", "--epochs", "2", "--out", str(out))).cpu()
     log = read_log(out)
     assert log[-1]["loss"] < log[0]["loss"]
     state = torch.load(out / "checkpoint.pth", weights_only=True)
