@@ -7,8 +7,15 @@ used: no download, deterministic, labelled, and hard enough to be worth fine-tun
 
 Random augmentation is seeded per (seed, epoch, image), so what an image looks like in an epoch
 does not depend on the number of workers or on whether the run was resumed.
+
+With `--decode-on-device` the workers only read the files and draw each image's crop and flip
+(`read_undecoded`, `FDCropBox`); `decode_and_crop` then decodes the JPEGs on the training device
+(nvJPEG on a GPU) and crops and resizes them there, for when the workers cannot keep up.
 """
+import functools
+import io
 import itertools
+import math
 import random
 import warnings
 from pathlib import Path
@@ -17,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision import datasets, transforms
+from torchvision.io import ImageReadMode, decode_jpeg
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -117,19 +125,21 @@ def load_rgb(path):
 class FlatImageFolder(Dataset):
     """Every image directly inside a folder, unlabelled (label -1): distillation needs no labels."""
 
-    def __init__(self, root):
+    def __init__(self, root, loader=load_rgb):
         self.files = sorted(p for p in Path(root).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.loader = loader
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
-        return load_rgb(self.files[index]), -1
+        return self.loader(self.files[index]), -1
 
 
-def image_dataset(root, split="train"):
+def image_dataset(root, split="train", loader=load_rgb):
     """The untransformed images under `root`: `root/<split>/` if it exists, then class subfolders
-    (an ImageFolder) if there are any, otherwise the images directly in the folder."""
+    (an ImageFolder) if there are any, otherwise the images directly in the folder. Each file is
+    read by `loader`: load_rgb, or read_undecoded to decode on the training device."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {root}: no such folder (give an ImageFolder root, a folder "
@@ -137,11 +147,11 @@ def image_dataset(root, split="train"):
     if (root / split).is_dir():
         root = root / split
     if any(p.is_dir() for p in root.iterdir()):
-        try:  # PIL images, labels from the folder names
-            return datasets.ImageFolder(root, loader=load_rgb)
+        try:  # labels from the folder names
+            return datasets.ImageFolder(root, loader=loader)
         except FileNotFoundError as error:
             raise ValueError(f"--data {root}: {error}") from None
-    dataset = FlatImageFolder(root)
+    dataset = FlatImageFolder(root, loader)
     if len(dataset) == 0:
         raise ValueError(f"--data {root}: no images found (expected class subfolders or image files "
                          f"ending in {', '.join(IMAGE_EXTENSIONS)})")
@@ -189,13 +199,108 @@ class SeededTransform(Dataset):
             return self.transform(image), label
 
 
-def skip_unreadable(samples):
-    """Collate (image, label) samples into (images, labels, number of unreadable images left out)."""
+def skip_unreadable(samples, stack=True):
+    """Collate (image, label) samples into (images, labels, number of unreadable images left out).
+    stack=False is for FDCropBox's (data, crop) samples, whose data differ in size: images is then
+    (data, shapes, crops), all the data flattened into one tensor, their shapes, the crops stacked.
+    One tensor rather than a list of them: each tensor a worker sends holds a file descriptor
+    until the batch is received, and a list per batch runs out of them."""
     readable = [sample for sample in samples if sample is not None]
     if not readable:
         raise RuntimeError(f"all {len(samples)} images of a batch were unreadable (see the warnings above)")
-    images, labels = default_collate(readable)
+    if stack:
+        images, labels = default_collate(readable)
+    else:
+        data = [data for (data, _), _ in readable]
+        images = (torch.cat([d.flatten() for d in data]), [tuple(d.shape) for d in data],
+                  torch.stack([crop for (_, crop), _ in readable]))
+        labels = torch.tensor([label for _, label in readable])
     return images, labels, torch.tensor(len(samples) - len(readable))
+
+
+# ----------------------------------------------------------------------------- decoding on the device
+JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
+
+
+def read_undecoded(path):
+    """An image file for FDCropBox, the loader of `--decode-on-device`. A JPEG the device decoder
+    takes is left undecoded: (its bytes as a 1-D uint8 tensor, the image opened by PIL, which has
+    read the header alone: the size, no pixels). Any other file is decoded here by load_rgb into a
+    PIL image: not a JPEG, CMYK (nvJPEG has no CMYK), an EXIF orientation to apply (nvJPEG ignores
+    it), or bytes that do not end the way a JPEG ends (a truncated file, which load_rgb reports)."""
+    try:
+        data = Path(path).read_bytes()
+        if data.startswith(JPEG_START) and data.endswith(JPEG_END):
+            header = Image.open(io.BytesIO(data))  # lazy: the pixels are never decoded here
+            if header.mode in ("RGB", "L") and header.getexif().get(0x0112, 1) == 1:
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), header
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        pass  # load_rgb raises UnreadableImage, naming the file and the error
+    return load_rgb(path)
+
+
+class FDCropBox:
+    """fd_transform's random draws without its pixel work, for `--decode-on-device`: an image as
+    read_undecoded gives it becomes (data, [top, left, height, width, flip]), the crop box and
+    flip that fd_transform(img_size, min_scale) draws from the same RNG state: the same calls, in
+    the same order. data is the JPEG's bytes, or a decoded image's uint8 (3, H, W) pixels (also a
+    PIL image from SyntheticShapes). decode_and_crop does the rest on the training device."""
+
+    def __init__(self, img_size, min_scale=0.08):
+        self.crop, self.flip, _ = fd_transform(img_size, min_scale).transforms
+
+    def __call__(self, image):
+        if isinstance(image, Image.Image):
+            data = transforms.functional.pil_to_tensor(image)
+        else:
+            data, image = image  # the JPEG's bytes, its header
+        top, left, height, width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+        flip = torch.rand(1) < self.flip.p
+        return data, torch.tensor([top, left, height, width, int(flip)])
+
+
+def decode_jpegs(encoded, device):
+    """JPEG bytes decoded to uint8 RGB (3, H, W) tensors on `device`, all in one call (nvJPEG decodes
+    a list as a batch on a GPU). One file the decoder rejects fails the whole call, so then each is
+    decoded alone on the CPU; one that fails there too is None, with a warning."""
+    try:
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        decoded = []
+        for data in encoded:
+            try:
+                decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB).to(device))
+            except RuntimeError as error:
+                warnings.warn(f"skipping an image that cannot be decoded: {error}")
+                decoded.append(None)
+        return decoded
+
+
+def decode_and_crop(images, img_size, device):
+    """The rest of fd_transform on `device`, for the images of a micro-batch of FDCropBox's samples
+    as skip_unreadable(stack=False) collates them: the JPEGs decoded, then each image cropped,
+    resized to img_size x img_size (bilinear and antialiased, as PIL resizes in fd_transform) and
+    flipped. Returns float (B, 3, S, S) in [0, 1], what fd_transform gives up to rounding; an image
+    that cannot be decoded is left out of B. On the CPU, decode_jpeg decodes exactly as PIL does;
+    nvJPEG upsamples 4:2:0 chroma (most JPEGs) more plainly, so colours at sharp edges differ a little."""
+    data, shapes, crops = images
+    images = [part.view(shape) for part, shape in zip(data.split([math.prod(s) for s in shapes]), shapes)]
+    encoded = [i for i, image in enumerate(images) if image.ndim == 1]  # bytes; the others are pixels
+    if encoded:
+        for i, image in zip(encoded, decode_jpegs([images[i] for i in encoded], device)):
+            images[i] = image
+    out = []
+    for image, crop in zip(images, crops):
+        if image is None:
+            continue
+        top, left, height, width, flip = crop.tolist()
+        image = image.to(device, non_blocking=True)[:, top:top + height, left:left + width].float() / 255
+        image = transforms.functional.resize(image, [img_size, img_size], antialias=True,
+                                             interpolation=transforms.InterpolationMode.BILINEAR)
+        out.append(image.flip(-1) if flip else image)
+    if not out:
+        raise RuntimeError(f"all {len(images)} images of a batch were unreadable (see the warnings above)")
+    return torch.stack(out)
 
 
 class ResumableSampler(DistributedSampler):
@@ -212,8 +317,9 @@ class ResumableSampler(DistributedSampler):
         return super().__len__() - self.start
 
 
-def train_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, pin_memory=False):
-    """A shuffling loader over this rank's share of the dataset, dropping the last partial batch."""
+def train_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, pin_memory=False, stack=True):
+    """A shuffling loader over this rank's share of the dataset, dropping the last partial batch.
+    stack=False for FDCropBox's samples: see skip_unreadable."""
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                drop_last=True)
     if len(sampler) < batch_size:
@@ -222,7 +328,7 @@ def train_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, pin_m
     # Workers are started afresh each epoch (not persistent) so they see the new epoch number. The
     # loader's own generator keeps it from drawing on the global RNG (the student's drop path).
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
-                        collate_fn=skip_unreadable, pin_memory=pin_memory,
+                        collate_fn=functools.partial(skip_unreadable, stack=stack), pin_memory=pin_memory,
                         generator=torch.Generator().manual_seed(seed))
     return loader, sampler
 

@@ -31,7 +31,8 @@ from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data import SeededTransform, SyntheticShapes, fd_transform, image_dataset, steps_of_batches, train_loader
+from data import (FDCropBox, SeededTransform, SyntheticShapes, decode_and_crop, fd_transform, image_dataset,
+                  load_rgb, read_undecoded, steps_of_batches, train_loader)
 from models import TEACHERS, build_student, load_teacher, set_grad_checkpointing, sha256sum
 
 # ----------------------------------------------------------------------------- presets
@@ -85,6 +86,11 @@ def get_args_parser():
     add_run_flags(p)
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the student's blocks: "
                    "less memory (large students, large batches) for about a third more compute")
+    p.add_argument("--decode-on-device", action="store_true",
+                   help="decode the JPEGs (nvJPEG on a GPU) and crop and resize them on the training device; "
+                        "the workers only read the files. Use it when the run is data-bound: when --workers x "
+                        "the per-worker img/s of `python bench.py --data-pipeline` is below the img/s the run "
+                        "logs (or bench.py measures) for the training step")
     p.add_argument("--seed", type=int, default=0, help="seeds the student's init, the data order and augmentation")
     return p
 
@@ -479,10 +485,14 @@ def main(args):
     teacher_info = dict(name=args.teacher, weights=teacher.source, sha256=sha256sum(teacher.source) if is_file else None)
     model = FDStudent(student, teacher.embed_dim).to(device)
 
-    images = image_dataset(args.data) if args.data else SyntheticShapes(args.synthetic_images)
-    dataset = SeededTransform(images, fd_transform(args.img_size, args.min_crop_scale), args.seed)
+    if args.decode_on_device:  # the workers read the files and draw the crops, decode_and_crop does the rest
+        read, transform = read_undecoded, FDCropBox(args.img_size, args.min_crop_scale)
+    else:
+        read, transform = load_rgb, fd_transform(args.img_size, args.min_crop_scale)
+    images = image_dataset(args.data, loader=read) if args.data else SyntheticShapes(args.synthetic_images)
+    dataset = SeededTransform(images, transform, args.seed)
     loader, sampler = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
-                                   pin_memory=device.type == "cuda")
+                                   pin_memory=device.type == "cuda", stack=not args.decode_on_device)
     steps_per_epoch, total_steps, warmup_steps, global_batch, lrs = schedule(args, len(loader), world_size)
 
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lrs["lr"], betas=(0.9, 0.999),
@@ -549,13 +559,16 @@ def main(args):
     train_model.train()
     # Each step's batch: `accum` micro-batches of (images, labels, unreadable images left out).
     for epoch, batch in steps_of_batches(loader, sampler, dataset, step, steps_per_epoch, total_steps, args.accum):
-        micro_batches = [images.to(device, non_blocking=True) for images, _, _ in batch]
+        micro_batches = [decode_and_crop(images, args.img_size, device) if args.decode_on_device
+                         else images.to(device, non_blocking=True) for images, _, _ in batch]
+        # The images left out: unreadable files (by the loader), and those decode_and_crop cannot decode.
+        bad_images = sum(int(bad) + len(labels) - len(inputs) for (_, labels, bad), inputs in zip(batch, micro_batches))
         lr = lr_at(step, total_steps, warmup_steps, **lrs)
         set_lr(optimizer, lr)
         loss, finite = optimizer_step(train_model, micro_batches, compute_loss, optimizer, scaler, args.clip_grad,
                                       autocast)
         step += 1
-        log.add(loss, finite, step, bad_images=sum(int(bad) for _, _, bad in batch))
+        log.add(loss, finite, step, bad_images=bad_images)
         progress.update()
         if step % args.log_every == 0 or step == total_steps:
             record = log.write(global_batch, step=step, epoch=epoch, lr=lr)
