@@ -6,12 +6,14 @@ on a GPU, model FLOPs utilisation. The steps are the very code distill.py and fi
     python bench.py --student vit_base_patch16 --teacher clip --batch-size 128 --amp bf16 --compile
     python bench.py --step finetune --student vit_base_patch16 --batch-size 64
     python bench.py --data-pipeline           # decoding + the FD transform alone, per worker
+    python bench.py --student vit_large_patch14 --teacher clip_l14 --amp bf16 --max-batch 1024 [--grad-ckpt]
 
 Teachers get random weights (no download). The last line printed is machine-readable:
     distill img/s=... step_ms=... peak_mem_mb=... mfu=... ratio=...
 """
 import argparse
 import copy
+import gc
 import resource
 import statistics
 import tempfile
@@ -22,10 +24,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import distill
-from data import SeededTransform, fd_transform, image_dataset
+from data import FDCropBox, SeededTransform, decode_and_crop, fd_transform, image_dataset, read_undecoded, skip_unreadable
 from models import (OPENAI_CLIP, Classifier, Teacher, build_from_arch, build_student, load_teacher,
                     parse_vit_name, set_grad_checkpointing, teacher_arch)
 
@@ -52,6 +55,9 @@ def get_args_parser():
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     p.add_argument("--compare", action="store_true", help="also run plain fp32 eager in the same process")
+    p.add_argument("--max-batch", type=int, default=None, metavar="LIMIT",
+                   help="on a GPU: find the largest batch up to LIMIT that fits in memory (doubling from "
+                        "--batch-size, then bisection to a multiple of 8) and time that")
     p.add_argument("--data-pipeline", action="store_true", help="time decoding and the FD transform instead")
     p.add_argument("--threads", type=int, default=None, help="torch threads on the CPU [all cores]")
     return p
@@ -65,12 +71,11 @@ def bench_teacher(name, grid):
 
 
 def make_step(cfg, device):
-    """One optimizer step of distill.py (or finetune.py) on a fixed batch, and its model."""
+    """step(images): one optimizer step of distill.py (or finetune.py), on a model built here."""
     torch.manual_seed(0)
     student = build_student(cfg.student, cfg.img_size, drop_path=0.1)
     set_grad_checkpointing(student, cfg.grad_ckpt)
     dtype = distill.autocast_dtype(cfg.amp, device)
-    images = torch.rand(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
     if cfg.step == "distill":
         teacher = distill.prepare_teacher(bench_teacher(cfg.teacher, student.grid[0]).to(device), dtype)
         model = distill.FDStudent(student, teacher.embed_dim).to(device)
@@ -79,9 +84,9 @@ def make_step(cfg, device):
     else:
         model = Classifier(student, num_classes=1000).to(device)
         run_model = torch.compile(model) if cfg.compile else model
-        targets = F.one_hot(torch.arange(cfg.batch_size, device=device) % 1000, 1000).float()  # as after mixup
 
         def compute_loss(model, images):
+            targets = F.one_hot(torch.arange(len(images), device=device) % 1000, 1000).float()  # as after mixup
             return torch.sum(-targets * F.log_softmax(model(images).float(), dim=-1), dim=-1).mean()
     optimizer = torch.optim.AdamW(distill.param_groups(model, 0.05), lr=1e-4, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -90,18 +95,68 @@ def make_step(cfg, device):
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
-    def step():
+    def step(images):
         with sdpa_kernel(backend) if backend else nullcontext():
             distill.optimizer_step(run_model, [images], compute_loss, optimizer, scaler, 3.0, autocast)
     return step
 
 
+def random_images(batch_size, cfg, device):
+    return torch.rand(batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+
+
+def flops_per_image(cfg, device, batch_size=2):
+    """The model FLOPs of one step, per image: counted on an eager step (compiled code is invisible
+    to the counter) and without activation checkpointing, whose recomputation MFU does not count."""
+    counted = copy.copy(cfg)
+    counted.compile, counted.attn, counted.grad_ckpt = False, "auto", False
+    step = make_step(counted, device)
+    with FlopCounterMode(display=False) as counter:
+        step(random_images(batch_size, cfg, device))
+    return counter.get_total_flops() / batch_size
+
+
+def fits_in_memory(step, batch_size, cfg, device):
+    try:
+        for _ in range(2):  # the second step also holds the optimizer's state
+            step(random_images(batch_size, cfg, device))
+        torch.cuda.synchronize()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def largest_batch(step, cfg, device):
+    """The largest batch up to cfg.max_batch (to a multiple of 8, from cfg.batch_size up) whose
+    step fits in GPU memory."""
+    if not fits_in_memory(step, cfg.batch_size, cfg, device):
+        raise SystemExit(f"--batch-size {cfg.batch_size} does not fit: start --max-batch from a smaller one")
+    fits, fails = cfg.batch_size, None
+    while fails is None and fits < cfg.max_batch:
+        if fits_in_memory(step, min(2 * fits, cfg.max_batch), cfg, device):
+            fits = min(2 * fits, cfg.max_batch)
+        else:
+            fails = min(2 * fits, cfg.max_batch)
+    if fails is None:
+        return fits
+    while fails - fits > 8:
+        middle = (fits + fails) // 16 * 8
+        fits, fails = (middle, fails) if fits_in_memory(step, middle, cfg, device) else (fits, middle)
+    return fits
+
+
 def measure(cfg, device):
     step = make_step(cfg, device)
+    if cfg.max_batch:
+        cfg.batch_size = largest_batch(step, cfg, device)
+    images = random_images(cfg.batch_size, cfg, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
     for _ in range(cfg.warmup):
-        step()
+        step(images)
     sync()
     warmup_s = time.perf_counter() - start
     if device.type == "cuda":
@@ -109,7 +164,7 @@ def measure(cfg, device):
     times = []
     for _ in range(cfg.steps):
         start = time.perf_counter()
-        step()
+        step(images)
         sync()
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
@@ -117,9 +172,8 @@ def measure(cfg, device):
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:  # the process's peak resident memory (kilobytes on Linux)
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    with FlopCounterMode(display=False) as counter:
-        step()
-    tflops = counter.get_total_flops() / step_s / 1e12
+    del step, images
+    tflops = flops_per_image(cfg, device) * cfg.batch_size / step_s / 1e12
     peak = next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     return dict(img_s=cfg.batch_size / step_s, step_ms=1000 * step_s, peak_mem_mb=peak_mb, tflops=tflops,
                 mfu=tflops / peak if peak else None, warmup_s=warmup_s)
@@ -131,22 +185,48 @@ def describe(cfg):
             f"attn {cfg.attn}{', compile' if cfg.compile else ''}{', grad-ckpt' if cfg.grad_ckpt else ''}")
 
 
-def bench_data_pipeline(cfg, count=64):
-    """Decode and transform JPEGs of ImageNet's typical size (500x375) in one process: images/s per
-    data-loading worker. A run is data-bound when workers x this < the training step's images/s."""
-    from PIL import Image
-    with tempfile.TemporaryDirectory() as folder:
-        for i in range(count):
-            pixels = torch.randint(0, 256, (375, 500, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
-            Image.fromarray(pixels.numpy()).save(Path(folder) / f"{i:03d}.jpg", quality=90)
-        dataset = SeededTransform(image_dataset(folder), fd_transform(cfg.img_size, 0.08), seed=0)
-        dataset[0]
+def write_photos(folder, count):
+    """JPEGs of ImageNet's typical size (500x375) and file size (about 110 kB): smooth colour fields
+    with grain. Pure noise would take twice as long to decode as photos do."""
+    generator = torch.Generator().manual_seed(0)
+    for i in range(count):
+        fields = F.interpolate(torch.rand(1, 3, 12, 16, generator=generator), size=(375, 500), mode="bicubic")
+        pixels = (fields[0] + 0.08 * torch.randn(3, 375, 500, generator=generator)).clamp(0, 1)
+        Image.fromarray((255 * pixels).byte().permute(1, 2, 0).numpy()).save(Path(folder) / f"{i:03d}.jpg", quality=90)
+
+
+def per_second(count, run, repeats=3):
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
         start = time.perf_counter()
-        for i in range(count):
-            dataset[i]
-        rate = count / (time.perf_counter() - start)
-    print(f"data pipeline: JPEG 500x375 decode + FD transform to {cfg.img_size} px: {rate:.0f} img/s per worker")
-    print(f"data img/s_per_worker={rate:.1f}")
+        run()
+        times.append(time.perf_counter() - start)
+    return count / statistics.median(times)
+
+
+def bench_data_pipeline(cfg, count=64):
+    """Images/s of the data pipeline on JPEGs: per data-loading worker for the CPU path (decode + FD
+    transform) and for --decode-on-device's share (read the file, draw the crop), and on the
+    training device for decode_and_crop. A run is data-bound when workers x the per-worker rate is
+    below the training step's images/s."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as folder:
+        write_photos(folder, count)
+        size_kb = sum(p.stat().st_size for p in Path(folder).iterdir()) / count / 1000
+        cpu_path = SeededTransform(image_dataset(folder), fd_transform(cfg.img_size, 0.08), seed=0)
+        device_path = SeededTransform(image_dataset(folder, loader=read_undecoded), FDCropBox(cfg.img_size), seed=0)
+        cpu_rate = per_second(count, lambda: [cpu_path[i] for i in range(count)])
+        read_rate = per_second(count, lambda: [device_path[i] for i in range(count)])
+        samples, _, _ = skip_unreadable([device_path[i] for i in range(count)], stack=False)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        decode_rate = per_second(count, lambda: (decode_and_crop(samples, cfg.img_size, device), sync()))
+    print(f"data pipeline, {count} JPEGs of 500x375 ({size_kb:.0f} kB) to {cfg.img_size} px:\n"
+          f"  decode + FD transform in a worker: {cpu_rate:.0f} img/s per worker\n"
+          f"  --decode-on-device: the worker's share {read_rate:.0f} img/s per worker, "
+          f"decode_and_crop on {device.type} {decode_rate:.0f} img/s (batches of {count})")
+    print(f"data img/s_per_worker={cpu_rate:.1f} device_decode_worker_img/s={read_rate:.1f} "
+          f"device_decode_img/s={decode_rate:.1f}")
 
 
 def main(cfg):
@@ -155,6 +235,8 @@ def main(cfg):
     if cfg.data_pipeline:
         return bench_data_pipeline(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.max_batch and device.type != "cuda":
+        raise SystemExit("--max-batch searches GPU memory: it needs a GPU")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__} on {name}")
     tuned = measure(cfg, device)
@@ -165,6 +247,7 @@ def main(cfg):
     if cfg.compare:
         plain_cfg = copy.copy(cfg)
         plain_cfg.amp, plain_cfg.compile, plain_cfg.attn, plain_cfg.grad_ckpt = "fp32", False, "auto", False
+        plain_cfg.max_batch = None  # the tuned run's batch
         plain = measure(plain_cfg, device)
         ratio = tuned["img_s"] / plain["img_s"]
         print(f"{describe(plain_cfg)}: {plain['img_s']:.1f} img/s, {plain['step_ms']:.0f} ms/step; ratio {ratio:.2f}")
