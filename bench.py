@@ -23,12 +23,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import distill
-from data import FDCropBox, SeededTransform, decode_and_crop, fd_transform, image_dataset, read_undecoded, skip_unreadable
+from data import (FDCropBox, SeededTransform, decode_and_crop, fd_transform, image_dataset, read_undecoded,
+                  skip_unreadable)
 from models import (OPENAI_CLIP, Classifier, Teacher, build_from_arch, build_student, load_teacher,
                     parse_vit_name, set_grad_checkpointing, teacher_arch)
 
@@ -187,7 +188,7 @@ def describe(cfg):
 
 def write_photos(folder, count):
     """JPEGs of ImageNet's typical size (500x375) and file size (about 110 kB): smooth colour fields
-    with grain. Pure noise would take twice as long to decode as photos do."""
+    with grain. Pure noise decodes more slowly than photos and would understate the rate."""
     generator = torch.Generator().manual_seed(0)
     for i in range(count):
         fields = F.interpolate(torch.rand(1, 3, 12, 16, generator=generator), size=(375, 500), mode="bicubic")
