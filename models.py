@@ -111,10 +111,7 @@ class RelativePositionBias(nn.Module):
         self.register_buffer("index", relative_position_index(*grid), persistent=False)
 
     def forward(self):
-        # Contiguous: the GPU's fused SDPA kernels refuse a mask whose last dimension is strided,
-        # and PyTorch then falls back to the unfused math kernel (ViT-B FD step on one H100: 1,599
-        # instead of 1,937 img/s).
-        return self.relative_position_bias_table[self.index].permute(2, 0, 1).contiguous()  # (heads, 1+N, 1+N)
+        return self.relative_position_bias_table[self.index].permute(2, 0, 1)  # (heads, 1+N, 1+N)
 
 
 def qkv_heads(x, qkv, q_bias, v_bias, num_heads):
@@ -144,7 +141,10 @@ class Attention(nn.Module):
         attention probabilities (B, heads, N, N); otherwise None in their place."""
         q, k, v = qkv_heads(x, self.qkv, self.q_bias, self.v_bias, self.num_heads)
         if bias is not None:
-            bias = bias.to(q.dtype)
+            # Contiguous: the GPU's fused SDPA kernels refuse a mask whose last dimension is strided
+            # (a permuted bias table), and PyTorch then falls back to the unfused math kernel
+            # (ViT-B FD step on one H100: 1,599 instead of 1,937 img/s).
+            bias = bias.to(q.dtype).contiguous()
         attn = None
         if return_attn:
             # The explicit path, for diagnosis: softmax(q k^T / sqrt(d) + bias) in full precision.
@@ -394,8 +394,7 @@ class ContinuousPositionBias(nn.Module):
 
     def forward(self):
         table = self.rpe_mlp(self.relative_coords_table)  # ((2w-1)^2, heads)
-        # Contiguous for the GPU's fused SDPA kernels (see RelativePositionBias.forward).
-        return 16 * torch.sigmoid(table[self.relative_position_index].permute(2, 0, 1).contiguous())  # (heads, N, N)
+        return 16 * torch.sigmoid(table[self.relative_position_index].permute(2, 0, 1))  # (heads, N, N)
 
 
 class WindowAttention(nn.Module):
@@ -424,7 +423,7 @@ class WindowAttention(nn.Module):
         """x (B*nW, N, C): the N = w*w tokens of each window; bias (heads, N, N) for V2; mask
         (nW, N, N) or None -> (B*nW, N, C) and the probabilities (B*nW, heads, N, N) or None."""
         if self.logit_scale is None:
-            bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1).contiguous()
+            bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
         q, k, v = qkv_heads(x, self.qkv, self.q_bias, self.v_bias, self.num_heads)
         if return_attn:  # the explicit path, for diagnosis, works in full precision
             q, k, v = q.float(), k.float(), v.float()
@@ -439,7 +438,8 @@ class WindowAttention(nn.Module):
         # (windows * heads, N, N) bias + mask broadcast over the batch instead of being copied.
         windows = 1 if mask is None else mask.shape[0]
         attn_bias = bias if mask is None else bias + mask[:, None]  # (heads or nW x heads, N, N)
-        attn_bias = attn_bias.reshape(-1, *attn_bias.shape[-2:]).to(q.dtype)  # (nW*heads, N, N)
+        # (nW*heads, N, N), contiguous for the fused SDPA kernels (see Attention.forward)
+        attn_bias = attn_bias.reshape(-1, *attn_bias.shape[-2:]).to(q.dtype).contiguous()
         q, k, v = (rearrange(t, "(b w) h n d -> b (w h) n d", w=windows) for t in (q, k, v))
         attn = None
         if return_attn:
