@@ -1,5 +1,5 @@
 """Benchmark the FD training step and the fine-tuning step: images/s, step time, peak memory and,
-on a GPU, model FLOPs utilisation. The steps are the very code distill.py and finetune.py run.
+on a GPU, model FLOPs utilisation. The steps use the modules, loss and optimizer of distill.py and finetune.py.
 
     python bench.py --compare                 # ViT-S/16 student + CLIP-style ViT-S teacher, 224 px, batch 16:
                                               # tuned against plain fp32 eager, in one process
@@ -22,16 +22,17 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import distill
+from checkpoints import OPENAI_CLIP, load_teacher, teacher_arch
 from data import (FDCropBox, SeededTransform, decode_and_crop, fd_transform, image_dataset, read_undecoded,
                   skip_unreadable)
-from models import (OPENAI_CLIP, Classifier, Teacher, build_from_arch, build_student, load_teacher,
-                    parse_vit_name, set_grad_checkpointing, teacher_arch)
+from models import Classifier, Teacher, build_from_arch, build_student, parse_vit_name, set_grad_checkpointing
+from training import autocast_dtype, param_groups, prepare_teacher
 
 # Dense bf16 peak of the cards we quote MFU for, in TFLOP/s (without sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -72,33 +73,47 @@ def bench_teacher(name, grid):
 
 
 def make_step(cfg, device):
-    """step(images): one optimizer step of distill.py (or finetune.py), on a model built here."""
+    """step(images): one optimizer step as distill.py (or finetune.py) takes it, on models built
+    here: the same modules, loss and optimizer, one micro-batch (test_fd.py checks that its loss is
+    distill.py's)."""
     torch.manual_seed(0)
     student = build_student(cfg.student, cfg.img_size, drop_path=0.1)
     set_grad_checkpointing(student, cfg.grad_ckpt)
-    dtype = distill.autocast_dtype(cfg.amp, device)
+    dtype = autocast_dtype(cfg.amp, device)
     if cfg.step == "distill":
-        teacher = distill.prepare_teacher(bench_teacher(cfg.teacher, student.grid[0]).to(device), dtype)
-        model = distill.FDStudent(student, teacher.embed_dim).to(device)
+        teacher = prepare_teacher(bench_teacher(cfg.teacher, student.grid[0]).to(device), dtype)
+        if student.num_prefix_tokens != teacher.num_prefix_tokens:
+            raise ValueError("bench.py times ViT students with ViT teachers: every token is in the loss")
+        model = nn.Sequential(student, nn.Linear(student.embed_dim, teacher.embed_dim)).to(device)  # + projector
         run_model, run_teacher = (torch.compile(model), torch.compile(teacher)) if cfg.compile else (model, teacher)
-        compute_loss = distill.fd_objective(run_teacher, student)
+
+        def compute_loss(images):  # distill.py: smooth-L1 (beta 2) to the whitened teacher tokens
+            with torch.no_grad():
+                target = F.layer_norm(run_teacher(images).float(), (teacher.embed_dim,), eps=1e-5)
+            return F.smooth_l1_loss(run_model(images).float(), target, beta=2.0)
     else:
         model = Classifier(student, num_classes=1000).to(device)
         run_model = torch.compile(model) if cfg.compile else model
 
-        def compute_loss(model, images):
-            targets = F.one_hot(torch.arange(len(images), device=device) % 1000, 1000).float()  # as after mixup
-            return torch.sum(-targets * F.log_softmax(model(images).float(), dim=-1), dim=-1).mean()
-    optimizer = torch.optim.AdamW(distill.param_groups(model, 0.05), lr=1e-4, fused=device.type == "cuda")
+        def compute_loss(images):  # finetune.py's soft cross-entropy, targets as after mixup
+            targets = F.one_hot(torch.arange(len(images), device=device) % 1000, 1000).float()
+            return torch.sum(-targets * F.log_softmax(run_model(images).float(), dim=-1), dim=-1).mean()
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     backend = BACKENDS[cfg.attn]
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
     def step(images):
         with sdpa_kernel(backend) if backend else nullcontext():
-            distill.optimizer_step(run_model, [images], compute_loss, optimizer, scaler, 3.0, autocast)
+            with autocast:
+                loss = compute_loss(images)
+            scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if torch.isfinite(nn.utils.clip_grad_norm_(model.parameters(), 3.0)):  # synchronises, as distill.py
+            scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
     return step
 
 

@@ -24,7 +24,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from data import SyntheticShapes, eval_transform, image_dataset
-from models import Classifier, load_model_file, load_pretrained, relative_position_index
+from checkpoints import load_model_file, load_pretrained
+from models import Classifier, relative_position_index
 
 TOOLS = ("distance", "diversity", "maps", "landscape", "cka", "hessian")
 DEFAULT_MODELS = ["Original=vit_tiny_patch16", "Distilled=out/distill/student.pth"]  # distill.py's default run
@@ -163,6 +164,21 @@ def flatness(alphas, curves, radii=(0.25, 0.5, 1.0)):
 
 
 # ----------------------------------------------------------------------------- model plumbing
+def attention_maps(encoder, images):
+    """The encoder's output tokens and every attention layer's probabilities, in forward order:
+    (B, heads, T, T) for a ViT, (B * windows, heads, w*w, w*w) for Swin. For this one forward the
+    layers take their explicit path, which keeps them (models.Attention.keep_probs)."""
+    layers = [m for m in encoder.modules() if hasattr(m, "keep_probs")]
+    for layer in layers:
+        layer.keep_probs = True
+    try:
+        tokens = encoder(images)
+    finally:
+        for layer in layers:
+            del layer.keep_probs  # back to the class's False
+    return tokens, [layer.__dict__.pop("probs") for layer in layers]
+
+
 def encoder_of(model):
     return model.encoder if isinstance(model, Classifier) else model
 
@@ -265,7 +281,7 @@ def run_attention(model, images, batch_size, renorm, keep_layers, desc=""):
     try:
         for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
             x = images[start:start + batch_size]
-            tokens, attns = encoder(x, return_attn=True)
+            tokens, attns = attention_maps(encoder, x)
             features.append(tokens[:, encoder.num_prefix_tokens:].mean(1))  # the output has no registers
             sums = sums or [dict(n=0, distance=0, prefix=0, cosine=0, kl=0, maps=0) for _ in attns]
             for s, attn in zip(sums, attns):

@@ -16,12 +16,14 @@ lines (step, epoch, loss, lr, img_per_s) and one eval line per epoch (top1, top5
 import argparse
 import json
 import os
+import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -31,12 +33,11 @@ from tqdm import tqdm
 
 from data import (SeededTransform, SyntheticShapes, eval_transform, image_dataset, skip_unreadable, steps_of_batches,
                   train_loader)
-from distill import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, default_workers, git_hash,
-                     load_resume, lr_at, optimizer_step, param_groups, restore_rng, rng_states, save_atomic,
-                     save_checkpoint_files, schedule, set_lr, setup_distributed)
-from models import (IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, load_model_file,
-                    load_pretrained, read_encoder_file, resize_grid, resize_pos_embed,
-                    swin_shared_to_per_block, swin_stage_windows)
+from checkpoints import load_model_file, load_pretrained, read_encoder_file, resize_grid, resize_pos_embed
+from models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, swin_stage_windows
+from training import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, default_workers, git_hash,
+                      load_resume, lr_at, param_groups, restore_rng, rng_states, save_atomic, save_checkpoint_files,
+                      schedule, setup_distributed)
 
 # ----------------------------------------------------------------------------- presets
 # The official fine-tuning configs (PAPER.md §6, configs/finetune/*); lr, min_lr and warmup_lr are
@@ -145,6 +146,26 @@ def shared_bias_to_per_block(state, depth):
     for i in range(depth):
         state[f"blocks.{i}.rel_pos_bias.relative_position_bias_table"] = table.clone()
     return state
+
+
+def swin_shared_to_per_block(state_dict):
+    """A V2 state dict with one position-bias MLP per stage (`layers.i.rel_pos_bias.*`) -> one
+    copy in every block of that stage (`layers.i.blocks.j.rel_pos_bias.*`), for fine-tuning a
+    model built with position_bias='per_block'. The function of the model does not change."""
+    depths = {}
+    for key in state_dict:
+        match = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", key)
+        if match:
+            depths[match[1]] = max(depths.get(match[1], 0), int(match[2]) + 1)
+    converted = {}
+    for key, value in state_dict.items():
+        match = re.fullmatch(r"layers\.(\d+)\.rel_pos_bias\.(.+)", key)
+        if match is None:
+            converted[key] = value
+            continue
+        for j in range(depths[match[1]]):
+            converted[f"layers.{match[1]}.blocks.{j}.rel_pos_bias.{match[2]}"] = value.clone()
+    return converted
 
 
 def resize_rel_pos_table(table, old_grid, new_grid):
@@ -342,7 +363,7 @@ def evaluate(model, loader, device, autocast, world_size):
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, summed loss, images
     for images, labels, _ in loader:  # unreadable images are left out, with a warning
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast():
+        with autocast:
             logits = model(images).float()
         loss = F.cross_entropy(logits, labels, reduction="sum").double()
         totals += torch.cat([topk_correct(logits, labels), torch.stack([loss, loss.new_tensor(len(labels))])])
@@ -377,9 +398,7 @@ def main(args):
     if args.workers is None:
         args.workers = default_workers()
     dtype = autocast_dtype(args.amp, device)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
     train_images, val_images = labelled_splits(args)
     num_classes = len(train_images.classes)
@@ -444,10 +463,6 @@ def main(args):
         train_model = torch.compile(train_model)
     mixer = mixup_cutmix(args, num_classes)
 
-    def compute_loss(model, batch):
-        images, targets = soft_targets(*batch, num_classes, mixer, args.smoothing)
-        return soft_cross_entropy(model(images), targets)
-
     commit = git_hash()
     model_file = dict(arch=model.arch, recipe=args.recipe, init=args.init, git=commit)
 
@@ -480,11 +495,25 @@ def main(args):
         model.encoder.eval()  # frozen: no drop path
     # Each step's batch: `accum` micro-batches of (images, labels, unreadable images left out).
     for epoch, batch in steps_of_batches(loader, sampler, dataset, step, steps_per_epoch, total_steps, args.accum):
-        micro_batches = [[t.to(device, non_blocking=True) for t in b[:2]] for b in batch]
         lr = lr_at(step, total_steps, warmup_steps, **lrs)
-        set_lr(optimizer, lr)
-        loss, finite = optimizer_step(train_model, micro_batches, compute_loss, optimizer, scaler, args.clip_grad,
-                                      autocast)
+        for group in optimizer.param_groups:  # layer-wise decay: each group its own scale of the lr
+            group["lr"] = lr * group["lr_scale"]
+        loss = 0.0
+        for i, (images, labels, _) in enumerate(batch):
+            images, targets = soft_targets(images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+                                           num_classes, mixer, args.smoothing)
+            # As in distill.py: gradients all-reduced on the last micro-batch only, non-finite steps skipped.
+            with nullcontext() if i == len(batch) - 1 or world_size == 1 else train_model.no_sync():
+                with autocast:
+                    micro_loss = soft_cross_entropy(train_model(images), targets)
+                scaler.scale(micro_loss / len(batch)).backward()
+            loss += micro_loss.detach() / len(batch)
+        scaler.unscale_(optimizer)
+        finite = bool(torch.isfinite(nn.utils.clip_grad_norm_(train_model.parameters(), args.clip_grad)))
+        if finite:
+            scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
         step += 1
         log.add(loss, finite, step, bad_images=sum(int(b[2]) for b in batch))
         progress.update()

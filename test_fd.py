@@ -22,15 +22,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import checkpoints
 import diagnose
 import distill
 import finetune
 import models
+import training
+from checkpoints import esvit_to_swin, load_model_file, load_pretrained, load_teacher
 from data import SeededTransform, SyntheticShapes, fd_transform, image_dataset
+from diagnose import attention_maps
+from finetune import swin_shared_to_per_block
 from models import (Attention, Classifier, SWIN_SIZES, SwinTransformer, VisionTransformer, build_from_arch,
-                    build_student, esvit_to_swin, load_model_file, load_pretrained, load_teacher, log_spaced_offsets,
-                    relative_position_index, swin_shared_to_per_block, window_partition, window_position_index,
-                    window_reverse)
+                    build_student, log_spaced_offsets, relative_position_index, window_partition,
+                    window_position_index, window_reverse)
 
 REPO = Path(__file__).resolve().parent
 MICRO = ["--teacher", "vit_micro_patch8", "--student", "vit_micro_patch8", "--img-size", "32",
@@ -53,7 +57,8 @@ def micro_pair(drop_path=0.0, seed=0):
 
 
 def fd_closure(teacher):
-    return distill.fd_objective(teacher, build_student("vit_micro_patch8", 32))
+    """The loss distill.main computes for the micro ViT pair (every token, class token included)."""
+    return lambda model, images: distill.fd_loss(model(images), distill.distillation_target(teacher, images, (4, 4)))
 
 
 # ----------------------------------------------------------------------------- models
@@ -94,9 +99,9 @@ def test_sdpa_path_equals_explicit_softmax_attention():
     probs = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(dim // heads) + bias, dim=-1)
     reference = attn.proj((probs @ v).transpose(1, 2).reshape(2, n, dim))
 
-    fused, none = attn(x, bias)
-    explicit, returned = attn(x, bias, return_attn=True)
-    assert none is None
+    fused = attn(x, bias)
+    attn.keep_probs = True  # the explicit path, which keeps the probabilities
+    explicit, returned = attn(x, bias), attn.probs
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(explicit, reference, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(returned, probs, atol=1e-6, rtol=1e-5)
@@ -108,7 +113,7 @@ def test_model_attention_path_returns_probabilities_and_same_tokens():
     with torch.no_grad():
         model.rel_pos_bias.relative_position_bias_table.normal_()
     images = torch.rand(2, 3, 32, 32)
-    tokens, attns = model(images, return_attn=True)
+    tokens, attns = attention_maps(model, images)
     torch.testing.assert_close(tokens, model(images), atol=1e-5, rtol=1e-5)
     assert tokens.shape == (2, 1 + 16, 32) and len(attns) == 2
     assert attns[0].shape == (2, 2, 17, 17)
@@ -139,7 +144,7 @@ def test_official_initialisation():
     model = build_student("vit_tiny_patch16", 224)
     table = model.rel_pos_bias.relative_position_bias_table
     assert table.shape == ((2 * 14 - 1) ** 2 + 3, 3) and (table == 0).all()
-    assert (model.blocks[5].gamma_1 == 0.1).all() and model.pos_embed is None
+    assert (model.blocks[5].gamma_1 == 0.1).all() and not hasattr(model, "pos_embed")
     assert "rel_pos_bias.index" not in model.state_dict()  # index tables are not saved
     # Output projections shrink as 1/sqrt(2 (i+1)): block 3's are half as large as block 0's.
     ratio = model.blocks[0].mlp.fc2.weight.std() / model.blocks[3].mlp.fc2.weight.std()
@@ -251,10 +256,10 @@ PUBLISHED_LAYOUTS = {  # full-size key layouts of the published files, as meta t
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_LAYOUTS))
 def test_published_layout_fits_the_teacher_architecture_exactly(name):
-    published = models.unwrap_state_dict(PUBLISHED_LAYOUTS[name](), name)
-    converted = models.CONVERTERS[models.TEACHERS[name]["layout"]](published)
+    published = checkpoints.unwrap_state_dict(PUBLISHED_LAYOUTS[name](), name)
+    converted = checkpoints.CONVERTERS[checkpoints.TEACHERS[name]["layout"]](published)
     with torch.device("meta"):
-        expected = models.build_from_arch(models.TEACHERS[name]["arch"]).state_dict()
+        expected = models.build_from_arch(checkpoints.TEACHERS[name]["arch"]).state_dict()
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in expected.items()}
 
 
@@ -354,7 +359,7 @@ class TinyOpenAICLIP(torch.nn.Module):
 
     def forward(self, images):
         v = self.visual
-        x = (images - torch.tensor(models.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(models.CLIP_STD).view(1, 3, 1, 1)
+        x = (images - torch.tensor(checkpoints.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(checkpoints.CLIP_STD).view(1, 3, 1, 1)
         x = v.conv1(x).flatten(2).transpose(1, 2)
         x = torch.cat([v.class_embedding.expand(len(x), 1, -1), x], 1) + v.positional_embedding
         x = v.transformer.resblocks(v.ln_pre(x).transpose(0, 1)).transpose(0, 1)
@@ -380,7 +385,7 @@ def test_openai_clip_torchscript_archive_read_without_jit_matches_the_original(t
     archive.save(str(tmp_path / "ViT-tiny.pt"))
 
     with zipfile.ZipFile(tmp_path / "ViT-tiny.pt") as zf:
-        tensors = models.read_torchscript(zf)
+        tensors = checkpoints.read_torchscript(zf)
     reference = torch.jit.load(str(tmp_path / "ViT-tiny.pt")).state_dict()
     assert set(tensors) == set(reference)
     assert all(torch.equal(tensors[k], reference[k]) and tensors[k].dtype == reference[k].dtype for k in reference)
@@ -637,7 +642,7 @@ def test_shifted_windows_give_zero_probability_across_regions(version):
     # weights with V2's temperature of 100 can push some below the smallest float).
     torch.manual_seed(0)
     model = build_swin(f"swin{'v2' if version == 2 else ''}_micro_window4", 32).eval()
-    _, attns = model(torch.rand(2, 3, 32, 32), return_attn=True)
+    _, attns = attention_maps(model, torch.rand(2, 3, 32, 32))
     H, shift = 8, 2
     for block, probs in enumerate(attns[:2]):  # stage 0: an 8x8 map in 2x2 windows of 4x4
         assert probs.shape == (2 * 4, model.arch["num_heads"][0], 16, 16)
@@ -673,7 +678,7 @@ def test_window_shrinks_to_the_map_and_then_does_not_shift():
 def test_shapes_through_all_stages():
     model = build_swin("swinv2_tiny_window7", 224).eval()
     with torch.no_grad():
-        tokens, attns = model(torch.rand(1, 3, 224, 224), return_attn=True)
+        tokens, attns = attention_maps(model, torch.rand(1, 3, 224, 224))
     assert tokens.shape == (1, 49, 768) and model.grid == (7, 7) and model.embed_dim == 768
     expected = [(64, 3)] * 2 + [(16, 6)] * 2 + [(4, 12)] * 6 + [(1, 24)] * 2  # (windows, heads)
     assert [tuple(a.shape) for a in attns] == [(n, h, 49, 49) for n, h in expected]
@@ -718,9 +723,10 @@ def test_block_fast_and_explicit_paths_equal_a_loop_over_windows(version):
         mlp = mlp @ state[p + "mlp.fc2.weight"].T + state[p + "mlp.fc2.bias"]
         expected = y + (mlp if version == 1 else layer_norm(mlp, state, p + "norm2", eps))
         bias = stage.rel_pos_bias() if version == 2 else None
-        fast, none = stage.blocks[j](x, bias)
-        explicit, probs = stage.blocks[j](x, bias, return_attn=True)
-        assert none is None and probs.shape == (8, heads, 16, 16)
+        fast = stage.blocks[j](x, bias)
+        stage.blocks[j].attn.keep_probs = True
+        explicit, probs = stage.blocks[j](x, bias), stage.blocks[j].attn.probs
+        assert probs.shape == (8, heads, 16, 16)
         torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(explicit, expected, rtol=1e-4, atol=1e-4)
 
@@ -803,15 +809,15 @@ def test_esvit_checkpoint_loads_strictly_and_matches_an_independent_forward(tmp_
     assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == expected_keys
     with pytest.raises(pickle.UnpicklingError):  # the pickled Namespace needs the safe way around
         torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    loaded = models.read_checkpoint(tmp_path / "checkpoint.pth")["student"]
+    loaded = checkpoints.read_checkpoint(tmp_path / "checkpoint.pth")["student"]
     model.load_state_dict(esvit_to_swin(loaded))  # strict
     images = torch.rand(2, 3, 64, 64)
     expected = reference_swin_v1(backbone, images, ESVIT_TINY["depths"], ESVIT_TINY["num_heads"], 4)
     torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-4)
     assert model(images).shape == (2, 4, 256)
     # The same file through the teacher loader, as `--teacher esvit` reads it (with a tiny architecture).
-    tiny = dict(models.TEACHERS["esvit"], arch=dict(model.arch, img_size=64))
-    monkeypatch.setitem(models.TEACHERS, "esvit", tiny)
+    tiny = dict(checkpoints.TEACHERS["esvit"], arch=dict(model.arch, img_size=64))
+    monkeypatch.setitem(checkpoints.TEACHERS, "esvit", tiny)
     torch.testing.assert_close(load_teacher("esvit", tmp_path / "checkpoint.pth")(images), expected,
                                rtol=1e-4, atol=1e-4)
 
@@ -825,7 +831,7 @@ def test_esvit_checkpoint_loads_strictly_and_matches_an_independent_forward(tmp_
 def test_esvit_swin_b_layout_fits_the_teacher_architecture_exactly():
     layout = esvit_backbone_layout(224, 4, 128, [2, 2, 18, 2], [4, 8, 16, 32], 14)
     with torch.device("meta"):
-        teacher = models.build_from_arch(models.TEACHERS["esvit"]["arch"])
+        teacher = models.build_from_arch(checkpoints.TEACHERS["esvit"]["arch"])
     assert {k: tuple(v.shape) for k, v in teacher.state_dict().items()} == {
         k: shape for k, shape in layout.items() if not k.endswith("relative_position_index")}
     assert sum(v.numel() for v in teacher.state_dict().values()) == 86_917_944  # timm's Swin-B/W14 count
@@ -844,7 +850,7 @@ def test_every_attention_backend_equals_the_explicit_computation(backend, name):
         for param in model.parameters():
             param.add_(0.1 * torch.randn_like(param))  # a non-zero position bias, LayerScale off 0.1
     images = torch.rand(2, 3, 32, 32, device=device)
-    explicit, _ = model(images, return_attn=True)
+    explicit, _ = attention_maps(model, images)
     explicit.square().mean().backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -930,7 +936,7 @@ def test_bf16_autocast_tracks_fp32_and_the_bf16_teacher_is_exact():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = compute_loss(model, images)
         target = distill.distillation_target(teacher, images, (4, 4))
-        distill.prepare_teacher(teacher, torch.bfloat16)
+        training.prepare_teacher(teacher, torch.bfloat16)
         assert teacher.encoder.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
         assert torch.equal(distill.distillation_target(teacher, images, (4, 4)), target)
     assert abs(bf16.item() - fp32.item()) < 0.02 * fp32.item()  # bf16 keeps 8 bits of mantissa
@@ -962,80 +968,70 @@ def test_teacher_tokens_resized_to_student_grid():
     torch.testing.assert_close(resized.view(4, 4)[0], torch.tensor([0.0, 1.0, 2.0, 3.0]))
 
 
-@pytest.mark.parametrize("student_name, teacher_name", [("vit_micro_patch8", "swin"), ("swinv2_micro_window4", "vit")])
-def test_class_token_in_the_loss_only_when_both_have_one(student_name, teacher_name):
-    student = build_student(student_name, 32)
-    if teacher_name == "swin":
-        teacher = models.Teacher(models.SwinTransformer(version=1, img_size=32, embed_dim=16, depths=[2, 2],
-                                                        num_heads=[2, 2], window_size=4, position_bias="per_block"))
-    else:
-        teacher = load_teacher("vit_micro_patch8", grid=4)
-    model = distill.FDStudent(student, teacher.embed_dim)
-    images = torch.rand(2, 3, 32, 32)
-    tokens = teacher(images)
-    target = F.layer_norm(torch.cat([tokens[:, teacher.num_prefix_tokens:]]), tokens.shape[-1:])  # patches only
-    prediction = model(images)[:, student.num_prefix_tokens:]
-    assert tuple(student.grid) == (4, 4) and target.shape[1] == prediction.shape[1] == 16
-    loss = distill.fd_objective(teacher, student)(model, images)
-    torch.testing.assert_close(loss, F.smooth_l1_loss(prediction, target, beta=2.0))
+@pytest.mark.parametrize("student_name, teacher_name, tokens", [
+    ("vit_micro_patch8", "vit", 1 + 16), ("vit_micro_patch8", "swin", 16), ("swinv2_micro_window4", "vit", 16)])
+def test_loss_of_main_is_smooth_l1_on_projected_tokens_class_token_only_when_both_have_one(
+        tmp_path, monkeypatch, student_name, teacher_name, tokens):
+    # One step of distill.main at lr 0 (the weights stay as initialised), its loss recomputed here from
+    # the images it saw, the student it returns and the projector it saved.
+    if teacher_name == "swin":  # a Swin V1 teacher with a 4x4 output grid and no class token
+        swin = models.SwinTransformer(version=1, img_size=32, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
+                                      window_size=4, position_bias="per_block")
+        monkeypatch.setattr(distill, "load_teacher", lambda *args, **kwargs: models.Teacher(swin))
+    seen, real_loss, real_target = {}, distill.fd_loss, distill.distillation_target
+
+    def target_spy(teacher, images, grid, with_cls=True):
+        seen.update(teacher=teacher, images=images)
+        return real_target(teacher, images, grid, with_cls)
+
+    def loss_spy(prediction, target):
+        seen["loss"] = real_loss(prediction, target)
+        return seen["loss"]
+    monkeypatch.setattr(distill, "distillation_target", target_spy)
+    monkeypatch.setattr(distill, "fd_loss", loss_spy)
+    argv = [*MICRO, "--student", student_name, "--synthetic-images", "8", "--epochs", "1", "--drop-path", "0",
+            "--lr", "0", "--min-lr", "0", "--warmup-lr", "0", "--out", str(tmp_path)]
+    student = distill.main(parse(*argv)).eval()
+    projector = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["projector"]
+    images, teacher = seen["images"], seen["teacher"]
+    with torch.no_grad():
+        teacher_tokens = teacher(images)  # (B, [1 +] 16, C): a 4x4 grid for every pairing here
+        student_tokens = student(images) @ projector["weight"].T + projector["bias"]
+    target = teacher_tokens[:, teacher_tokens.shape[1] - tokens:]
+    mean, var = target.mean(-1, keepdim=True), target.var(-1, unbiased=False, keepdim=True)
+    whitened = (target - mean) / torch.sqrt(var + 1e-5)  # a LayerNorm without scale or bias, eps 1e-5
+    diff = (student_tokens[:, student_tokens.shape[1] - tokens:] - whitened).abs()
+    expected = torch.where(diff < 2.0, 0.5 * diff ** 2 / 2.0, diff - 1.0).mean()  # smooth L1, beta 2
+    torch.testing.assert_close(seen["loss"], expected, rtol=1e-5, atol=1e-6)
+    assert read_log(tmp_path)[0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_overfitting_one_batch_drives_the_loss_down():
-    teacher, model = micro_pair()
-    images = torch.rand(8, 3, 32, 32)
-    optimizer = torch.optim.AdamW(distill.param_groups(model, 0.05), lr=2e-3)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    losses = [distill.optimizer_step(model, [images], fd_closure(teacher), optimizer, scaler, 3.0,
-                                     torch.enable_grad)[0].item() for _ in range(40)]
-    assert losses[-1] < 0.3 * losses[0]
+def test_overfitting_one_batch_drives_the_loss_down(tmp_path):
+    # distill.main on the same 8 images for 40 steps, no drop path and whole-image crops: the step learns.
+    argv = [*MICRO, "--synthetic-images", "8", "--epochs", "40", "--warmup-epochs", "0", "--lr", "0.1",
+            "--min-lr", "0.1", "--drop-path", "0", "--min-crop-scale", "1", "--out", str(tmp_path)]
+    distill.main(parse(*argv))
+    losses = [r["loss"] for r in read_log(tmp_path)]
+    assert len(losses) == 40 and losses[-1] < 0.3 * losses[0], losses
 
 
-def test_gradient_accumulation_equals_one_step_on_the_double_batch():
-    teacher, model_a = micro_pair()
-    _, model_b = micro_pair()
-    images = torch.rand(8, 3, 32, 32)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    losses = []
-    for model, micro_batches in ((model_a, [images[:4], images[4:]]), (model_b, [images])):
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        losses.append(distill.optimizer_step(model, micro_batches, fd_closure(teacher), optimizer, scaler, 1e9,
-                                             torch.enable_grad)[0])
-    torch.testing.assert_close(losses[0], losses[1])
-    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
-    assert any((a != b0).any() for a, b0 in zip(model_a.parameters(), micro_pair()[1].parameters()))
-
-
-def test_accumulation_all_reduces_once_per_optimizer_step(tmp_path):
-    # A one-process gloo group is enough to count DDP's gradient reductions.
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    try:
-        teacher, model = micro_pair()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        reductions = []
-
-        def counting_hook(state, bucket):
-            reductions.append(bucket.index())
-            future = torch.futures.Future()
-            future.set_result(bucket.buffer())
-            return future
-
-        ddp.register_comm_hook(None, counting_hook)
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        scaler = torch.amp.GradScaler("cpu", enabled=False)
-        images = torch.rand(8, 3, 32, 32)
-        distill.optimizer_step(ddp, [images], fd_closure(teacher), optimizer, scaler, 3.0, torch.enable_grad)
-        per_step = len(reductions)
-        distill.optimizer_step(ddp, [images[:2], images[2:4], images[4:6], images[6:]], fd_closure(teacher),
-                               optimizer, scaler, 3.0, torch.enable_grad)
-        assert per_step >= 1 and len(reductions) == 2 * per_step  # 4 micro-steps, one reduction
-    finally:
-        torch.distributed.destroy_process_group()
+def test_gradient_accumulation_equals_one_step_on_the_double_batch(tmp_path):
+    # 2 micro-batches of 4 and one batch of 8: the same images, losses and weights, step by step.
+    argv = [*MICRO, "--epochs", "1", "--drop-path", "0"]
+    whole = distill.main(parse(*argv, "--out", str(tmp_path / "whole")))
+    accumulated = distill.main(parse(*argv, "--batch-size", "4", "--accum", "2", "--out", str(tmp_path / "accum")))
+    for a, b in zip(read_log(tmp_path / "whole"), read_log(tmp_path / "accum"), strict=True):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for (name, a), b in zip(whole.named_parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    torch.manual_seed(0)
+    start = build_student("vit_micro_patch8", 32)  # the runs' initialisation: training moved the weights
+    assert not torch.equal(whole.blocks[0].attn.qkv.weight, start.blocks[0].attn.qkv.weight)
 
 
 def test_weight_decay_groups_and_lr_schedule():
     _, model = micro_pair()
-    groups = distill.param_groups(model, 0.05)
+    groups = training.param_groups(model, 0.05)
     decayed = {id(p) for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in decayed}
     assert names == {f"student.blocks.{i}.{m}.weight" for i in range(2)
@@ -1043,9 +1039,9 @@ def test_weight_decay_groups_and_lr_schedule():
         "student.patch_embed.weight", "projector.weight"}
     # Warmup from warmup_lr to lr, then cosine to min_lr, by hand.
     kw = dict(total_steps=110, warmup_steps=10, lr=1.0, min_lr=0.1, warmup_lr=0.0)
-    assert distill.lr_at(0, **kw) == 0.0 and distill.lr_at(5, **kw) == 0.5
-    assert distill.lr_at(10, **kw) == 1.0 and distill.lr_at(110, **kw) == pytest.approx(0.1)
-    assert distill.lr_at(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert training.lr_at(0, **kw) == 0.0 and training.lr_at(5, **kw) == 0.5
+    assert training.lr_at(10, **kw) == 1.0 and training.lr_at(110, **kw) == pytest.approx(0.1)
+    assert training.lr_at(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5)
 
 
 def test_compiled_run_matches_eager_and_saves_plain_keys(tmp_path):
@@ -1199,19 +1195,19 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     argv = [*MICRO, "--epochs", "2", "--save-every", "5"]  # 8 steps per epoch, 16 in all
     full = distill.main(parse(*argv, "--out", str(tmp_path / "full")))
 
-    real_step, calls = distill.optimizer_step, []
+    real_loss, calls = distill.fd_loss, []
 
-    def crash_at_step_7(*args, **kwargs):
+    def crash_at_step_7(*args, **kwargs):  # one loss per step (no accumulation)
         calls.append(1)
         if len(calls) == 7:
             raise KeyboardInterrupt("simulated crash")
-        return real_step(*args, **kwargs)
+        return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(distill, "optimizer_step", crash_at_step_7)
+    monkeypatch.setattr(distill, "fd_loss", crash_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         distill.main(parse(*argv, "--out", str(tmp_path / "crashed")))
     assert torch.load(tmp_path / "crashed" / "checkpoint.pth", weights_only=True)["step"] == 5
-    monkeypatch.setattr(distill, "optimizer_step", real_step)
+    monkeypatch.setattr(distill, "fd_loss", real_loss)
     resumed = distill.main(parse(*argv, "--out", str(tmp_path / "crashed")))
 
     steps = [r["step"] for r in read_log(tmp_path / "crashed")]
@@ -1314,8 +1310,17 @@ def test_torchrun_two_cpu_ranks_with_accumulation_hold_identical_weights(tmp_pat
         "import os, sys, torch\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
         "import distill\n"
+        "from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook\n"
+        "reductions = []\n"
+        "class CountingDDP(distill.DistributedDataParallel):  # counts the gradient all-reduces\n"
+        "    def __init__(self, *args, **kwargs):\n"
+        "        super().__init__(*args, **kwargs)\n"
+        "        self.register_comm_hook(None, lambda state, bucket: reductions.append(1) or "
+        "allreduce_hook(state, bucket))\n"
+        "distill.DistributedDataParallel = CountingDDP\n"
         "student = distill.main(distill.get_args_parser().parse_args(sys.argv[1:]))\n"
-        f"torch.save(student.state_dict(), os.path.join({str(out)!r}, f\"rank{{os.environ['RANK']}}.pt\"))\n")
+        f"torch.save(dict(student.state_dict(), reductions=torch.tensor(len(reductions))), "
+        f"os.path.join({str(out)!r}, f\"rank{{os.environ['RANK']}}.pt\"))\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            str(driver), *MICRO, "--accum", "2", "--batch-size", "4", "--epochs", "1", "--out", str(out)]
@@ -1326,6 +1331,7 @@ def test_torchrun_two_cpu_ranks_with_accumulation_hold_identical_weights(tmp_pat
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]  # 64 images / 16 per step
+    assert rank0["reductions"] == 4  # one all-reduce per optimizer step (one bucket), not one per micro-batch
     state = torch.load(out / "checkpoint.pth", weights_only=True)
     assert len(state["rng"]) == 2 and state["step"] == 4
     torch.manual_seed(0)
@@ -1339,13 +1345,13 @@ def test_a_rank_that_dies_takes_the_job_down_instead_of_hanging(tmp_path):
         "import os, sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
         "import distill\n"
-        "real_step, calls = distill.optimizer_step, []\n"
-        "def failing_step(*args, **kwargs):\n"
+        "real_loss, calls = distill.fd_loss, []\n"
+        "def failing_loss(*args, **kwargs):\n"
         "    calls.append(1)\n"
         "    if os.environ['RANK'] == '1' and len(calls) == 2:\n"
         "        raise RuntimeError('simulated failure on rank 1')\n"
-        "    return real_step(*args, **kwargs)\n"
-        "distill.optimizer_step = failing_step\n"
+        "    return real_loss(*args, **kwargs)\n"
+        "distill.fd_loss = failing_loss\n"
         "distill.main(distill.get_args_parser().parse_args(sys.argv[1:]))\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
            str(driver), *MICRO, "--batch-size", "4", "--epochs", "1", "--out", str(tmp_path / "run")]
@@ -1414,8 +1420,8 @@ def test_relative_position_table_resized_bicubically_keeping_class_rows():
 
 def test_absolute_position_embedding_resized_keeping_the_class_token():
     pos_embed = torch.randn(1, 1 + 4 * 4, 8)
-    assert torch.equal(models.resize_pos_embed(pos_embed, (4, 4), (4, 4)), pos_embed)
-    resized = models.resize_pos_embed(pos_embed, (4, 4), (6, 6))
+    assert torch.equal(checkpoints.resize_pos_embed(pos_embed, (4, 4), (4, 4)), pos_embed)
+    resized = checkpoints.resize_pos_embed(pos_embed, (4, 4), (6, 6))
     assert resized.shape == (1, 1 + 36, 8) and torch.equal(resized[:, 0], pos_embed[:, 0])
     image = pos_embed[0, 1:].T.reshape(1, 8, 4, 4)
     expected = F.interpolate(image, size=(6, 6), mode="bicubic", align_corners=False).reshape(8, 36).T
@@ -1423,10 +1429,10 @@ def test_absolute_position_embedding_resized_keeping_the_class_token():
 
 
 def test_layer_decay_scales_every_parameter_group():
-    encoder = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, rel_pos="per_block",
-                                abs_pos=True)
+    encoder = models.PretrainedViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                   rel_pos="per_block", abs_pos=True)
     model = Classifier(encoder, 10)
-    groups = distill.param_groups(model, 0.05, finetune.layer_decay_scale(encoder.arch, 0.5))
+    groups = training.param_groups(model, 0.05, finetune.layer_decay_scale(encoder.arch, 0.5))
 
     def by_hand(name):  # depth 2: ids 0 (embeddings), 1 and 2 (blocks), 3 (head, fc_norm); scale 0.5^(3 - id)
         if name in ("encoder.cls_token", "encoder.pos_embed") or name.startswith("encoder.patch_embed."):
@@ -1444,9 +1450,6 @@ def test_layer_decay_scales_every_parameter_group():
     for group in groups:
         for param in group["params"]:
             assert group["lr_scale"] == by_hand(names[id(param)]), names[id(param)]
-    optimizer = torch.optim.AdamW(groups)
-    distill.set_lr(optimizer, 2.0)
-    assert sorted({g["lr"] for g in optimizer.param_groups}) == [0.25, 0.5, 1.0, 2.0]
     decayed = {names[id(p)] for g in groups if g["weight_decay"] for p in g["params"]}
     assert "head.weight" in decayed and "head.bias" not in decayed and "encoder.blocks.0.rel_pos_bias." \
         "relative_position_bias_table" not in decayed and "encoder.pos_embed" not in decayed
@@ -1592,19 +1595,19 @@ def test_finetune_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     # RandAugment and erasing on: their random draws must continue as in the uninterrupted run
     full, _ = finetune.main(ft_parse(*argv, "--out", str(tmp_path / "full")))
 
-    real_step, calls = finetune.optimizer_step, []
+    real_loss, calls = finetune.soft_cross_entropy, []
 
-    def crash_at_step_11(*args, **kwargs):
+    def crash_at_step_11(*args, **kwargs):  # one loss per step (no accumulation)
         calls.append(1)
         if len(calls) == 11:
             raise KeyboardInterrupt("simulated crash")
-        return real_step(*args, **kwargs)
+        return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(finetune, "optimizer_step", crash_at_step_11)
+    monkeypatch.setattr(finetune, "soft_cross_entropy", crash_at_step_11)
     with pytest.raises(KeyboardInterrupt):
         finetune.main(ft_parse(*argv, "--out", str(tmp_path / "crashed")))
     assert torch.load(tmp_path / "crashed" / "checkpoint.pth", weights_only=True)["step"] == 9
-    monkeypatch.setattr(finetune, "optimizer_step", real_step)
+    monkeypatch.setattr(finetune, "soft_cross_entropy", real_loss)
     resumed, _ = finetune.main(ft_parse(*argv, "--out", str(tmp_path / "crashed")))
 
     def without_speed(out):
@@ -1701,9 +1704,9 @@ def test_encoders_of_classifiers_and_checkpoints_serve_as_teachers(distilled, tm
     torch.testing.assert_close(from_checkpoint(images), student(images))
     from_classifier = load_teacher("mine", tmp_path / "classifier.pth", grid=4)
     torch.testing.assert_close(from_classifier.encoder.forward_features(images), student.forward_features(images))
-    assert models.infer_vit_arch(models.convert_timm(timm_layout(1280, 1, 14, 2, make=meta)))["num_heads"] == 16
+    assert checkpoints.infer_vit_arch(checkpoints.convert_timm(timm_layout(1280, 1, 14, 2, make=meta)))["num_heads"] == 16
     with pytest.raises(ValueError, match="width 100: its number of heads is unknown"):
-        models.infer_vit_arch(models.convert_timm(timm_layout(100, 1, 14, 2, make=meta)))
+        checkpoints.infer_vit_arch(checkpoints.convert_timm(timm_layout(100, 1, 14, 2, make=meta)))
 
 
 def test_swin_student_finetunes_with_per_block_bias_and_layer_decay_per_block(tmp_path):
@@ -1865,8 +1868,8 @@ def test_linear_head_fit_is_deterministic_and_folds_the_standardisation():
 
 def test_diagnose_one_model_with_registers(tmp_path):
     torch.manual_seed(0)
-    encoder = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, rel_pos=None,
-                                abs_pos=True, qv_bias=False, layer_scale=None, num_registers=2)
+    encoder = models.PretrainedViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, rel_pos=None,
+                                   abs_pos=True, qv_bias=False, layer_scale=None, num_registers=2)
     torch.save({"arch": encoder.arch, "model": encoder.state_dict()}, tmp_path / "reg.pth")
     diagnose.main(diagnose.get_args_parser().parse_args([
         "--model", str(tmp_path / "reg.pth"), "--images", "8", "--tools", "maps,distance", "--dpi", "30",
@@ -1904,7 +1907,7 @@ def test_diagnose_main_writes_every_json_and_png(tmp_path):
     teacher = load_pretrained("vit_micro_patch8", None, 32).eval()
     images = diagnose.load_images(None, 12, 32)[0]
     with torch.no_grad():
-        _, attns = teacher(images, return_attn=True)
+        _, attns = attention_maps(teacher, images)
     patches, _ = diagnose.patch_block(attns[1])
     expected = diagnose.attention_distance(patches, (4, 4)).mean(0) * 8
     torch.testing.assert_close(torch.tensor(original["distance_px"][1]), expected, atol=1e-4, rtol=1e-4)
@@ -2005,3 +2008,26 @@ def test_distill_decode_on_device_logs_the_losses_of_the_cpu_pipeline(tmp_path):
     assert [r["bad_images"] for r in device] == [r["bad_images"] for r in cpu]
     assert sum(r["bad_images"] for r in cpu) == 4
     assert [r["loss"] for r in device] == pytest.approx([r["loss"] for r in cpu], rel=2e-3)
+
+
+# ----------------------------------------------------------------------------- files of earlier versions
+def test_files_written_by_an_earlier_version_still_load_and_resume(tmp_path):
+    # testdata/ holds tiny files written before the code was reorganised into checkpoints.py and
+    # training.py: a distilled micro ViT (student.pth and its checkpoint.pth at step 2 of 2), a
+    # classifier fine-tuned from it (best.pth), a micro SwinV2 student, and what each gave then on
+    # fixed images. They must load to the same functions, and the checkpoint must resume.
+    data = REPO / "testdata"
+    expected = torch.load(data / "expected_outputs.pt", weights_only=True)
+    images = expected["images"]
+    with torch.no_grad():
+        for name, file in [("student", "student.pth"), ("best", "best.pth"), ("swinv2_student", "swinv2_student.pth")]:
+            torch.testing.assert_close(load_model_file(data / file).eval()(images), expected[name], rtol=0, atol=0)
+        teacher = load_teacher("mine", data / "checkpoint.pth", grid=4)  # the student of the checkpoint
+        torch.testing.assert_close(teacher(images), expected["checkpoint_student"], rtol=0, atol=0)
+    out = tmp_path / "resumed"
+    out.mkdir()
+    (out / "checkpoint.pth").write_bytes((data / "checkpoint.pth").read_bytes())
+    distill.main(parse(*MICRO, "--synthetic-images", "16", "--epochs", "2", "--out", str(out)))
+    assert [r["step"] for r in read_log(out)] == [3, 4]
+    finetune.main(ft_parse(*FT_MICRO, "--init", str(data / "student.pth"), "--epochs", "1", "--out", str(tmp_path / "ft")))
+    assert (tmp_path / "ft" / "best.pth").is_file()

@@ -1,0 +1,471 @@
+"""Reading model files: the published teachers' checkpoints and the files this project writes.
+
+Published files are read without running code from them: zip and legacy pickles through
+torch.load(weights_only=True), OpenAI CLIP's TorchScript archives by unpickling only their tensors,
+safetensors by parsing their header. Pure state_dict -> state_dict functions convert the timm,
+open_clip, OpenAI CLIP, torchvision, DINOv2 and EsViT layouts to the names of models.py, and a
+strict load lists every key that does not fit. `load_teacher` is what distill.py calls.
+"""
+import argparse
+import collections
+import hashlib
+import io
+import json
+import math
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from models import (VIT_SIZES, Teacher, build_from_arch, parse_vit_name, swin_arch,
+                    window_position_index)
+
+
+# ============================================================================= reading files
+DATA_ONLY_GLOBALS = {"argparse.Namespace": argparse.Namespace}  # pickled training arguments (EsViT, DINO)
+
+
+def read_checkpoint(path):
+    """Whatever a checkpoint file holds, read without running code from it: a zip or legacy pickle
+    through torch.load(weights_only=True), a TorchScript archive by reading its tensors, or a
+    safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("/constants.pkl") for name in archive.namelist()):
+                return read_torchscript(archive)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        globals_ = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        refused = [g for g in globals_ if g not in DATA_ONLY_GLOBALS]
+        if refused:
+            raise ValueError(f"{path}: refused: unpickling it would call {', '.join(refused)}, which can run code. "
+                             f"Nothing from it was executed. If you trust the file, re-save its tensors as a plain "
+                             f"state dict") from None
+        with torch.serialization.safe_globals([DATA_ONLY_GLOBALS[g] for g in globals_]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as error:
+        raise ValueError(f"{path}: not a readable checkpoint, probably truncated ({str(error).split('.')[0]}): "
+                         f"download or copy it again") from None
+
+
+class _ScriptModule:
+    """Stands in for a TorchScript module while unpickling: only holds its attributes."""
+
+
+STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+                  "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                  "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                  "BoolStorage": torch.bool}
+
+
+def read_torchscript(archive):
+    """The tensors of a TorchScript archive (OpenAI CLIP's .pt files), by name as in its
+    state_dict(), without torch.jit: its data.pkl is unpickled with every global refused except
+    module placeholders, tensor rebuilding and OrderedDict, so no code from the file runs."""
+    root = archive.namelist()[0].split("/")[0]
+    storages = {}
+
+    def rebuild_tensor(storage, offset, size, stride, *_):
+        return storage.as_strided(size, stride, offset)
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.startswith("__torch__"):
+                return _ScriptModule
+            if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                return rebuild_tensor
+            if module == "torch" and name in STORAGE_DTYPES:
+                return STORAGE_DTYPES[name]
+            if (module, name) == ("collections", "OrderedDict"):
+                return collections.OrderedDict
+            raise pickle.UnpicklingError(f"refused to load {module}.{name} from a TorchScript archive")
+
+        def persistent_load(self, pid):  # ('storage', dtype, key, location, numel)
+            _, dtype, key, _, numel = pid
+            if key not in storages:
+                raw = bytearray(archive.read(f"{root}/data/{key}"))
+                storages[key] = torch.frombuffer(raw, dtype=dtype)[:numel] if numel else torch.empty(0, dtype=dtype)
+            return storages[key]
+
+    tensors = {}
+
+    def collect(obj, prefix):
+        for name, value in vars(obj).items():
+            if isinstance(value, torch.Tensor):
+                tensors[prefix + name] = value
+            elif isinstance(value, _ScriptModule):
+                collect(value, f"{prefix}{name}.")
+
+    collect(Unpickler(io.BytesIO(archive.read(f"{root}/data.pkl"))).load(), "")
+    return tensors
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """A safetensors file: an 8-byte little-endian header length, a JSON header giving each
+    tensor's dtype, shape and byte range, then the data."""
+    raw = path.read_bytes()
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + header_len])
+    data = memoryview(raw)[8 + header_len:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        flat = torch.frombuffer(bytearray(data[begin:end]), dtype=SAFETENSORS_DTYPES[info["dtype"]])
+        tensors[name] = flat.reshape(info["shape"])
+    return tensors
+
+
+WRAPPER_KEYS = ("model", "state_dict", "teacher", "student", "module")
+
+
+def unwrap_state_dict(checkpoint, path, prefer=WRAPPER_KEYS):
+    """The state dict inside a checkpoint: the first of `prefer` that a nested dict is found
+    under, with the prefixes of wrappers removed (DDP's module., torch.compile's _orig_mod., DINO's
+    backbone., whose projection head is dropped)."""
+    state = checkpoint
+    while isinstance(state, dict) and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        key = next((k for k in prefer if isinstance(state.get(k), dict)), None)
+        if key is None:
+            raise ValueError(f"{path}: no state dict found: expected tensors, or one of the entries "
+                             f"{', '.join(prefer)}; found {', '.join(map(str, state))}")
+        state = state[key]
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    return state
+
+
+def load_strict(model, state, source):
+    """load_state_dict, with an error listing every missing and unexpected key and every shape
+    that differs: a silently half-loaded teacher would ruin a long run."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(expected[k].shape)})" for k in expected
+              if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        def show(keys):
+            return ", ".join(keys[:12]) + (f" and {len(keys) - 12} more" if len(keys) > 12 else "")
+        problems = [f"{label}: {show(keys)}" for label, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("different shapes", shapes)) if keys]
+        raise ValueError(f"{source} does not fit this model ({'; '.join(problems)}). Is it the file of another "
+                         f"model? Check --teacher / --init and the weights file")
+    model.load_state_dict(state)  # casts fp16 weights (OpenAI CLIP) to the model's dtype
+
+
+
+def sha256sum(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def teacher_weights_file(name):
+    """The cached published file of a teacher, downloaded and checked on first use."""
+    spec = TEACHERS[name]
+    if "url" not in spec:
+        raise ValueError(f"--teacher {name} reads any file of its layout: give it with --teacher-weights FILE")
+    url = spec["url"]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"downloading the {name} teacher from {url} to {path}")
+        try:  # writes to a temporary file, checks the hash prefix, then renames
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=spec.get("sha256"))
+        except Exception as error:
+            raise RuntimeError(f"could not download the {name} teacher ({error}). Fetch {url} yourself and put it at "
+                               f"{path}, or pass it with --teacher-weights FILE") from None
+    return path
+
+
+# ============================================================================= the published teachers
+# Each entry: the architecture of its image tower (models.PretrainedViT's options), the layout of
+# its file, where it is published and its SHA-256 (or the prefix of it that the publisher put in the
+# file name). Layouts as written by each publisher's own code: OpenAI's clip/model.py, timm's
+# vision_transformer.py, torchvision's vision_transformer.py, DINOv2's and EsViT's repositories.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def teacher_arch(size, patch_size, img_size=224, **options):
+    """The arch of a plain teacher ViT: absolute positions, a full qkv bias, no LayerScale."""
+    embed_dim, depth, num_heads = VIT_SIZES[size]
+    arch = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                rel_pos=None, abs_pos=True, qv_bias=False, layer_scale=None, norm_eps=1e-6)
+    return dict(arch, **options)
+
+
+# OpenAI CLIP's image tower: QuickGELU, ln_pre, LayerNorm eps 1e-5, no patch bias, its own statistics.
+OPENAI_CLIP = dict(act="quick_gelu", norm_pre=True, patch_bias=False, norm_eps=1e-5, mean=CLIP_MEAN, std=CLIP_STD)
+DINOV2 = dict(img_size=518, layer_scale=1.0)  # LayerScale values come from the file
+TEACHERS = {
+    "clip": dict(layout="openai_clip", arch=teacher_arch("base", 16, **OPENAI_CLIP),
+                 url="https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+                 sha256="5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"),
+    "clip_l14": dict(layout="openai_clip", arch=teacher_arch("large", 14, **OPENAI_CLIP),
+                     url="https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+                     sha256="b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836"),
+    "dino": dict(layout="timm", arch=teacher_arch("base", 16),
+                 url="https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"),
+    "deit": dict(layout="timm", arch=teacher_arch("base", 16),
+                 url="https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth", sha256="b5f2ef4d"),
+    "dinov2_vitb14": dict(layout="timm", arch=teacher_arch("base", 14, **DINOV2),
+                          url="https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"),
+    "dinov2_vitb14_reg4": dict(layout="timm", arch=teacher_arch("base", 14, num_registers=4, **DINOV2),
+                               url="https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"),
+    "tv_vit_b_16": dict(layout="torchvision", arch=teacher_arch("base", 16),
+                        url="https://download.pytorch.org/models/vit_b_16-c867db91.pth", sha256="c867db91"),
+    "tv_vit_l_16": dict(layout="torchvision", arch=teacher_arch("large", 16),
+                        url="https://download.pytorch.org/models/vit_l_16-852ce7e3.pth", sha256="852ce7e3"),
+    # EsViT's full training checkpoint: Swin-B with window 14; FD distils its student, not its EMA teacher.
+    "esvit": dict(layout="esvit", arch=swin_arch("swin_base_window14"), state_key="student",
+                  url="https://chunyleu.blob.core.windows.net/output/ckpts/esvit/swin/swin_base/"
+                      "bl_lr0.0005_nodes4_gpu16_bs8_multicrop_epoch300_dino_aug_window14_lv/"
+                      "continued_from_epoch0200_dense_norm_true/checkpoint_best.pth"),
+    # Any file of these layouts, its architecture read from the tensor shapes (heads = width / 64).
+    "timm": dict(layout="timm", act="gelu"),
+    "open_clip": dict(layout="openai_clip", act="gelu"),  # open_clip's own models use nn.GELU
+    "open_clip_quickgelu": dict(layout="openai_clip", act="quick_gelu"),  # OpenAI weights in open_clip files
+    "torchvision": dict(layout="torchvision", act="gelu"),
+}
+
+
+# Key conversions: pure functions from a published state dict to our names. Towers and heads the
+# FD target does not use are dropped by name; anything else unknown is left for the strict load.
+def rename(key, renames):
+    for old, new in renames:
+        key = key.replace(old, new)
+    return key
+
+
+CLIP_TEXT_TOWER = ("transformer.", "token_embedding.", "ln_final.", "positional_embedding", "text_projection",
+                   "logit_scale", "visual.proj")  # visual.proj maps to the text space, after the FD target
+
+
+def convert_openai_clip(state):
+    renames = [("visual.", ""), ("conv1.", "patch_embed."), ("ln_pre.", "norm_pre."), ("ln_post.", "norm."),
+               ("transformer.resblocks.", "blocks."), (".ln_1.", ".norm1."), (".ln_2.", ".norm2."),
+               (".attn.in_proj_", ".attn.qkv."), (".attn.out_proj.", ".attn.proj."), (".mlp.c_fc.", ".mlp.fc1."),
+               (".mlp.c_proj.", ".mlp.fc2.")]
+    out = {}
+    for key, value in state.items():
+        if key.startswith(CLIP_TEXT_TOWER):
+            continue
+        if key == "visual.class_embedding":
+            out["cls_token"] = value.reshape(1, 1, -1)
+        elif key == "visual.positional_embedding":
+            out["pos_embed"] = value.unsqueeze(0)
+        else:
+            out[rename(key, renames)] = value
+    return out
+
+
+def convert_timm(state):
+    """timm's layout (DINO, DeiT, timm checkpoints) and the official DINOv2 one."""
+    renames = [("patch_embed.proj.", "patch_embed."), (".ls1.gamma", ".gamma_1"), (".ls2.gamma", ".gamma_2")]
+    registers = {"register_tokens": "reg_tokens", "reg_token": "reg_tokens"}  # DINOv2's name, timm's name
+    out = {registers.get(k) or rename(k, renames): v for k, v in state.items()
+           if not k.startswith(("head.", "mask_token"))}  # classifier / CLIP projection; DINOv2's MIM token
+    pos = out.get("pos_embed")
+    if pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+        # timm's DINOv2-with-registers layout keeps no class position (it is folded into cls_token)
+        out["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[2]), pos], dim=1)
+    return out
+
+
+def convert_torchvision(state):
+    renames = [("class_token", "cls_token"), ("conv_proj.", "patch_embed."), ("encoder.pos_embedding", "pos_embed"),
+               ("encoder.layers.encoder_layer_", "blocks."), (".ln_1.", ".norm1."), (".ln_2.", ".norm2."),
+               (".self_attention.in_proj_", ".attn.qkv."), (".self_attention.out_proj.", ".attn.proj."),
+               (".mlp.0.", ".mlp.fc1."), (".mlp.3.", ".mlp.fc2."), ("encoder.ln.", "norm.")]
+    return {rename(k, renames): v for k, v in state.items() if not k.startswith("heads.")}
+
+
+def esvit_to_swin(state_dict):
+    """EsViT's checkpoint['student'] -> our V1 keys: remove the DDP prefix 'module.', the DINO heads
+    ('head.*' for the image, 'head_dense.*' for the regions) and the index tables, which we derive
+    from the window size (EsViT saves them; they are checked against ours here). Everything else
+    is left to a strict load."""
+    converted = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        if key.startswith(("head.", "head_dense.")):
+            continue
+        if key.endswith("attn.relative_position_index"):
+            window = math.isqrt(value.shape[0])
+            if not torch.equal(value.cpu().long(), window_position_index(window)):
+                raise ValueError(f"{key}: not the Swin relative position layout this model assumes")
+            continue
+        converted[key] = value
+    return converted
+
+
+
+CONVERTERS = {"openai_clip": convert_openai_clip, "timm": convert_timm, "torchvision": convert_torchvision,
+              "esvit": esvit_to_swin}
+
+
+# No tensor shape gives the number of heads. Published ViTs use 64 channels per head, except
+# these widths (ViT-H/14, ViT-g/14, ViT-bigG/14: 16 heads each).
+HEADS_BY_WIDTH = {1280: 16, 1408: 16, 1664: 16}
+
+
+def infer_vit_arch(state, act="gelu"):
+    """The architecture of a converted ViT state dict, from its tensor shapes."""
+    embed_dim = state["cls_token"].shape[-1]
+    num_heads = HEADS_BY_WIDTH.get(embed_dim) or embed_dim // 64
+    if embed_dim not in HEADS_BY_WIDTH and embed_dim % 64:
+        raise ValueError(f"a ViT of width {embed_dim}: its number of heads is unknown (not 64 channels per head)")
+    patch_size = state["patch_embed.weight"].shape[-1]
+    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    clip_like = "norm_pre.weight" in state  # CLIP towers: LayerNorm eps 1e-5 and CLIP statistics
+    stats = dict(mean=CLIP_MEAN, std=CLIP_STD) if clip_like else {}
+    return dict(img_size=grid * patch_size, patch_size=patch_size, embed_dim=embed_dim,
+                depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}), num_heads=num_heads,
+                mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim, rel_pos=None, abs_pos=True,
+                qv_bias=False, layer_scale=1.0 if "blocks.0.gamma_1" in state else None,
+                norm_eps=1e-5 if clip_like else 1e-6, act=act, norm_pre=clip_like,
+                patch_bias="patch_embed.bias" in state,
+                num_registers=state["reg_tokens"].shape[1] if "reg_tokens" in state else 0, **stats)
+
+
+def resize_grid(values, old_grid, new_grid):
+    """Bicubically resample values laid out on a grid, (h*w, C) -> (h'*w', C), in raster order: how
+    absolute position embeddings and relative position tables follow a change of resolution."""
+    if tuple(old_grid) == tuple(new_grid):
+        return values
+    grid = rearrange(values, "(h w) c -> 1 c h w", h=old_grid[0], w=old_grid[1])
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
+    return rearrange(grid, "1 c h w -> (h w) c").to(values.dtype)
+
+
+def resize_pos_embed(pos_embed, old_grid, new_grid):
+    """Absolute position embeddings (1, 1+N, C) resampled to another grid, the class token's kept."""
+    patches = resize_grid(pos_embed[0, 1:], old_grid, new_grid)
+    return torch.cat([pos_embed[:, :1], patches[None]], dim=1)
+
+
+# ============================================================================= building teachers
+def load_pretrained(name, weights=None, img_size=None, grid=None):
+    """A pretrained encoder (trainable, in train mode) that maps images in [0, 1] to its tokens:
+
+    - a teacher of TEACHERS, from `weights` (a file in its published layout), from its published
+      file (downloaded into the torch hub cache) when `weights` is None, or with random weights
+      when `weights == "random"` (tests and benchmarks);
+    - a plain ViT name such as 'vit_tiny_patch16' (random weights from a fixed seed, so that every
+      process of a distributed run builds the same model) or a model file this project wrote.
+
+    `img_size`, or `grid` (tokens per side), sets the input resolution: absolute position
+    embeddings are resized bicubically when it differs from the checkpoint's.
+    """
+    source, final_norm = name, True
+    if name in TEACHERS:
+        spec = TEACHERS[name]
+        state = None
+        if weights != "random":
+            path = Path(weights) if weights else teacher_weights_file(name)
+            prefer = (spec["state_key"], *WRAPPER_KEYS) if "state_key" in spec else WRAPPER_KEYS
+            state = CONVERTERS[spec["layout"]](unwrap_state_dict(read_checkpoint(path), path, prefer))
+            source = f"{path}"
+        if "arch" in spec:
+            arch = dict(spec["arch"])
+        elif state is not None:
+            try:
+                arch = infer_vit_arch(state, spec["act"])
+            except KeyError as error:
+                raise ValueError(f"{source} does not fit the {spec['layout']} layout of --teacher {name} (missing: "
+                                 f"{error.args[0]}; the file has {', '.join(list(state)[:8])}, ...)") from None
+        else:
+            raise ValueError(f"--teacher {name} has no fixed architecture: give a weights file")
+    elif weights not in (None, "random"):
+        arch, state, _ = read_encoder_file(weights)
+        source = str(weights)
+        final_norm = any(k.startswith("norm.") for k in state)  # a fine-tuned classifier pools before any
+    else:  # a plain ViT of a named size, random weights
+        try:
+            arch, state = teacher_arch(*parse_vit_name(name)), None
+        except ValueError:
+            raise ValueError(f"unknown teacher {name!r}: expected one of {', '.join(TEACHERS)}, a plain ViT such as "
+                             f"vit_base_patch16 (random weights), or a model file of this project as weights") from None
+
+    # Only absolute position embeddings follow a new grid; models with relative positions (our
+    # students, Swin) keep their resolution, and distill.py resizes their output tokens instead.
+    resizable = arch.get("abs_pos") and not arch.get("rel_pos")
+    if grid is not None and resizable:
+        img_size = grid * arch["patch_size"]
+    if img_size and img_size != arch["img_size"] and resizable:
+        if state is not None:
+            old_grid, new_grid = (arch["img_size"] // arch["patch_size"],) * 2, (img_size // arch["patch_size"],) * 2
+            state["pos_embed"] = resize_pos_embed(state["pos_embed"], old_grid, new_grid)
+        arch["img_size"] = img_size
+    with torch.random.fork_rng(devices=[]):  # the same random weights on every process
+        torch.manual_seed(0)
+        model = build_from_arch(arch)
+    if not final_norm:  # the encoder of a fine-tuned classifier: its tokens are used as they come
+        model.norm = nn.Identity()
+    if state is not None:
+        load_strict(model, state, source)
+    model.source = source
+    return model
+
+
+def load_teacher(name, weights=None, grid=None):
+    """The frozen FD teacher (see load_pretrained for `name` and `weights`) at the resolution that
+    gives `grid` x `grid` output tokens, the student's grid; teachers whose grid cannot change
+    (relative position bias) keep their own, and the target is resized instead."""
+    encoder = load_pretrained(name, weights, grid=grid)
+    return Teacher(encoder, encoder.source)
+
+
+# ============================================================================= this project's files
+def load_model_file(path):
+    """Rebuild a model from a file this project wrote ({'arch': ..., 'model': state_dict}), such as
+    a distilled `student.pth`. Loads with weights_only=True and strictly."""
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or "arch" not in state or "model" not in state:
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: not a model file written by this project (expected the keys "
+                         f"'arch' and 'model', found {found})")
+    model = build_from_arch(state["arch"])
+    model.load_state_dict(state["model"])
+    return model
+
+
+def read_encoder_file(path):
+    """(arch, state dict, description) of the encoder in a file this project wrote: a model file
+    (a distilled student.pth; a fine-tuned Classifier, whose encoder is taken without its head)
+    or a distillation checkpoint.pth (its student)."""
+    state = read_checkpoint(path)
+    if isinstance(state, dict) and "arch" in state and "student" in state:
+        return state["arch"], state["student"], f"the student of distillation checkpoint {path} (step {state['step']})"
+    if isinstance(state, dict) and "arch" in state and "model" in state:
+        if "encoder" in state["arch"]:
+            encoder = {k.removeprefix("encoder."): v for k, v in state["model"].items() if k.startswith("encoder.")}
+            return state["arch"]["encoder"], encoder, f"the encoder of classifier {path}"
+        return state["arch"], state["model"], f"model file {path}"
+    found = sorted(state) if isinstance(state, dict) else type(state).__name__
+    raise ValueError(f"{path}: expected a model file of this project ('arch', 'model') or a distillation "
+                     f"checkpoint ('arch', 'student'), found {found}; for a published checkpoint name its layout "
+                     f"with --teacher ({', '.join(TEACHERS)})")
+
+

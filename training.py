@@ -1,0 +1,286 @@
+"""What distill.py and finetune.py share: a small library for a training run. Its flags (length,
+batch, learning rate, loading, checkpoints, precision), the distributed setup from torchrun's
+environment, autocast, AdamW parameter groups, the learning-rate schedule as a pure function of the
+step, atomic checkpoints and resuming, and the JSON-lines training log.
+"""
+import json
+import math
+import os
+import subprocess
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+# ----------------------------------------------------------------------------- flags
+def add_schedule_flags(p, unset):
+    """The length, batch and learning-rate flags of distill.py and finetune.py; `unset` says where
+    a flag left unset takes its value from."""
+    p.add_argument("--epochs", type=int, default=None, help="training length" + unset)
+    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup length" + unset)
+    p.add_argument("--batch-size", type=int, default=None, help="images per process per micro-step" + unset)
+    p.add_argument("--accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate per 512 images" + unset)
+    p.add_argument("--min-lr", type=float, default=None, help="final learning rate per 512 images" + unset)
+    p.add_argument("--warmup-lr", type=float, default=None, help="initial learning rate per 512 images" + unset)
+
+
+def add_run_flags(p):
+    """How a run of distill.py or finetune.py is carried out: data loading, checkpoints, logging,
+    precision, compilation, and when to give up."""
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-loading processes per training process [up to 8, the CPU cores shared among "
+                        "the processes of this machine]")
+    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps (fine-tuning: "
+                   "also after every epoch)")
+    p.add_argument("--keep", type=int, default=0, help="also keep the last N checkpoints as OUT/checkpoint-STEP.pth")
+    p.add_argument("--log-every", type=int, default=10, help="log every N optimizer steps")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained model (and the teacher)")
+    p.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many optimizer steps in a row "
+                   "skipped for a non-finite loss or gradient")
+    p.add_argument("--max-bad-frac", type=float, default=0.01, help="stop when more than this fraction of an "
+                   "epoch's images are unreadable (they are skipped with a warning naming the file)")
+
+
+# ----------------------------------------------------------------------------- setup
+def setup_distributed():
+    """(rank, world_size, device) from torchrun's environment variables; without torchrun, one
+    process on the GPU if there is one, else on the CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    # A dead rank should end the job with an error, not hang it forever.
+    dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    return dist.get_rank(), world_size, device
+
+
+def default_workers():
+    """Data-loading processes per training process: this machine's CPU cores shared among its
+    training processes, at most 12. A worker decodes and crops 230-330 img/s (README, Performance)
+    and a compiled ViT-B/16 step on one H100 takes about 1,900 img/s: 8 workers would starve it."""
+    return min(12, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def cpu_has_native_bf16():
+    """True on CPUs with bf16 instructions (AMX or AVX512-BF16), where bf16 autocast makes an FD step
+    1.6-1.8x faster than fp32 (README, Measured); elsewhere bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_dtype(amp, device):
+    """The autocast dtype for --amp, or None for fp32."""
+    if amp == "auto":
+        fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+        amp = "bf16" if fast else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+
+
+# Position tables and temperatures, as the official code: decaying them towards 0 has no meaning.
+NO_WEIGHT_DECAY = ("cls_token", "pos_embed", "reg_tokens", "relative_position_bias_table", "rpe_mlp", "logit_scale")
+
+
+def param_groups(model, weight_decay, lr_scale=None):
+    """AdamW parameter groups: no weight decay for 1-D tensors (biases, norms, LayerScale) and
+    NO_WEIGHT_DECAY. `lr_scale(name)` gives a
+    per-parameter lr multiplier (layer-wise decay when fine-tuning), stored as the group's
+    'lr_scale'."""
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim <= 1 or any(key in name for key in NO_WEIGHT_DECAY)
+        scale = lr_scale(name) if lr_scale else 1.0
+        group = groups.setdefault((no_decay, scale), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                      "lr_scale": scale})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def schedule(args, batches_per_epoch, world_size):
+    """(steps per epoch, total steps, warmup steps, global batch, lrs): the learning rates per 512
+    images of args scaled linearly to the global batch."""
+    steps_per_epoch = batches_per_epoch // args.accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"one epoch has {batches_per_epoch} batches per process, fewer than --accum {args.accum}: "
+                         f"lower --accum or --batch-size")
+    global_batch = args.batch_size * world_size * args.accum
+    lrs = {k: getattr(args, k) * global_batch / 512 for k in ("lr", "min_lr", "warmup_lr")}
+    return (steps_per_epoch, args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch),
+            global_batch, lrs)
+
+
+def lr_at(step, total_steps, warmup_steps, lr, min_lr, warmup_lr):
+    """Linear warmup from warmup_lr to lr, then cosine decay to min_lr: a pure function of the step."""
+    if step < warmup_steps:
+        return warmup_lr + (lr - warmup_lr) * step / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def prepare_teacher(teacher, dtype):
+    """Store the frozen teacher's linear and convolution weights in the autocast dtype. Autocast
+    caches its casts only for weights that require grad, so it would cast a frozen teacher's
+    weights again at every step; the result is the same bit for bit, norms stay in fp32."""
+    if dtype is not None:
+        for module in teacher.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                for param in module.parameters(recurse=False):
+                    param.data = param.data.to(dtype)
+    return teacher
+
+
+# ----------------------------------------------------------------------------- checkpoints and log
+def save_atomic(obj, path):
+    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash or a full
+    disk during the save leaves the previous file intact."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint_files(state, out, step, keep):
+    """OUT/checkpoint.pth, the state to resume from, and with `keep` > 0 also a snapshot
+    OUT/checkpoint-STEP.pth of which the newest `keep` are kept."""
+    save_atomic(state, out / "checkpoint.pth")
+    if keep > 0:
+        save_atomic(state, out / f"checkpoint-{step:07d}.pth")
+        for old in sorted(out.glob("checkpoint-*.pth"))[:-keep]:
+            old.unlink()
+
+
+def rng_states(world_size):
+    """The RNG states something draws from during training, gathered from every rank (a collective
+    when distributed): the CPU generator and the GPU's (drop path, mixup). Data augmentation is
+    seeded per image (data.SeededTransform) and needs none."""
+    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    if world_size == 1:
+        return [state]
+    states = [None] * world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng(states, rank, world_size, fresh_seed):
+    if len(states) != world_size:
+        print(f"rank {rank}: the checkpoint holds RNG states of {len(states)} processes, this run has "
+              f"{world_size}: drop path continues from seed {fresh_seed}")
+        torch.manual_seed(fresh_seed)
+        return
+    torch.set_rng_state(states[rank]["torch"])
+    if states[rank]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states[rank]["cuda"])
+
+
+class TrainingLog:
+    """OUT/log.jsonl, written by rank 0: every --log-every steps the loss averaged over the interval
+    and the ranks, the lr, images/s, the steps skipped for a non-finite gradient and the unreadable
+    images left out. Skipped steps change no weight; `max_nonfinite` of them in a row stop the run,
+    the last checkpoint intact. More than `max_bad_frac` unreadable images in an epoch stop it too."""
+
+    def __init__(self, path, device, world_size, is_main, max_nonfinite, max_bad_frac, images_per_epoch, checkpoint):
+        self.path, self.device, self.world_size, self.is_main = path, device, world_size, is_main
+        self.max_nonfinite, self.max_bad_frac, self.checkpoint = max_nonfinite, max_bad_frac, checkpoint
+        self.images_per_epoch = images_per_epoch
+        self.in_a_row, self.epoch, self.epoch_bad = 0, None, 0
+        self.reset()
+
+    def reset(self):
+        self.loss, self.steps, self.skipped, self.bad, self.start = 0.0, 0, 0, 0, time.perf_counter()
+
+    def add(self, loss, finite, step, bad_images=0):
+        self.bad += bad_images
+        if finite:
+            self.loss, self.steps, self.in_a_row = self.loss + loss, self.steps + 1, 0
+            return
+        self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+        if self.is_main:
+            print(f"step {step}: non-finite loss or gradient, step skipped ({self.in_a_row} in a row)")
+        if self.in_a_row >= self.max_nonfinite:
+            kept = f"{self.checkpoint} holds the last good state" if self.checkpoint.exists() else "no checkpoint was written"
+            raise FloatingPointError(f"step {step}: {self.in_a_row} steps in a row had a non-finite loss or gradient "
+                                     f"(--max-nonfinite {self.max_nonfinite}); {kept}. Try --amp bf16 or fp32, or a "
+                                     f"lower --lr")
+
+    def write(self, images_per_step, epoch, **fields):
+        """Log the interval that ends now; returns the record (on every rank)."""
+        loss = torch.as_tensor(self.loss / max(self.steps, 1), dtype=torch.float64, device=self.device)
+        totals = torch.stack([loss, torch.tensor(float(self.bad), dtype=torch.float64, device=self.device)])
+        if self.world_size > 1:  # the decision to skip is the same on every rank: so is self.steps
+            dist.all_reduce(totals)
+        loss, bad = totals[0].item() / self.world_size, int(totals[1].item())
+        seen = (self.steps + self.skipped) * images_per_step
+        if epoch != self.epoch:
+            self.epoch, self.epoch_bad = epoch, 0
+        self.epoch_bad += bad
+        if self.epoch_bad > self.max_bad_frac * self.images_per_epoch:
+            raise RuntimeError(f"epoch {epoch}: {self.epoch_bad} of its {self.images_per_epoch} images were unreadable, "
+                               f"more than --max-bad-frac {self.max_bad_frac}: the warnings name them; fix or remove "
+                               f"them")
+        record = dict(fields, epoch=epoch, loss=loss if self.steps else None, skipped=self.skipped, bad_images=bad,
+                      img_per_s=seen / (time.perf_counter() - self.start))
+        if self.is_main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.reset()
+        return record
+
+
+def git_hash():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def load_resume(path, args, resume_flags, world_size, is_main=True):
+    """The checkpoint to resume from, refusing one written by a run with another model or another
+    batch (the step count would then mean another place in the data and the schedule). Flags that
+    may change (the length, workers, logging) are allowed and reported."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        snapshots = sorted(path.parent.glob("checkpoint-*.pth"))
+        offer = (f"the newest snapshot is {snapshots[-1]}: copy it to {path} to resume from it" if snapshots
+                 else "no snapshot to fall back on (see --keep); move it away to start afresh")
+        raise RuntimeError(f"{path} cannot be read ({str(error).split('.')[0]}); {offer}") from None
+    changed = [f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(args, k)}"
+               for k in resume_flags if state["args"].get(k) != getattr(args, k)]
+    if state["world_size"] != world_size:
+        changed.append(f"processes {state['world_size']} -> {world_size}")
+    if changed:
+        raise ValueError(f"{path} was written by a run with other settings ({'; '.join(changed)}): "
+                         f"use another --out, or the same flags to resume")
+    allowed = [f"--{k.replace('_', '-')} {v} -> {getattr(args, k)}" for k, v in state["args"].items()
+               if k not in resume_flags and hasattr(args, k) and getattr(args, k) != v]
+    if allowed and is_main:
+        print(f"resuming with changed settings: {'; '.join(allowed)}")
+    return state
