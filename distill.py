@@ -18,7 +18,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -29,7 +28,7 @@ from checkpoints import TEACHERS, load_teacher, sha256sum
 from data import (FDCropBox, SeededTransform, SyntheticShapes, decode_and_crop, fd_transform, image_dataset,
                   load_rgb, read_undecoded, steps_of_batches, train_loader)
 from models import build_student, set_grad_checkpointing
-from training import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, default_workers, git_hash,
+from training import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, git_hash,
                       load_resume, lr_at, param_groups, prepare_teacher, restore_rng, rng_states, save_atomic,
                       save_checkpoint_files, schedule, setup_distributed)
 
@@ -162,8 +161,6 @@ def main(args):
     args = apply_preset(args)
     rank, world_size, device = setup_distributed()
     is_main = rank == 0
-    if args.workers is None:
-        args.workers = default_workers()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)  # the same student initialisation on every rank
@@ -288,8 +285,6 @@ def main(args):
         save_atomic({"arch": student.arch, "model": student.state_dict(), "teacher": teacher_info,
                      "step": step}, out / "student.pth")
         print(f"wrote {out / 'student.pth'} (the distilled student, for finetune.py) and {checkpoint}")
-    if world_size > 1:
-        dist.destroy_process_group()
     return student
 
 

@@ -1,4 +1,4 @@
-"""Fine-tune and evaluate an encoder as in the FD paper (PAPER.md §6): the distilled student (after
+"""Fine-tune and evaluate an encoder as in the FD paper (arXiv 2205.14141): the distilled student (after
 FD), the teacher itself (before FD, the baseline), or a random ViT (from scratch).
 
     python distill.py && python finetune.py --init out/distill/student.pth --out out/ft_fd  # after FD
@@ -35,12 +35,12 @@ from data import (SeededTransform, SyntheticShapes, eval_transform, image_datase
                   train_loader)
 from checkpoints import load_model_file, load_pretrained, read_encoder_file, resize_grid, resize_pos_embed
 from models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, swin_stage_windows
-from training import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, default_workers, git_hash,
+from training import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, git_hash,
                       load_resume, lr_at, param_groups, restore_rng, rng_states, save_atomic, save_checkpoint_files,
                       schedule, setup_distributed)
 
 # ----------------------------------------------------------------------------- presets
-# The official fine-tuning configs (PAPER.md §6, configs/finetune/*); lr, min_lr and warmup_lr are
+# The official fine-tuning configs (configs/finetune/*.yaml); lr, min_lr and warmup_lr are
 # per 512 images and scale linearly with the global batch. `model` is the architecture trained
 # from scratch (no --init); with --init the architecture comes from the loaded encoder.
 PAPER_RECIPE = dict(model="vit_base_patch16", img_size=224, epochs=100, warmup_epochs=20, batch_size=128,
@@ -138,33 +138,23 @@ def apply_recipe(args):
 # ----------------------------------------------------------------------------- loading an encoder
 # Pure state_dict -> state_dict conversions, from the encoder as distilled (or pretrained) to the
 # encoder as fine-tuned.
-def shared_bias_to_per_block(state, depth):
-    """Copy the shared relative position bias table into every block (PAPER.md §6): fine-tuning starts
-    from the same function, and each block's table is then free to change on its own."""
-    state = dict(state)
-    table = state.pop("rel_pos_bias.relative_position_bias_table")
-    for i in range(depth):
-        state[f"blocks.{i}.rel_pos_bias.relative_position_bias_table"] = table.clone()
-    return state
-
-
-def swin_shared_to_per_block(state_dict):
-    """A V2 state dict with one position-bias MLP per stage (`layers.i.rel_pos_bias.*`) -> one
-    copy in every block of that stage (`layers.i.blocks.j.rel_pos_bias.*`), for fine-tuning a
-    model built with position_bias='per_block'. The function of the model does not change."""
-    depths = {}
-    for key in state_dict:
-        match = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", key)
-        if match:
-            depths[match[1]] = max(depths.get(match[1], 0), int(match[2]) + 1)
+def shared_bias_to_per_block(state):
+    """Copy a shared position bias into every block that shared it, as the official utils.py does for
+    the ViT's table: `rel_pos_bias.*` into `blocks.j.rel_pos_bias.*`, and a SwinV2 stage's
+    `layers.i.rel_pos_bias.*` into `layers.i.blocks.j.rel_pos_bias.*`. Fine-tuning starts from the
+    same function, and each block's bias is then free to change on its own."""
+    num_blocks = {}  # what precedes "blocks." -> how many blocks follow it
+    for key in state:
+        if match := re.match(r"(.*?)blocks\.(\d+)\.", key):
+            num_blocks[match[1]] = max(num_blocks.get(match[1], 0), int(match[2]) + 1)
     converted = {}
-    for key, value in state_dict.items():
-        match = re.fullmatch(r"layers\.(\d+)\.rel_pos_bias\.(.+)", key)
-        if match is None:
+    for key, value in state.items():
+        prefix, shared, rest = key.partition("rel_pos_bias.")
+        if shared and "blocks." not in prefix:  # a bias shared by the blocks after `prefix`
+            for j in range(num_blocks[prefix]):
+                converted[f"{prefix}blocks.{j}.rel_pos_bias.{rest}"] = value.clone()
+        else:
             converted[key] = value
-            continue
-        for j in range(depths[match[1]]):
-            converted[f"layers.{match[1]}.blocks.{j}.rel_pos_bias.{match[2]}"] = value.clone()
     return converted
 
 
@@ -193,10 +183,8 @@ def encoder_for_finetuning(state, arch, img_size):
     tables resized to the new grid. A Swin's position bias follows its windows: SwinV2's per-stage
     MLP (a function of the offset) is copied into the blocks; Swin V1's tables are resized where a
     stage's window changes, as it does where the window was clipped to a small map."""
-    state = {k: v for k, v in state.items() if k not in ("norm.weight", "norm.bias")}
-    if "depths" in arch:
-        if arch["position_bias"] == "shared":
-            return swin_shared_to_per_block(state)
+    state = shared_bias_to_per_block({k: v for k, v in state.items() if k not in ("norm.weight", "norm.bias")})
+    if "depths" in arch:  # Swin V1's tables, per stage
         old_windows, new_windows = swin_stage_windows(arch), swin_stage_windows(arch, img_size)
         for key in state:
             if key.endswith("relative_position_bias_table"):
@@ -205,8 +193,6 @@ def encoder_for_finetuning(state, arch, img_size):
         return state
     old_grid = (arch["img_size"] // arch["patch_size"],) * 2
     new_grid = (img_size // arch["patch_size"],) * 2
-    if "rel_pos_bias.relative_position_bias_table" in state:
-        state = shared_bias_to_per_block(state, arch["depth"])
     for key in state:
         if key.endswith("relative_position_bias_table"):
             state[key] = resize_rel_pos_table(state[key], old_grid, new_grid)
@@ -319,7 +305,7 @@ def soft_cross_entropy(logits, targets):
 
 
 def layer_decay_scale(arch, decay):
-    """lr_scale(name) for a Classifier of an encoder `arch` (PAPER.md §6): layer id 0 for what comes
+    """lr_scale(name) for a Classifier of an encoder `arch` (the official optimizer.py): layer id 0 for what comes
     before the blocks (class token, position embedding, patch embedding, CLIP's ln_pre, DINOv2's
     registers), i+1 for block i, depth+1 for the rest (fc_norm, head); scale decay^(depth+1-id).
     Swin numbers its blocks across stages, and a stage's patch merging goes with its last block."""
@@ -395,8 +381,6 @@ def main(args):
     args = apply_recipe(args)
     rank, world_size, device = setup_distributed()
     is_main = rank == 0
-    if args.workers is None:
-        args.workers = default_workers()
     dtype = autocast_dtype(args.amp, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
@@ -411,8 +395,6 @@ def main(args):
         if is_main:
             print(f"{args.init} at {img_size} px: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
                   f"loss {metrics['loss']:.4f} on {metrics['images']} images")
-        if world_size > 1:
-            dist.destroy_process_group()
         return model, metrics
 
     out = Path(args.out)
@@ -545,8 +527,6 @@ def main(args):
     if is_main:
         print(f"done in {time.perf_counter() - start:.0f} s: best top-1 {best['top1']:.2f}% "
               f"({out / 'best.pth'}), last state {checkpoint}")
-    if world_size > 1:
-        dist.destroy_process_group()
     return model, metrics
 
 

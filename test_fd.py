@@ -6,6 +6,7 @@ under test; subprocess tests run the real torchrun.
 import argparse
 import collections
 import colorsys
+import contextlib
 import hashlib
 import json
 import math
@@ -31,7 +32,7 @@ import training
 from checkpoints import esvit_to_swin, load_model_file, load_pretrained, load_teacher
 from data import SeededTransform, SyntheticShapes, fd_transform, image_dataset
 from diagnose import attention_maps
-from finetune import swin_shared_to_per_block
+from finetune import shared_bias_to_per_block
 from models import (Attention, Classifier, SWIN_SIZES, SwinTransformer, VisionTransformer, build_from_arch,
                     build_student, log_spaced_offsets, relative_position_index, window_partition,
                     window_position_index, window_reverse)
@@ -54,6 +55,24 @@ def micro_pair(drop_path=0.0, seed=0):
     teacher = load_teacher("vit_micro_patch8", grid=4)
     model = distill.FDStudent(build_student("vit_micro_patch8", 32, drop_path), teacher.embed_dim)
     return teacher, model
+
+
+@contextlib.contextmanager
+def crash_at_call(monkeypatch, module, name, n):
+    """Within the block, the n-th call of module.name raises KeyboardInterrupt, as a crash would; with
+    one loss per optimizer step, a crash at step n."""
+    real, calls = getattr(module, name), []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, crashing)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(module, name, real)
 
 
 def fd_closure(teacher):
@@ -169,7 +188,8 @@ def test_every_student_parameter_gets_a_gradient():
 
 # ----------------------------------------------------------------------------- the FD objective
 # ----------------------------------------------------------------------------- teachers
-# Published layouts written here from the original code's naming (CHECKPOINTS.md), not from models.py.
+# Published layouts written here from each publisher's own naming (OpenAI clip/model.py, timm, torchvision,
+# DINOv2, EsViT), not from checkpoints.py.
 def timm_layout(width, depth, patch, grid, classes=0, dinov2=False, registers=0, bias=True, make=torch.randn):
     """DINO / DeiT / timm ViT state dict (with dinov2=True: the official DINOv2 layout)."""
     sd = {"cls_token": make(1, 1, width), "pos_embed": make(1, 1 + grid * grid, width),
@@ -734,7 +754,7 @@ def test_block_fast_and_explicit_paths_equal_a_loop_over_windows(version):
 def test_v2_shared_bias_copied_into_every_block_keeps_the_function():
     shared = randomise_(build_swin("swinv2_micro_window4", 32)).eval()
     per_block = SwinTransformer(**dict(shared.arch, position_bias="per_block")).eval()
-    converted = swin_shared_to_per_block(shared.state_dict())
+    converted = shared_bias_to_per_block(shared.state_dict())
     assert not any(".rel_pos_bias." in k and ".blocks." not in k for k in converted)
     per_block.load_state_dict(converted)  # strict
     assert sum(".blocks.1.rel_pos_bias.rpe_mlp.0.weight" in k for k in converted) == 2
@@ -1195,19 +1215,9 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     argv = [*MICRO, "--epochs", "2", "--save-every", "5"]  # 8 steps per epoch, 16 in all
     full = distill.main(parse(*argv, "--out", str(tmp_path / "full")))
 
-    real_loss, calls = distill.fd_loss, []
-
-    def crash_at_step_7(*args, **kwargs):  # one loss per step (no accumulation)
-        calls.append(1)
-        if len(calls) == 7:
-            raise KeyboardInterrupt("simulated crash")
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(distill, "fd_loss", crash_at_step_7)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at_call(monkeypatch, distill, "fd_loss", 7), pytest.raises(KeyboardInterrupt):
         distill.main(parse(*argv, "--out", str(tmp_path / "crashed")))
     assert torch.load(tmp_path / "crashed" / "checkpoint.pth", weights_only=True)["step"] == 5
-    monkeypatch.setattr(distill, "fd_loss", real_loss)
     resumed = distill.main(parse(*argv, "--out", str(tmp_path / "crashed")))
 
     steps = [r["step"] for r in read_log(tmp_path / "crashed")]
@@ -1595,19 +1605,9 @@ def test_finetune_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     # RandAugment and erasing on: their random draws must continue as in the uninterrupted run
     full, _ = finetune.main(ft_parse(*argv, "--out", str(tmp_path / "full")))
 
-    real_loss, calls = finetune.soft_cross_entropy, []
-
-    def crash_at_step_11(*args, **kwargs):  # one loss per step (no accumulation)
-        calls.append(1)
-        if len(calls) == 11:
-            raise KeyboardInterrupt("simulated crash")
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(finetune, "soft_cross_entropy", crash_at_step_11)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_at_call(monkeypatch, finetune, "soft_cross_entropy", 11), pytest.raises(KeyboardInterrupt):
         finetune.main(ft_parse(*argv, "--out", str(tmp_path / "crashed")))
     assert torch.load(tmp_path / "crashed" / "checkpoint.pth", weights_only=True)["step"] == 9
-    monkeypatch.setattr(finetune, "soft_cross_entropy", real_loss)
     resumed, _ = finetune.main(ft_parse(*argv, "--out", str(tmp_path / "crashed")))
 
     def without_speed(out):
@@ -2031,3 +2031,22 @@ def test_files_written_by_an_earlier_version_still_load_and_resume(tmp_path):
     assert [r["step"] for r in read_log(out)] == [3, 4]
     finetune.main(ft_parse(*FT_MICRO, "--init", str(data / "student.pth"), "--epochs", "1", "--out", str(tmp_path / "ft")))
     assert (tmp_path / "ft" / "best.pth").is_file()
+
+
+def test_the_vit_section_of_models_runs_alone_in_a_notebook(tmp_path):
+    # A course copies the top of models.py, up to the Swin banner, into a notebook: it must run
+    # with torch and einops alone and give the same student as the project.
+    source = (REPO / "models.py").read_text()
+    section = source[:source.index("# ============================================================================= Swin")]
+    imported = {line.split()[1].split(".")[0] for line in section.splitlines() if line.startswith(("import ", "from "))}
+    assert imported <= {"math", "re", "torch", "einops"}, imported
+    (tmp_path / "notebook.py").write_text(section + (
+        "\ntorch.manual_seed(0)\n"
+        "student = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2).eval()\n"
+        "torch.save({'state': student.state_dict(), 'out': student(torch.ones(1, 3, 32, 32))}, 'out.pt')\n"))
+    result = subprocess.run([sys.executable, "notebook.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = torch.load(tmp_path / "out.pt", weights_only=True)
+    student = build_student("vit_micro_patch8", 32).eval()
+    student.load_state_dict(saved["state"])
+    torch.testing.assert_close(student(torch.ones(1, 3, 32, 32)), saved["out"])

@@ -3,6 +3,7 @@ batch, learning rate, loading, checkpoints, precision), the distributed setup fr
 environment, autocast, AdamW parameter groups, the learning-rate schedule as a pure function of the
 step, atomic checkpoints and resuming, and the JSON-lines training log.
 """
+import atexit
 import json
 import math
 import os
@@ -31,9 +32,9 @@ def add_schedule_flags(p, unset):
 def add_run_flags(p):
     """How a run of distill.py or finetune.py is carried out: data loading, checkpoints, logging,
     precision, compilation, and when to give up."""
-    p.add_argument("--workers", type=int, default=None,
-                   help="data-loading processes per training process [up to 8, the CPU cores shared among "
-                        "the processes of this machine]")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="data-loading processes per training process (this machine's CPU cores shared among its "
+                        "training processes, at most 12)")
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps (fine-tuning: "
                    "also after every epoch)")
     p.add_argument("--keep", type=int, default=0, help="also keep the last N checkpoints as OUT/checkpoint-STEP.pth")
@@ -62,19 +63,20 @@ def setup_distributed():
         device, backend = torch.device("cpu"), "gloo"
     # A dead rank should end the job with an error, not hang it forever.
     dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    atexit.register(dist.destroy_process_group)
     return dist.get_rank(), world_size, device
 
 
 def default_workers():
     """Data-loading processes per training process: this machine's CPU cores shared among its
-    training processes, at most 12. A worker decodes and crops 230-330 img/s (README, Performance)
+    training processes, at most 12. A worker decodes and crops 230-330 img/s (NOTES.md)
     and a compiled ViT-B/16 step on one H100 takes about 1,900 img/s: 8 workers would starve it."""
     return min(12, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def cpu_has_native_bf16():
     """True on CPUs with bf16 instructions (AMX or AVX512-BF16), where bf16 autocast makes an FD step
-    1.6-1.8x faster than fp32 (README, Measured); elsewhere bf16 is emulated and slower."""
+    1.6-1.8x faster than fp32 (NOTES.md); elsewhere bf16 is emulated and slower."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
