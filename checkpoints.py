@@ -1,11 +1,8 @@
 """Reading model files: the published teachers' checkpoints and the files this project writes.
 
-Published files are read without running code from them: zip and legacy pickles through
-torch.load(weights_only=True), OpenAI CLIP's TorchScript archives by unpickling only their tensors,
-safetensors by parsing their header. Pure state_dict -> state_dict functions convert the timm,
-open_clip, OpenAI CLIP, torchvision, DINOv2 and EsViT layouts to the names of models.py, and a
-strict load lists every key that does not fit. `load_teacher` is what distill.py calls.
-"""
+No code from a file runs when it is read (read_checkpoint). Pure state_dict -> state_dict functions convert the
+timm, open_clip, OpenAI CLIP, torchvision, DINOv2 and EsViT layouts to the names of models.py, and a strict load
+lists every key that does not fit. `load_teacher` is what distill.py calls."""
 import argparse
 import collections
 import hashlib
@@ -13,7 +10,6 @@ import io
 import json
 import math
 import pickle
-import struct
 import zipfile
 from pathlib import Path
 
@@ -22,18 +18,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from models import (VIT_SIZES, Teacher, build_from_arch, parse_vit_name, swin_arch,
-                    window_position_index)
+from models import VIT_SIZES, Teacher, build_from_arch, parse_vit_name, swin_arch, window_position_index
 
 
 # ============================================================================= reading files
 DATA_ONLY_GLOBALS = {"argparse.Namespace": argparse.Namespace}  # pickled training arguments (EsViT, DINO)
+WRAPPER_KEYS = ("model", "state_dict", "teacher", "student", "module")  # where checkpoints nest a state dict
 
 
 def read_checkpoint(path):
-    """Whatever a checkpoint file holds, read without running code from it: a zip or legacy pickle
-    through torch.load(weights_only=True), a TorchScript archive by reading its tensors, or a
-    safetensors file."""
+    """Whatever a checkpoint file holds, read without running code from it: a zip or legacy pickle through
+    torch.load(weights_only=True), a TorchScript archive by unpickling only its tensors, a safetensors file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -59,37 +54,35 @@ def read_checkpoint(path):
                          f"download or copy it again") from None
 
 
-class _ScriptModule:
-    """Stands in for a TorchScript module while unpickling: only holds its attributes."""
-
-
-STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-                  "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-                  "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-                  "BoolStorage": torch.bool}
+# Each dtype's names: a TorchScript archive's storage class (torch.FloatStorage, ...), a safetensors header's.
+DTYPE_NAMES = {torch.float32: ("Float", "F32"), torch.float16: ("Half", "F16"), torch.bfloat16: ("BFloat16", "BF16"),
+               torch.float64: ("Double", "F64"), torch.int64: ("Long", "I64"), torch.int32: ("Int", "I32"),
+               torch.int16: ("Short", "I16"), torch.int8: ("Char", "I8"), torch.uint8: ("Byte", "U8"),
+               torch.bool: ("Bool", "BOOL")}
+SAFETENSORS_DTYPES = {name: dtype for dtype, (_, name) in DTYPE_NAMES.items()}
+# All that a TorchScript archive's data.pkl may name besides its module classes (__torch__.*): no code.
+TORCHSCRIPT_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"):  # a view of the storage, without torch's hooks
+                       lambda storage, offset, size, stride, *_: storage.as_strided(size, stride, offset),
+                       ("collections", "OrderedDict"): collections.OrderedDict,
+                       **{("torch", f"{name}Storage"): dtype for dtype, (name, _) in DTYPE_NAMES.items()}}
 
 
 def read_torchscript(archive):
-    """The tensors of a TorchScript archive (OpenAI CLIP's .pt files), by name as in its
-    state_dict(), without torch.jit: its data.pkl is unpickled with every global refused except
-    module placeholders, tensor rebuilding and OrderedDict, so no code from the file runs."""
+    """The tensors of a TorchScript archive (OpenAI CLIP's .pt files), by name as in its state_dict(), without
+    torch.jit: data.pkl is unpickled refusing all globals but module placeholders and TORCHSCRIPT_GLOBALS."""
     root = archive.namelist()[0].split("/")[0]
     storages = {}
 
-    def rebuild_tensor(storage, offset, size, stride, *_):
-        return storage.as_strided(size, stride, offset)
+    class ScriptModule:
+        """Stands in for a TorchScript module while unpickling: only holds its attributes."""
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
             if module.startswith("__torch__"):
-                return _ScriptModule
-            if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-                return rebuild_tensor
-            if module == "torch" and name in STORAGE_DTYPES:
-                return STORAGE_DTYPES[name]
-            if (module, name) == ("collections", "OrderedDict"):
-                return collections.OrderedDict
-            raise pickle.UnpicklingError(f"refused to load {module}.{name} from a TorchScript archive")
+                return ScriptModule
+            if (module, name) not in TORCHSCRIPT_GLOBALS:
+                raise pickle.UnpicklingError(f"refused to load {module}.{name} from a TorchScript archive")
+            return TORCHSCRIPT_GLOBALS[module, name]
 
         def persistent_load(self, pid):  # ('storage', dtype, key, location, numel)
             _, dtype, key, _, numel = pid
@@ -98,48 +91,30 @@ def read_torchscript(archive):
                 storages[key] = torch.frombuffer(raw, dtype=dtype)[:numel] if numel else torch.empty(0, dtype=dtype)
             return storages[key]
 
-    tensors = {}
-
-    def collect(obj, prefix):
-        for name, value in vars(obj).items():
+    def tensors(module, prefix=""):  # (name, tensor) of a module and, recursively, of its submodules
+        for name, value in vars(module).items():
             if isinstance(value, torch.Tensor):
-                tensors[prefix + name] = value
-            elif isinstance(value, _ScriptModule):
-                collect(value, f"{prefix}{name}.")
+                yield prefix + name, value
+            elif isinstance(value, ScriptModule):
+                yield from tensors(value, f"{prefix}{name}.")
 
-    collect(Unpickler(io.BytesIO(archive.read(f"{root}/data.pkl"))).load(), "")
-    return tensors
-
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
+    return dict(tensors(Unpickler(io.BytesIO(archive.read(f"{root}/data.pkl"))).load()))
 
 
 def read_safetensors(path):
-    """A safetensors file: an 8-byte little-endian header length, a JSON header giving each
-    tensor's dtype, shape and byte range, then the data."""
+    """A safetensors file: an 8-byte little-endian header length, a JSON header (dtype, shape, byte range), the data."""
     raw = path.read_bytes()
-    header_len = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + header_len])
-    data = memoryview(raw)[8 + header_len:]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        flat = torch.frombuffer(bytearray(data[begin:end]), dtype=SAFETENSORS_DTYPES[info["dtype"]])
-        tensors[name] = flat.reshape(info["shape"])
-    return tensors
-
-
-WRAPPER_KEYS = ("model", "state_dict", "teacher", "student", "module")
+    header_len = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8:8 + header_len]), memoryview(raw)[8 + header_len:]
+    header.pop("__metadata__", None)  # strings, not a tensor
+    return {name: torch.frombuffer(bytearray(data[slice(*info["data_offsets"])]),
+                                   dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+            for name, info in header.items()}
 
 
 def unwrap_state_dict(checkpoint, path, prefer=WRAPPER_KEYS):
-    """The state dict inside a checkpoint: the first of `prefer` that a nested dict is found
-    under, with the prefixes of wrappers removed (DDP's module., torch.compile's _orig_mod., DINO's
-    backbone., whose projection head is dropped)."""
+    """The state dict inside a checkpoint: the first of `prefer` that a nested dict is found under, with the
+    prefixes of wrappers removed (DDP's module., torch.compile's _orig_mod., DINO's backbone., its head dropped)."""
     state = checkpoint
     while isinstance(state, dict) and not all(isinstance(v, torch.Tensor) for v in state.values()):
         key = next((k for k in prefer if isinstance(state.get(k), dict)), None)
@@ -154,11 +129,9 @@ def unwrap_state_dict(checkpoint, path, prefer=WRAPPER_KEYS):
 
 
 def load_strict(model, state, source):
-    """load_state_dict, with an error listing every missing and unexpected key and every shape
-    that differs: a silently half-loaded teacher would ruin a long run."""
+    """load_state_dict, naming every missing, unexpected or misshapen key: a silently half-loaded teacher ruins runs."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(expected[k].shape)})" for k in expected
               if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or shapes:
@@ -171,7 +144,6 @@ def load_strict(model, state, source):
     model.load_state_dict(state)  # casts fp16 weights (OpenAI CLIP) to the model's dtype
 
 
-
 def sha256sum(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -182,16 +154,15 @@ def sha256sum(path):
 
 def teacher_weights_file(name):
     """The cached published file of a teacher, downloaded and checked on first use."""
-    spec = TEACHERS[name]
-    if "url" not in spec:
+    url = TEACHERS[name].get("url")
+    if url is None:
         raise ValueError(f"--teacher {name} reads any file of its layout: give it with --teacher-weights FILE")
-    url = spec["url"]
     path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         print(f"downloading the {name} teacher from {url} to {path}")
         try:  # writes to a temporary file, checks the hash prefix, then renames
-            torch.hub.download_url_to_file(url, str(path), hash_prefix=spec.get("sha256"))
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=TEACHERS[name].get("sha256"))
         except Exception as error:
             raise RuntimeError(f"could not download the {name} teacher ({error}). Fetch {url} yourself and put it at "
                                f"{path}, or pass it with --teacher-weights FILE") from None
@@ -199,23 +170,19 @@ def teacher_weights_file(name):
 
 
 # ============================================================================= the published teachers
-# Each entry: the architecture of its image tower (models.PretrainedViT's options), the layout of
-# its file, where it is published and its SHA-256 (or the prefix of it that the publisher put in the
-# file name). Layouts as written by each publisher's own code: OpenAI's clip/model.py, timm's
-# vision_transformer.py, torchvision's vision_transformer.py, DINOv2's and EsViT's repositories.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Each entry: its image tower's architecture (models.PretrainedViT's options), its file's layout (as OpenAI's
+# clip/model.py, timm's and torchvision's vision_transformer.py, DINOv2, EsViT write it), URL, SHA-256 (or a prefix).
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+PLAIN_VIT = dict(rel_pos=None, abs_pos=True, qv_bias=False, layer_scale=None, norm_eps=1e-6)
 
 
 def teacher_arch(size, patch_size, img_size=224, **options):
     """The arch of a plain teacher ViT: absolute positions, a full qkv bias, no LayerScale."""
     embed_dim, depth, num_heads = VIT_SIZES[size]
-    arch = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                rel_pos=None, abs_pos=True, qv_bias=False, layer_scale=None, norm_eps=1e-6)
-    return dict(arch, **options)
+    return dict(PLAIN_VIT, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                num_heads=num_heads, **options)
 
 
-# OpenAI CLIP's image tower: QuickGELU, ln_pre, LayerNorm eps 1e-5, no patch bias, its own statistics.
 OPENAI_CLIP = dict(act="quick_gelu", norm_pre=True, patch_bias=False, norm_eps=1e-5, mean=CLIP_MEAN, std=CLIP_STD)
 DINOV2 = dict(img_size=518, layer_scale=1.0)  # LayerScale values come from the file
 TEACHERS = {
@@ -252,31 +219,24 @@ TEACHERS = {
 
 # Key conversions: pure functions from a published state dict to our names. Towers and heads the
 # FD target does not use are dropped by name; anything else unknown is left for the strict load.
+CLIP_TEXT_TOWER = ("transformer.", "token_embedding.", "ln_final.", "positional_embedding", "text_projection",
+                   "logit_scale", "visual.proj")  # visual.proj maps to the text space, after the FD target
+
+
 def rename(key, renames):
     for old, new in renames:
         key = key.replace(old, new)
     return key
 
 
-CLIP_TEXT_TOWER = ("transformer.", "token_embedding.", "ln_final.", "positional_embedding", "text_projection",
-                   "logit_scale", "visual.proj")  # visual.proj maps to the text space, after the FD target
-
-
 def convert_openai_clip(state):
-    renames = [("visual.", ""), ("conv1.", "patch_embed."), ("ln_pre.", "norm_pre."), ("ln_post.", "norm."),
-               ("transformer.resblocks.", "blocks."), (".ln_1.", ".norm1."), (".ln_2.", ".norm2."),
-               (".attn.in_proj_", ".attn.qkv."), (".attn.out_proj.", ".attn.proj."), (".mlp.c_fc.", ".mlp.fc1."),
-               (".mlp.c_proj.", ".mlp.fc2.")]
-    out = {}
-    for key, value in state.items():
-        if key.startswith(CLIP_TEXT_TOWER):
-            continue
-        if key == "visual.class_embedding":
-            out["cls_token"] = value.reshape(1, 1, -1)
-        elif key == "visual.positional_embedding":
-            out["pos_embed"] = value.unsqueeze(0)
-        else:
-            out[rename(key, renames)] = value
+    renames = [("visual.", ""), ("class_embedding", "cls_token"), ("positional_embedding", "pos_embed"),
+               ("conv1.", "patch_embed."), ("ln_pre.", "norm_pre."), ("ln_post.", "norm."), (".ln_1.", ".norm1."),
+               ("transformer.resblocks.", "blocks."), (".ln_2.", ".norm2."), (".attn.in_proj_", ".attn.qkv."),
+               (".attn.out_proj.", ".attn.proj."), (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2.")]
+    out = {rename(k, renames): v for k, v in state.items() if not k.startswith(CLIP_TEXT_TOWER)}
+    for key in out.keys() & {"cls_token", "pos_embed"}:  # (C,) and (1+N, C) in the file: add our batch axis
+        out[key] = out[key].reshape(1, -1, out[key].shape[-1])
     return out
 
 
@@ -302,51 +262,39 @@ def convert_torchvision(state):
 
 
 def esvit_to_swin(state_dict):
-    """EsViT's checkpoint['student'] -> our V1 keys: remove the DDP prefix 'module.', the DINO heads
-    ('head.*' for the image, 'head_dense.*' for the regions) and the index tables, which we derive
-    from the window size (EsViT saves them; they are checked against ours here). Everything else
-    is left to a strict load."""
+    """EsViT's checkpoint['student'] -> our V1 keys, without DDP's prefix 'module.', the DINO heads ('head.*' for the
+    image, 'head_dense.*' for the regions) and the index tables (derived from the window size; EsViT's checked)."""
     converted = {}
     for key, value in state_dict.items():
         key = key.removeprefix("module.")
-        if key.startswith(("head.", "head_dense.")):
-            continue
-        if key.endswith("attn.relative_position_index"):
-            window = math.isqrt(value.shape[0])
-            if not torch.equal(value.cpu().long(), window_position_index(window)):
+        if key.endswith("attn.relative_position_index"):  # (window², window²)
+            if not torch.equal(value.cpu().long(), window_position_index(math.isqrt(value.shape[0]))):
                 raise ValueError(f"{key}: not the Swin relative position layout this model assumes")
-            continue
-        converted[key] = value
+        elif not key.startswith(("head.", "head_dense.")):
+            converted[key] = value
     return converted
-
 
 
 CONVERTERS = {"openai_clip": convert_openai_clip, "timm": convert_timm, "torchvision": convert_torchvision,
               "esvit": esvit_to_swin}
-
-
-# No tensor shape gives the number of heads. Published ViTs use 64 channels per head, except
-# these widths (ViT-H/14, ViT-g/14, ViT-bigG/14: 16 heads each).
+# No tensor shape gives the heads: 64 channels per head in published ViTs, 16 heads in ViT-H/14, ViT-g/14, ViT-bigG/14.
 HEADS_BY_WIDTH = {1280: 16, 1408: 16, 1664: 16}
 
 
 def infer_vit_arch(state, act="gelu"):
     """The architecture of a converted ViT state dict, from its tensor shapes."""
     embed_dim = state["cls_token"].shape[-1]
-    num_heads = HEADS_BY_WIDTH.get(embed_dim) or embed_dim // 64
     if embed_dim not in HEADS_BY_WIDTH and embed_dim % 64:
         raise ValueError(f"a ViT of width {embed_dim}: its number of heads is unknown (not 64 channels per head)")
     patch_size = state["patch_embed.weight"].shape[-1]
-    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
     clip_like = "norm_pre.weight" in state  # CLIP towers: LayerNorm eps 1e-5 and CLIP statistics
-    stats = dict(mean=CLIP_MEAN, std=CLIP_STD) if clip_like else {}
-    return dict(img_size=grid * patch_size, patch_size=patch_size, embed_dim=embed_dim,
-                depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}), num_heads=num_heads,
-                mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim, rel_pos=None, abs_pos=True,
-                qv_bias=False, layer_scale=1.0 if "blocks.0.gamma_1" in state else None,
-                norm_eps=1e-5 if clip_like else 1e-6, act=act, norm_pre=clip_like,
-                patch_bias="patch_embed.bias" in state,
-                num_registers=state["reg_tokens"].shape[1] if "reg_tokens" in state else 0, **stats)
+    clip_options = dict(norm_eps=1e-5, mean=CLIP_MEAN, std=CLIP_STD) if clip_like else {}
+    return dict(PLAIN_VIT, img_size=math.isqrt(state["pos_embed"].shape[1] - 1) * patch_size, patch_size=patch_size,
+                embed_dim=embed_dim, depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
+                num_heads=HEADS_BY_WIDTH.get(embed_dim) or embed_dim // 64,
+                mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim, act=act, norm_pre=clip_like,
+                layer_scale=1.0 if "blocks.0.gamma_1" in state else None, patch_bias="patch_embed.bias" in state,
+                num_registers=state["reg_tokens"].shape[1] if "reg_tokens" in state else 0, **clip_options)
 
 
 def resize_grid(values, old_grid, new_grid):
@@ -368,38 +316,28 @@ def resize_pos_embed(pos_embed, old_grid, new_grid):
 # ============================================================================= building teachers
 def load_pretrained(name, weights=None, img_size=None, grid=None):
     """A pretrained encoder (trainable, in train mode) that maps images in [0, 1] to its tokens:
-
-    - a teacher of TEACHERS, from `weights` (a file in its published layout), from its published
-      file (downloaded into the torch hub cache) when `weights` is None, or with random weights
-      when `weights == "random"` (tests and benchmarks);
-    - a plain ViT name such as 'vit_tiny_patch16' (random weights from a fixed seed, so that every
-      process of a distributed run builds the same model) or a model file this project wrote.
-
-    `img_size`, or `grid` (tokens per side), sets the input resolution: absolute position
-    embeddings are resized bicubically when it differs from the checkpoint's.
-    """
+    - a teacher of TEACHERS, from `weights` (a file in its published layout), else from its published file
+      (downloaded into the torch hub cache), or with random weights if `weights == "random"`;
+    - with any other name, from `weights`, a model file this project wrote, or without it a plain ViT such as
+      'vit_tiny_patch16' (random weights from a fixed seed: the same in every process).
+    `img_size` or `grid` (tokens per side): the input resolution, absolute position embeddings resized bicubically."""
     source, final_norm = name, True
     if name in TEACHERS:
-        spec = TEACHERS[name]
-        state = None
+        spec, state = TEACHERS[name], None
         if weights != "random":
             path = Path(weights) if weights else teacher_weights_file(name)
             prefer = (spec["state_key"], *WRAPPER_KEYS) if "state_key" in spec else WRAPPER_KEYS
             state = CONVERTERS[spec["layout"]](unwrap_state_dict(read_checkpoint(path), path, prefer))
-            source = f"{path}"
-        if "arch" in spec:
-            arch = dict(spec["arch"])
-        elif state is not None:
-            try:
-                arch = infer_vit_arch(state, spec["act"])
-            except KeyError as error:
-                raise ValueError(f"{source} does not fit the {spec['layout']} layout of --teacher {name} (missing: "
-                                 f"{error.args[0]}; the file has {', '.join(list(state)[:8])}, ...)") from None
-        else:
+            source = str(path)
+        if "arch" not in spec and state is None:
             raise ValueError(f"--teacher {name} has no fixed architecture: give a weights file")
+        try:
+            arch = dict(spec["arch"]) if "arch" in spec else infer_vit_arch(state, spec["act"])
+        except KeyError as error:  # a tensor infer_vit_arch needs
+            raise ValueError(f"{source} does not fit the {spec['layout']} layout of --teacher {name} (missing: "
+                             f"{error.args[0]}; the file has {', '.join(list(state)[:8])}, ...)") from None
     elif weights not in (None, "random"):
-        arch, state, _ = read_encoder_file(weights)
-        source = str(weights)
+        (arch, state, _), source = read_encoder_file(weights), str(weights)
         final_norm = any(k.startswith("norm.") for k in state)  # a fine-tuned classifier pools before any
     else:  # a plain ViT of a named size, random weights
         try:
@@ -408,16 +346,15 @@ def load_pretrained(name, weights=None, img_size=None, grid=None):
             raise ValueError(f"unknown teacher {name!r}: expected one of {', '.join(TEACHERS)}, a plain ViT such as "
                              f"vit_base_patch16 (random weights), or a model file of this project as weights") from None
 
-    # Only absolute position embeddings follow a new grid; models with relative positions (our
-    # students, Swin) keep their resolution, and distill.py resizes their output tokens instead.
-    resizable = arch.get("abs_pos") and not arch.get("rel_pos")
-    if grid is not None and resizable:
-        img_size = grid * arch["patch_size"]
-    if img_size and img_size != arch["img_size"] and resizable:
-        if state is not None:
-            old_grid, new_grid = (arch["img_size"] // arch["patch_size"],) * 2, (img_size // arch["patch_size"],) * 2
-            state["pos_embed"] = resize_pos_embed(state["pos_embed"], old_grid, new_grid)
-        arch["img_size"] = img_size
+    # Only absolute positions follow a new grid; relative ones (students, Swin) don't: distill.py resizes their tokens.
+    if arch.get("abs_pos") and not arch.get("rel_pos"):
+        patch = arch["patch_size"]
+        img_size = grid * patch if grid is not None else img_size
+        if img_size and img_size != arch["img_size"]:
+            if state is not None:
+                old_grid, new_grid = (arch["img_size"] // patch,) * 2, (img_size // patch,) * 2
+                state["pos_embed"] = resize_pos_embed(state["pos_embed"], old_grid, new_grid)
+            arch["img_size"] = img_size
     with torch.random.fork_rng(devices=[]):  # the same random weights on every process
         torch.manual_seed(0)
         model = build_from_arch(arch)
@@ -430,31 +367,26 @@ def load_pretrained(name, weights=None, img_size=None, grid=None):
 
 
 def load_teacher(name, weights=None, grid=None):
-    """The frozen FD teacher (see load_pretrained for `name` and `weights`) at the resolution that
-    gives `grid` x `grid` output tokens, the student's grid; teachers whose grid cannot change
-    (relative position bias) keep their own, and the target is resized instead."""
+    """The frozen FD teacher (`name`, `weights`: see load_pretrained) giving `grid` x `grid` tokens, as the student."""
     encoder = load_pretrained(name, weights, grid=grid)
     return Teacher(encoder, encoder.source)
 
 
 # ============================================================================= this project's files
 def load_model_file(path):
-    """Rebuild a model from a file this project wrote ({'arch': ..., 'model': state_dict}), such as
-    a distilled `student.pth`. Loads with weights_only=True and strictly."""
+    """Rebuild a model, strictly, from a file this project wrote ({'arch': ..., 'model': state_dict}: student.pth)."""
     state = read_checkpoint(path)
     if not isinstance(state, dict) or "arch" not in state or "model" not in state:
-        found = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path}: not a model file written by this project (expected the keys "
-                         f"'arch' and 'model', found {found})")
+        raise ValueError(f"{path}: not a model file written by this project (expected the keys 'arch' and 'model', "
+                         f"found {sorted(state) if isinstance(state, dict) else type(state).__name__})")
     model = build_from_arch(state["arch"])
     model.load_state_dict(state["model"])
     return model
 
 
 def read_encoder_file(path):
-    """(arch, state dict, description) of the encoder in a file this project wrote: a model file
-    (a distilled student.pth; a fine-tuned Classifier, whose encoder is taken without its head)
-    or a distillation checkpoint.pth (its student)."""
+    """(arch, state dict, description) of the encoder in a file this project wrote: a model file (a distilled
+    student.pth; a fine-tuned Classifier, without its head) or a distillation checkpoint.pth (its student)."""
     state = read_checkpoint(path)
     if isinstance(state, dict) and "arch" in state and "student" in state:
         return state["arch"], state["student"], f"the student of distillation checkpoint {path} (step {state['step']})"
@@ -463,9 +395,6 @@ def read_encoder_file(path):
             encoder = {k.removeprefix("encoder."): v for k, v in state["model"].items() if k.startswith("encoder.")}
             return state["arch"]["encoder"], encoder, f"the encoder of classifier {path}"
         return state["arch"], state["model"], f"model file {path}"
-    found = sorted(state) if isinstance(state, dict) else type(state).__name__
-    raise ValueError(f"{path}: expected a model file of this project ('arch', 'model') or a distillation "
-                     f"checkpoint ('arch', 'student'), found {found}; for a published checkpoint name its layout "
-                     f"with --teacher ({', '.join(TEACHERS)})")
-
-
+    raise ValueError(f"{path}: expected a model file of this project ('arch', 'model') or a distillation checkpoint "
+                     f"('arch', 'student'), found {sorted(state) if isinstance(state, dict) else type(state).__name__}"
+                     f"; for a published checkpoint name its layout with --teacher ({', '.join(TEACHERS)})")

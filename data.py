@@ -1,17 +1,8 @@
-"""Data for Feature Distillation: image folders, the built-in synthetic dataset, the FD transform
-and a distributed loader that can start mid-epoch.
-
-Distillation needs no labels, so `--data` may be an ImageFolder (class subfolders, optionally under
-`train/`) or a flat folder of images. Without `--data` the built-in `SyntheticShapes` dataset is
-used: no download, deterministic, labelled, and hard enough to be worth fine-tuning on.
-
-Random augmentation is seeded per (seed, epoch, image), so what an image looks like in an epoch
-does not depend on the number of workers or on whether the run was resumed.
-
-With `--decode-on-device` the workers only read the files and draw each image's crop and flip
-(`read_undecoded`, `FDCropBox`); `decode_and_crop` then decodes the JPEGs on the training device
-(nvJPEG on a GPU) and crops and resizes them there, for when the workers cannot keep up.
-"""
+"""Data for Feature Distillation: image folders (`--data`: an ImageFolder, optionally under `train/`, or a flat
+folder of images, as distillation needs no labels), the built-in SyntheticShapes (used without `--data`: no
+download), the FD transform, seeded per (seed, epoch, image) so that workers and resuming change nothing, and a
+distributed loader that can start mid-epoch. With `--decode-on-device` (the end of this file) the JPEGs are
+decoded and cropped on the training device."""
 import functools
 import io
 import itertools
@@ -25,19 +16,16 @@ from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 from torchvision import datasets, transforms
 from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import InterpolationMode
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 class SyntheticShapes(Dataset):
-    """A labelled dataset drawn on the fly: `size` RGB images of `image_size` px, 10 classes.
-
-    A class is a shape (circle, square, triangle, cross, ring) with a fill (solid or striped), and
-    prefers one band of the image. Colours, sizes, stripe angles, background clutter and a
-    distractor shape of another kind vary at random, so the task needs real features, and random
-    crops can cut the object out (fine-tuning should not reach 100%). Image i of a split is always
-    the same image; the "train" and "val" splits never share one.
-    """
+    """`size` labelled RGB images of `image_size` px, drawn on the fly, in 10 classes: a shape (circle, square,
+    triangle, cross, ring) with a fill (solid or striped), preferring one band of the image. Colours, sizes, stripe
+    angles, clutter and a distractor of another shape vary at random, so the task needs real features and random crops
+    can cut the object out (fine-tuning should not reach 100%). Image i of a split never changes; splits share none."""
 
     SHAPES = ("circle", "square", "triangle", "cross", "ring")
     FILLS = ("solid", "striped")
@@ -63,8 +51,7 @@ class SyntheticShapes(Dataset):
         distractor = rng.choice([k for k in self.SHAPES if k != shape])
         self._paste_shape(image, rng, distractor, "solid", rng.uniform(0.12, 0.2) * s,
                           (rng.uniform(0.1, 0.9) * s, rng.uniform(0.1, 0.9) * s))
-        # The class's preferred band: a weak positional cue, as objects have in real photos.
-        band = (label % 3 + 0.5) / 3
+        band = (label % 3 + 0.5) / 3  # the class's preferred band: a weak positional cue, as in real photos
         centre = (rng.uniform(0.25, 0.75) * s, min(max(rng.gauss(band, 0.15), 0.2), 0.8) * s)
         self._paste_shape(image, rng, shape, fill, rng.uniform(0.2, 0.35) * s, centre)
         return image, label
@@ -77,23 +64,20 @@ class SyntheticShapes(Dataset):
         s, (x, y), r = self.image_size, centre, radius
         mask = Image.new("L", (s, s), 0)
         draw = ImageDraw.Draw(mask)
-        if shape == "circle":
+        if shape in ("circle", "ring"):
             draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
-        elif shape == "square":
-            draw.regular_polygon((x, y, r), 4, rotation=rng.uniform(0, 90), fill=255)
-        elif shape == "triangle":
-            draw.regular_polygon((x, y, r), 3, rotation=rng.uniform(0, 120), fill=255)
-        elif shape == "cross":
+            if shape == "ring":
+                draw.ellipse([x - r / 2, y - r / 2, x + r / 2, y + r / 2], fill=0)
+        elif shape in ("square", "triangle"):  # turned by a random part of its symmetry angle
+            sides = 4 if shape == "square" else 3
+            draw.regular_polygon((x, y, r), sides, rotation=rng.uniform(0, 360 / sides), fill=255)
+        else:  # cross
             w = r / 3
             draw.rectangle([x - r, y - w, x + r, y + w], fill=255)
             draw.rectangle([x - w, y - r, x + w, y + r], fill=255)
-        else:  # ring
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
-            draw.ellipse([x - r / 2, y - r / 2, x + r / 2, y + r / 2], fill=0)
         colour = Image.new("RGB", (s, s), self._colour(rng))
         if fill == "striped":
-            stripes = Image.new("L", (2 * s, 2 * s), 0)
-            period = rng.randint(4, 9)
+            stripes, period = Image.new("L", (2 * s, 2 * s), 0), rng.randint(4, 9)
             stripe_draw = ImageDraw.Draw(stripes)
             for i in range(0, 2 * s, period):
                 stripe_draw.rectangle([i, 0, i + period // 2, 2 * s], fill=255)
@@ -107,9 +91,8 @@ class UnreadableImage(Exception):
 
 
 def load_rgb(path):
-    """An image file as 8-bit RGB, whatever it holds: the EXIF orientation applied, 16-bit and
-    32-bit greyscale scaled down (not clipped), palette and alpha images flattened, CMYK converted.
-    A file that cannot be decoded raises UnreadableImage naming it."""
+    """An image file as 8-bit RGB, its EXIF orientation applied, whatever its mode (CMYK, palette, alpha,
+    16/32-bit greyscale scaled down, not clipped). A file that cannot be decoded raises UnreadableImage."""
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
@@ -137,15 +120,13 @@ class FlatImageFolder(Dataset):
 
 
 def image_dataset(root, split="train", loader=load_rgb):
-    """The untransformed images under `root`: `root/<split>/` if it exists, then class subfolders
-    (an ImageFolder) if there are any, otherwise the images directly in the folder. Each file is
-    read by `loader`: load_rgb, or read_undecoded to decode on the training device."""
+    """The untransformed images under `root`: `root/<split>/` if it exists, then class subfolders (an ImageFolder)
+    if any, else the images directly in it. `loader` reads each file: load_rgb, or read_undecoded (decode on device)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {root}: no such folder (give an ImageFolder root, a folder "
                                 f"with train/ and val/, or a flat folder of images)")
-    if (root / split).is_dir():
-        root = root / split
+    root = root / split if (root / split).is_dir() else root
     if any(p.is_dir() for p in root.iterdir()):
         try:  # labels from the folder names
             return datasets.ImageFolder(root, loader=loader)
@@ -159,28 +140,21 @@ def image_dataset(root, split="train", loader=load_rgb):
 
 
 def fd_transform(img_size, min_scale=0.08):
-    """The distillation augmentation (PAPER.md §1): a random resized crop and a horizontal flip,
-    nothing else; the teacher and the student both see the result. Output in [0, 1]."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(img_size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3)),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-    ])
+    """The distillation augmentation of FD (arXiv 2205.14141; FDTransform in the official code's data/data_fd.py): a
+    random resized crop and a horizontal flip only, for teacher and student alike. In [0, 1]: the models normalise."""
+    return transforms.Compose([transforms.RandomResizedCrop(img_size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3)),
+                               transforms.RandomHorizontalFlip(), transforms.ToTensor()])
 
 
 def eval_transform(img_size):
-    """The evaluation view (fine-tuning's validation, the diagnosis images): resize to
-    img_size / 0.875 (256 for 224), bicubic, then the centre crop. Output in [0, 1]."""
-    return transforms.Compose([
-        transforms.Resize(int(img_size / 0.875), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(img_size), transforms.ToTensor()])
+    """The evaluation view: resized to img_size / 0.875 (256 for 224), bicubic, centre-cropped; in [0, 1]."""
+    return transforms.Compose([transforms.Resize(int(img_size / 0.875), interpolation=InterpolationMode.BICUBIC),
+                               transforms.CenterCrop(img_size), transforms.ToTensor()])
 
 
 class SeededTransform(Dataset):
-    """Applies a random transform with the torch RNG seeded by (seed, epoch, index), so every
-    image's augmentation is reproducible whatever the workers, ranks or resume point.
-    Set `.epoch` before each epoch's iterator is created. An unreadable image gives None and a
-    warning naming it; `skip_unreadable` (the loaders' collate) leaves it out of the batch."""
+    """Applies a random transform with the torch RNG seeded by (seed, epoch, index), whatever the workers, ranks, resume
+    point (set `.epoch` before each epoch's iterator). An unreadable image: None, a warning; the collate drops it."""
 
     def __init__(self, dataset, transform, seed=0):
         self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
@@ -200,113 +174,24 @@ class SeededTransform(Dataset):
 
 
 def skip_unreadable(samples, stack=True):
-    """Collate (image, label) samples into (images, labels, number of unreadable images left out).
-    stack=False is for FDCropBox's (data, crop) samples, whose data differ in size: images is then
-    (data, shapes, crops), all the data flattened into one tensor, their shapes, the crops stacked.
-    One tensor rather than a list of them: each tensor a worker sends holds a file descriptor
-    until the batch is received, and a list per batch runs out of them."""
+    """Collate (image, label) samples into (images, labels, number of unreadable images left out). stack=False
+    (FDCropBox's (data, crop) samples, data of differing sizes) makes images (all the data flattened into one tensor,
+    their shapes, the crops stacked): one tensor, as each a worker sends holds a file descriptor until received."""
     readable = [sample for sample in samples if sample is not None]
     if not readable:
         raise RuntimeError(f"all {len(samples)} images of a batch were unreadable (see the warnings above)")
     if stack:
         images, labels = default_collate(readable)
     else:
-        data = [data for (data, _), _ in readable]
-        images = (torch.cat([d.flatten() for d in data]), [tuple(d.shape) for d in data],
-                  torch.stack([crop for (_, crop), _ in readable]))
-        labels = torch.tensor([label for _, label in readable])
+        data, crops, labels = zip(*((data, crop, label) for (data, crop), label in readable))
+        images = (torch.cat([d.flatten() for d in data]), [tuple(d.shape) for d in data], torch.stack(crops))
+        labels = torch.tensor(labels)
     return images, labels, torch.tensor(len(samples) - len(readable))
-
-
-# ----------------------------------------------------------------------------- decoding on the device
-JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
-
-
-def read_undecoded(path):
-    """An image file for FDCropBox, the loader of `--decode-on-device`. A JPEG the device decoder
-    takes is left undecoded: (its bytes as a 1-D uint8 tensor, the image opened by PIL, which has
-    read the header alone: the size, no pixels). Any other file is decoded here by load_rgb into a
-    PIL image: not a JPEG, CMYK (nvJPEG has no CMYK), an EXIF orientation to apply (nvJPEG ignores
-    it), or bytes that do not end the way a JPEG ends (a truncated file, which load_rgb reports)."""
-    try:
-        data = Path(path).read_bytes()
-        if data.startswith(JPEG_START) and data.endswith(JPEG_END):
-            header = Image.open(io.BytesIO(data))  # lazy: the pixels are never decoded here
-            if header.mode in ("RGB", "L") and header.getexif().get(0x0112, 1) == 1:
-                return torch.frombuffer(bytearray(data), dtype=torch.uint8), header
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        pass  # load_rgb raises UnreadableImage, naming the file and the error
-    return load_rgb(path)
-
-
-class FDCropBox:
-    """fd_transform's random draws without its pixel work, for `--decode-on-device`: an image as
-    read_undecoded gives it becomes (data, [top, left, height, width, flip]), the crop box and
-    flip that fd_transform(img_size, min_scale) draws from the same RNG state: the same calls, in
-    the same order. data is the JPEG's bytes, or a decoded image's uint8 (3, H, W) pixels (also a
-    PIL image from SyntheticShapes). decode_and_crop does the rest on the training device."""
-
-    def __init__(self, img_size, min_scale=0.08):
-        self.crop, self.flip, _ = fd_transform(img_size, min_scale).transforms
-
-    def __call__(self, image):
-        if isinstance(image, Image.Image):
-            data = transforms.functional.pil_to_tensor(image)
-        else:
-            data, image = image  # the JPEG's bytes, its header
-        top, left, height, width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
-        flip = torch.rand(1) < self.flip.p
-        return data, torch.tensor([top, left, height, width, int(flip)])
-
-
-def decode_jpegs(encoded, device):
-    """JPEG bytes decoded to uint8 RGB (3, H, W) tensors on `device`, all in one call (nvJPEG decodes
-    a list as a batch on a GPU). One file the decoder rejects fails the whole call, so then each is
-    decoded alone on the CPU; one that fails there too is None, with a warning."""
-    try:
-        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        decoded = []
-        for data in encoded:
-            try:
-                decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB).to(device))
-            except RuntimeError as error:
-                warnings.warn(f"skipping an image that cannot be decoded: {error}")
-                decoded.append(None)
-        return decoded
-
-
-def decode_and_crop(images, img_size, device):
-    """The rest of fd_transform on `device`, for the images of a micro-batch of FDCropBox's samples
-    as skip_unreadable(stack=False) collates them: the JPEGs decoded, then each image cropped,
-    resized to img_size x img_size (bilinear and antialiased, as PIL resizes in fd_transform) and
-    flipped. Returns float (B, 3, S, S) in [0, 1], what fd_transform gives up to rounding; an image
-    that cannot be decoded is left out of B. On the CPU, decode_jpeg decodes exactly as PIL does;
-    nvJPEG upsamples 4:2:0 chroma (most JPEGs) more plainly, so colours at sharp edges differ a little."""
-    data, shapes, crops = images
-    images = [part.view(shape) for part, shape in zip(data.split([math.prod(s) for s in shapes]), shapes)]
-    encoded = [i for i, image in enumerate(images) if image.ndim == 1]  # bytes; the others are pixels
-    if encoded:
-        for i, image in zip(encoded, decode_jpegs([images[i] for i in encoded], device)):
-            images[i] = image
-    out = []
-    for image, crop in zip(images, crops):
-        if image is None:
-            continue
-        top, left, height, width, flip = crop.tolist()
-        image = image.to(device, non_blocking=True)[:, top:top + height, left:left + width].float() / 255
-        image = transforms.functional.resize(image, [img_size, img_size], antialias=True,
-                                             interpolation=transforms.InterpolationMode.BILINEAR)
-        out.append(image.flip(-1) if flip else image)
-    if not out:
-        raise RuntimeError(f"all {len(images)} images of a batch were unreadable (see the warnings above)")
-    return torch.stack(out)
 
 
 class ResumableSampler(DistributedSampler):
     """A DistributedSampler that can skip the first `start` samples of its epoch, so a resumed run
-    continues with exactly the batches it had not yet seen. With one process it is a seeded
-    shuffle."""
+    continues with exactly the batches it had not yet seen. With one process, a seeded shuffle."""
 
     start = 0
 
@@ -318,15 +203,12 @@ class ResumableSampler(DistributedSampler):
 
 
 def train_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, pin_memory=False, stack=True):
-    """A shuffling loader over this rank's share of the dataset, dropping the last partial batch.
-    stack=False for FDCropBox's samples: see skip_unreadable."""
-    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                               drop_last=True)
+    """This rank's shuffled share of the dataset in full batches; `stack` as in skip_unreadable."""
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     if len(sampler) < batch_size:
         raise ValueError(f"the dataset has {len(dataset)} images: too few for {world_size} process(es) "
                          f"with --batch-size {batch_size}; lower --batch-size or add images")
-    # Workers are started afresh each epoch (not persistent) so they see the new epoch number. The
-    # loader's own generator keeps it from drawing on the global RNG (the student's drop path).
+    # Non-persistent workers see each new epoch's number; the loader's own generator spares the global RNG (drop path).
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                         collate_fn=functools.partial(skip_unreadable, stack=stack), pin_memory=pin_memory,
                         generator=torch.Generator().manual_seed(seed))
@@ -345,3 +227,74 @@ def steps_of_batches(loader, sampler, dataset, step, steps_per_epoch, total_step
         for _ in range(skip, steps_per_epoch):
             yield epoch, [next(batches) for _ in range(accum)]
             step += 1
+
+
+# ===== GPU extra: decoding on the training device (--decode-on-device), for when the workers cannot keep up:
+# they only read the files and draw each image's crop and flip (read_undecoded, FDCropBox); decode_and_crop
+# then decodes the JPEGs on the training device (nvJPEG on a GPU), crops and resizes them there.
+def read_undecoded(path):
+    """An image file for FDCropBox. A JPEG the device decoder takes is left undecoded: (its bytes as a
+    1-D uint8 tensor, PIL's lazily opened image: the header alone, for the size). Any other file is
+    decoded here by load_rgb into a PIL image: not a JPEG, CMYK (nvJPEG has no CMYK), an EXIF rotation
+    (nvJPEG ignores it), or bytes that do not end as a JPEG does (truncated: load_rgb reports it)."""
+    try:
+        data = Path(path).read_bytes()
+        if data.startswith(b"\xff\xd8\xff") and data.endswith(b"\xff\xd9"):  # a JPEG's start and end markers
+            header = Image.open(io.BytesIO(data))  # lazy: the pixels are never decoded here
+            if header.mode in ("RGB", "L") and header.getexif().get(0x0112, 1) == 1:  # 0x0112: EXIF orientation
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8), header
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        pass  # load_rgb raises UnreadableImage, naming the file and the error
+    return load_rgb(path)
+
+
+class FDCropBox:
+    """fd_transform's random draws without its pixel work: an image from read_undecoded (or a PIL image)
+    becomes (data, [top, left, height, width, flip]), drawn by the same calls in the same order as
+    fd_transform(img_size, min_scale). data: the JPEG's bytes, or decoded uint8 (3, H, W) pixels."""
+
+    def __init__(self, img_size, min_scale=0.08):
+        self.crop, self.flip, _ = fd_transform(img_size, min_scale).transforms
+
+    def __call__(self, image):  # a PIL image, or (the JPEG's bytes, its header) from read_undecoded
+        data, image = (transforms.functional.pil_to_tensor(image), image) if isinstance(image, Image.Image) else image
+        top, left, height, width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+        flip = torch.rand(1) < self.flip.p
+        return data, torch.tensor([top, left, height, width, int(flip)])
+
+
+def decode_jpegs(encoded, device):
+    """JPEG bytes to uint8 RGB (3, H, W) tensors on `device`, in one call (nvJPEG decodes a list as a
+    batch); if it fails, each alone on the CPU: one that fails there too is None, with a warning."""
+    try:
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        decoded = [None] * len(encoded)
+        for i, data in enumerate(encoded):
+            try:
+                decoded[i] = decode_jpeg(data, mode=ImageReadMode.RGB).to(device)
+            except RuntimeError as error:
+                warnings.warn(f"skipping an image that cannot be decoded: {error}")
+        return decoded
+
+
+def decode_and_crop(images, img_size, device):
+    """The rest of fd_transform on `device` for FDCropBox's samples, collated by skip_unreadable(stack=False): the JPEGs
+    decoded, each image cropped, resized to img_size x img_size (bilinear, antialiased, as PIL) and flipped. Returns
+    float (B, 3, S, S) in [0, 1], fd_transform's result up to rounding, less undecodable images. On the CPU decode_jpeg
+    decodes exactly as PIL; nvJPEG upsamples 4:2:0 chroma (most JPEGs) more plainly: edges' colours differ a little."""
+    data, shapes, crops = images
+    images = [part.view(shape) for part, shape in zip(data.split([math.prod(s) for s in shapes]), shapes)]
+    encoded = [i for i, image in enumerate(images) if image.ndim == 1]  # bytes; the others are pixels
+    for i, image in zip(encoded, decode_jpegs([images[i] for i in encoded], device) if encoded else []):
+        images[i] = image
+    out = []
+    for image, crop in zip(images, crops):
+        if image is not None:
+            top, left, height, width, flip = crop.tolist()
+            image = image.to(device, non_blocking=True)[:, top:top + height, left:left + width].float() / 255
+            image = transforms.functional.resize(image, [img_size] * 2, InterpolationMode.BILINEAR, antialias=True)
+            out.append(image.flip(-1) if flip else image)
+    if not out:
+        raise RuntimeError(f"all {len(images)} images of a batch were unreadable (see the warnings above)")
+    return torch.stack(out)

@@ -1,19 +1,17 @@
-"""The FD paper's diagnosis tools (PAPER.md §3-§4): attention distance, head diversity, averaged
-attention maps and loss landscapes, plus linear CKA between layers and the top Hessian eigenvalue.
+"""The FD paper's diagnosis tools (arXiv 2205.14141): average attention distance, head diversity, averaged attention
+maps and loss landscapes, plus linear CKA between layers and the top Hessian eigenvalue.
 
     python distill.py && python diagnose.py      # default: the random teacher vs its FD student, synthetic images
-    python diagnose.py --model "Original=vit_tiny_patch16" --model "Distilled=out/distill/student.pth" --out figures
     python diagnose.py --model "CLIP=clip" --model "FD-CLIP=out/fd_clip/student.pth" --data /data/imagenet --images 128
 
-A model is `[LABEL=]SPEC`: SPEC is a model file this project wrote (a distilled `student.pth`, a
-fine-tuned Classifier) or a teacher `NAME[:WEIGHTS]` for models.load_pretrained. All models see
-the same images (resized to img/0.875 and centre-cropped, bicubic, in [0, 1]; each model normalises
-them itself), in eval mode and fp32. Every tool writes OUT/<tool>.json with every number and a PNG.
+A model is `[LABEL=]SPEC`: a model file this project wrote or a teacher NAME[:WEIGHTS] (checkpoints.load_pretrained).
+All see the same images (eval_transform, in [0, 1]) in eval mode and fp32. Each tool writes OUT/<tool>.json and PNGs.
 """
 import argparse
 import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -33,9 +31,8 @@ DEFAULT_MODELS = ["Original=vit_tiny_patch16", "Distilled=out/distill/student.pt
 
 # ----------------------------------------------------------------------------- math (pure functions)
 def patch_block(attn, num_prefix=1, renorm=True, eps=1e-32):
-    """attn (B, H, P+N, P+N) -> the patch-to-patch block (B, H, N, N) and the mass that patch
-    queries put on the P prefix (class) tokens, mean over queries (B, H). PAPER.md §3.1: `renorm`
-    rescales rows to (A + eps) / sum(A + eps) (cl-vs-mim); without, the class share is just lost."""
+    """attn (B, H, P+N, P+N) -> the patch block (B, H, N, N) and the mass patch queries put on the P prefix tokens,
+    mean over queries (B, H). `renorm` makes rows (A + eps) / sum(A + eps) as cl-vs-mim does; else that mass is lost."""
     patches = attn[:, :, num_prefix:, num_prefix:].float()
     prefix_mass = attn[:, :, num_prefix:, :num_prefix].float().sum(-1).mean(-1)
     if renorm:
@@ -45,8 +42,7 @@ def patch_block(attn, num_prefix=1, renorm=True, eps=1e-32):
 
 def token_distances(grid):
     """Euclidean distance between all pairs of tokens of an (h, w) grid in raster order, in tokens (N, N)."""
-    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
-    coords = torch.stack([rows.flatten(), cols.flatten()], dim=1).float()
+    coords = torch.cartesian_prod(torch.arange(grid[0]), torch.arange(grid[1])).float()  # (N, 2): (row, column)
     return torch.cdist(coords, coords)
 
 
@@ -62,7 +58,7 @@ def head_cosine(patches):
 
 
 def head_kl(patches, eps=1e-8):
-    """KL(head h || head g) (B, H, H) of the rows smoothed by eps, mean over queries (PAPER.md §3.2)."""
+    """Head diversity as KL(head h || head g) (B, H, H) of the rows smoothed by eps, mean over queries."""
     p = (patches + eps) / (patches + eps).sum(-1, keepdim=True)
     cross = torch.einsum("bhij,bgij->bhg", p, p.log()) / p.shape[-2]  # mean_i sum_j p_h log p_g
     return cross.diagonal(dim1=1, dim2=2)[:, :, None] - cross
@@ -75,19 +71,16 @@ def off_diagonal_mean(matrices):
 
 
 def explained(maps, fit):
-    """1 - |M - fit|^2 / |M - mean(M)|^2 over the last two dims: the share of the map's variance
-    that `fit` explains (NaN for a constant map)."""
-    spread = (maps - maps.mean((-2, -1), keepdim=True)).square().sum((-2, -1))
-    return 1 - (maps - fit).square().sum((-2, -1)) / spread
+    """1 - |M - fit|^2 / |M - mean(M)|^2 over the last two dims: the share of M's variance `fit` explains, or NaN."""
+    return 1 - (maps - fit).square().sum((-2, -1)) / (maps - maps.mean((-2, -1), keepdim=True)).square().sum((-2, -1))
 
 
 def diag_score(maps, grid):
-    """How well a function of the (row, column) offset alone explains maps (..., N, N): the
-    diagonal patterns of FD students (PAPER.md §3.3); 1 for a map of pure relative position."""
+    """How well a function of the (row, column) offset alone explains maps (..., N, N): the diagonal patterns the paper
+    sees in FD students' averaged attention maps; 1 for a map of pure relative position."""
     index = relative_position_index(*grid)[1:, 1:].flatten()  # the offset of every (query, key) pair
     sums = maps.new_zeros(*maps.shape[:-2], int(index.max()) + 1).index_add_(-1, index, maps.flatten(-2))
-    per_offset = sums / torch.bincount(index)
-    return explained(maps, per_offset[..., index].view(maps.shape))
+    return explained(maps, (sums / torch.bincount(index))[..., index].view(maps.shape))  # each pair: its offset's mean
 
 
 def col_score(maps):
@@ -96,8 +89,7 @@ def col_score(maps):
 
 
 def linear_cka(x, y):
-    """Linear CKA of two representations of the same n examples, (n, ...) each, features centred:
-    |Y^T X|_F^2 / (|X^T X|_F |Y^T Y|_F), computed with the n x n Gram matrices in float64."""
+    """Linear CKA of representations (n, ...) of the same n examples, centred: |Y^T X|_F^2 / (|X^T X|_F |Y^T Y|_F)."""
     x, y = x.double().flatten(1), y.double().flatten(1)
     x, y = x - x.mean(0), y - y.mean(0)
     k, l = x @ x.T, y @ y.T
@@ -105,33 +97,29 @@ def linear_cka(x, y):
 
 
 def is_excluded(name, param):
-    """Parameters the landscape leaves alone (PAPER.md §3.4): 1-D ones (biases, norms, LayerScale),
-    as loss-landscape's ignore='biasbn'; the class and register tokens and position embeddings
-    (dim 0 is 1: no filters); relative-position tables, SwinV2's position-bias MLP and per-head
-    temperatures."""
+    """Parameters the landscape leaves alone: 1-D ones as loss-landscape's ignore='biasbn'; those without filters (dim 0
+    is 1: class and register tokens, position embeddings); relative-position tables and MLPs, per-head temperatures."""
     return param.ndim <= 1 or name.endswith(("cls_token", "reg_tokens", "pos_embed", "logit_scale")) or any(
         key in name for key in ("relative_position", "rpe_mlp", "cpb_mlp"))
 
 
 def filter_normalized_direction(model, seed):
-    """A Gaussian direction whose every filter (slice along dim 0: a conv filter, a Linear row) has
-    the norm of the same filter of the weights (Li et al. 2018); zero for excluded parameters."""
+    """A Gaussian direction whose every filter (slice along dim 0: a conv filter, a Linear row) has the norm of the
+    same filter of the weights (Li et al. 2018); zero for excluded parameters."""
     generator, direction = torch.Generator().manual_seed(seed), {}
     for name, param in model.named_parameters():
-        d = torch.randn(param.shape, generator=generator)
+        d = torch.randn(param.shape, generator=generator)  # drawn for all: excluding one changes no other
         if is_excluded(name, param):
-            d.zero_()
+            direction[name] = d.zero_()
         else:
             w, v = param.detach().flatten(1), d.flatten(1)
-            d = (v * w.norm(dim=1, keepdim=True) / (v.norm(dim=1, keepdim=True) + 1e-10)).view(param.shape)
-        direction[name] = d
+            direction[name] = (v * w.norm(dim=1, keepdim=True) / (v.norm(dim=1, keepdim=True) + 1e-10)).view_as(param)
     return direction
 
 
 def top_hessian_eigenvalue(loss_fn, params, iters=50, tol=1e-3, seed=0):
-    """The Hessian eigenvalue of largest magnitude, by power iteration on Hessian-vector products
-    (double backprop): v <- Hv / |Hv|, lambda = v.Hv, until lambda moves by less than tol
-    (relative). loss_fn(list of tensors) -> scalar. Returns lambda and its trace."""
+    """The Hessian eigenvalue of largest magnitude and its trace, by power iteration on Hessian-vector products (double
+    backprop): v <- Hv / |Hv|, lambda = v.Hv, until lambda moves less than tol (relative). loss_fn: tensors -> loss."""
     params = [p.detach().requires_grad_(True) for p in params]
     with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
         grads = torch.autograd.grad(loss_fn(params), params, create_graph=True)
@@ -148,9 +136,8 @@ def top_hessian_eigenvalue(loss_fn, params, iters=50, tol=1e-3, seed=0):
 
 
 def flatness(alphas, curves, radii=(0.25, 0.5, 1.0)):
-    """Summaries of 1-D curves (seeds, alphas) averaged over seeds: the value at 0, the rise at
-    the grid point nearest each radius (mean of -r and +r) and the curvature 2a of a fit
-    c + b x + a x^2 over |alpha| <= 0.25 (at least the three points around 0)."""
+    """Of 1-D curves (seeds, alphas) averaged over seeds: the value at 0, the rise at the grid point nearest each radius
+    r (mean of -r and +r), the curvature 2a of c + b x + a x^2 fitted over |alpha| <= 0.25 or the 3 points nearest 0."""
     alphas, curve = torch.tensor(alphas, dtype=torch.float64), torch.tensor(curves, dtype=torch.float64).mean(0)
     zero, rise = int(alphas.abs().argmin()), {}
     for r in radii:
@@ -158,25 +145,22 @@ def flatness(alphas, curves, radii=(0.25, 0.5, 1.0)):
         j = int((alphas + alphas[i]).abs().argmin())
         rise[f"{alphas[i].item():g}"] = ((curve[i] + curve[j]) / 2 - curve[zero]).item()
     near = alphas.abs() <= max(0.25, alphas.abs().sort().values[2].item())
-    x = alphas[near]
-    fit = torch.linalg.lstsq(torch.stack([torch.ones_like(x), x, x * x], 1), curve[near, None]).solution
+    fit = torch.linalg.lstsq(torch.vander(alphas[near], 3, increasing=True), curve[near, None]).solution  # [1, x, x^2]
     return dict(at_0=curve[zero].item(), rise=rise, curvature=2 * fit[2, 0].item())
 
 
 # ----------------------------------------------------------------------------- model plumbing
 def attention_maps(encoder, images):
-    """The encoder's output tokens and every attention layer's probabilities, in forward order:
-    (B, heads, T, T) for a ViT, (B * windows, heads, w*w, w*w) for Swin. For this one forward the
-    layers take their explicit path, which keeps them (models.Attention.keep_probs)."""
+    """The encoder's output tokens and every attention layer's probabilities in forward order: (B, heads, T, T) for a
+    ViT, (B * windows, heads, w*w, w*w) for Swin, kept by the layers' explicit path (models.Attention.keep_probs)."""
     layers = [m for m in encoder.modules() if hasattr(m, "keep_probs")]
     for layer in layers:
-        layer.keep_probs = True
+        layer.keep_probs = True  # for this one forward
     try:
-        tokens = encoder(images)
+        return encoder(images), [layer.__dict__.pop("probs") for layer in layers]
     finally:
         for layer in layers:
             del layer.keep_probs  # back to the class's False
-    return tokens, [layer.__dict__.pop("probs") for layer in layers]
 
 
 def encoder_of(model):
@@ -184,45 +168,37 @@ def encoder_of(model):
 
 
 def load_models(specs, img_size=None):
-    """([(label, spec, model)] in eval mode and frozen, the image size). Model files load first:
-    the first one's image size is the default, also for the teachers (whose position embeddings
-    are resized to it)."""
+    """([(label, spec, model)] in eval mode and frozen, the image size). Model files load first: the first one's image
+    size is the default, also for the teachers (whose position embeddings are resized to it)."""
     parsed = [s.split("=", 1) if "=" in s else (None, s) for s in specs]
     is_file = [Path(spec).is_file() or (":" not in spec and spec.endswith((".pth", ".pt"))) for _, spec in parsed]
     models = {i: load_model_file(spec) for i, (_, spec) in enumerate(parsed) if is_file[i]}
     img_size = img_size or next((encoder_of(m).arch["img_size"] for m in models.values()), None)
-    for i, (_, spec) in enumerate(parsed):
-        if not is_file[i]:
-            name, _, weights = spec.partition(":")
-            models[i] = load_pretrained(name, weights or None, img_size)
+    models.update({i: load_pretrained(spec.partition(":")[0], spec.partition(":")[2] or None, img_size)
+                   for i, (_, spec) in enumerate(parsed) if not is_file[i]})  # teachers: NAME[:WEIGHTS]
     img_size = img_size or encoder_of(models[0]).arch["img_size"]  # teachers alone: the first one's own
-    out = []
-    for i, (label, spec) in enumerate(parsed):
+    for i, (_, spec) in enumerate(parsed):
         if encoder_of(models[i]).arch["img_size"] != img_size:
             raise ValueError(f"--model {spec} takes {encoder_of(models[i]).arch['img_size']} px images, not "
                              f"{img_size}: all models must see the same images (set --img-size)")
-        default = Path(spec).with_suffix("").as_posix() if is_file[i] else spec
-        out.append((label or default, spec, models[i].eval().requires_grad_(False)))
-    return out, img_size
+    return [(label or (Path(spec).with_suffix("").as_posix() if is_file[i] else spec), spec,  # default: the spec
+             models[i].eval().requires_grad_(False)) for i, (label, spec) in enumerate(parsed)], img_size
 
 
 def load_images(data, count, img_size):
-    """`count` images spread evenly over the dataset (so over the classes of an ImageFolder): (n, 3,
-    img, img) in [0, 1], their labels (-1 in a flat folder) and where they came from."""
+    """`count` images spread evenly over the dataset (so over the classes of an ImageFolder): (n, 3, img, img) in
+    [0, 1], their labels (-1 in a flat folder) and where they came from."""
     dataset = image_dataset(data, split="val") if data else SyntheticShapes(count, split="val")
     indices = sorted(set(torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().long().tolist()))
-    transform = eval_transform(img_size)
-    pairs = [dataset[i] for i in indices]
-    images = torch.stack([transform(image) for image, _ in pairs])
-    return images, torch.tensor([label for _, label in pairs]), dict(
+    transform, pairs = eval_transform(img_size), [dataset[i] for i in indices]
+    return torch.stack([transform(image) for image, _ in pairs]), torch.tensor([label for _, label in pairs]), dict(
         data=str(data) if data else "SyntheticShapes(split='val')", indices=indices)
 
 
 def token_layout(attn, batch, num_prefix, img_size):
-    """The square token grid an attention map covers and a token's size in pixels. A ViT attends
-    over its whole patch grid (B, H, 1+N, 1+N); Swin returns (B * windows, H, w*w, w*w), one map per
-    window of a stage of windows * w*w tokens, and distances are measured inside the window (in a
-    shifted window the tokens that wrap around are masked from each other: never measured)."""
+    """The square token grid an attention map covers and a token's size in pixels. A ViT attends over its patch grid
+    (B, H, 1+N, 1+N); Swin gives (B * windows, H, w*w, w*w), a map per window of a stage of windows * w*w tokens, so
+    distances are measured inside windows (those between tokens a shifted window wraps are masked, never measured)."""
     n, windows = attn.shape[-1] - num_prefix, attn.shape[0] // batch
     side = math.isqrt(n)
     if side * side != n or attn.shape[0] % batch:
@@ -231,9 +207,8 @@ def token_layout(attn, batch, num_prefix, img_size):
 
 
 class LinearProbe(nn.Module):
-    """An encoder without a head (a teacher, a distilled student) and a linear readout of the mean
-    of its output patch tokens: something with a loss, for the landscape and the Hessian. The
-    readout is a measuring device, not part of the model: buffers, so only the encoder is perturbed."""
+    """An encoder without a head (a teacher, a distilled student) and a linear readout of its mean output patch token,
+    for a loss to take landscapes and Hessians of. The readout is in buffers: a measuring device, never perturbed."""
 
     def __init__(self, encoder, head):
         super().__init__()
@@ -246,8 +221,8 @@ class LinearProbe(nn.Module):
 
 
 def fit_linear_head(features, labels, num_classes, weight_decay=1e-3, steps=100):
-    """A Linear head on standardised features by full-batch L-BFGS from zero, cross-entropy plus
-    weight_decay * |W|^2: cheap and deterministic. The standardisation is folded into the head."""
+    """A Linear head on standardised features by full-batch L-BFGS from zero, cross-entropy plus weight_decay * |W|^2:
+    cheap and deterministic. The standardisation is folded into the head."""
     mean, std = features.mean(0), features.std(0) + 1e-6
     z, head = (features - mean) / std, nn.Linear(features.shape[1], num_classes)
     nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
@@ -269,8 +244,8 @@ def fit_linear_head(features, labels, num_classes, weight_decay=1e-3, steps=100)
 
 @torch.no_grad()
 def run_attention(model, images, batch_size, renorm, keep_layers, desc=""):
-    """One pass over the images: per layer the means over images (or windows) of the attention
-    statistics; every block's output tokens flattened per image (for CKA); pooled output features."""
+    """One pass over the images: per layer the means over images (or windows) of the attention statistics; every
+    block's output tokens flattened per image (for CKA); pooled output features."""
     encoder = encoder_of(model)
     prefix = encoder.num_prefix_tokens + getattr(encoder, "num_registers", 0)  # DINOv2's registers attend too
     blocks = [m for m in encoder.modules() if hasattr(m, "attn") and hasattr(m, "mlp")]
@@ -279,20 +254,17 @@ def run_attention(model, images, batch_size, renorm, keep_layers, desc=""):
         (o[0] if isinstance(o, tuple) else o).flatten(1))) for l, b in enumerate(blocks)] if keep_layers else []
     sums, features = [], []
     try:
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False):
-            x = images[start:start + batch_size]
+        for x in tqdm(images.split(batch_size), desc=desc, leave=False):
             tokens, attns = attention_maps(encoder, x)
             features.append(tokens[:, encoder.num_prefix_tokens:].mean(1))  # the output has no registers
-            sums = sums or [dict(n=0, distance=0, prefix=0, cosine=0, kl=0, maps=0) for _ in attns]
+            sums = sums or [dict(n=0) for _ in attns]
             for s, attn in zip(sums, attns):
                 s["grid"], s["pixels"] = token_layout(attn, len(x), prefix, images.shape[-1])
                 patches, prefix_mass = patch_block(attn, prefix, renorm)
                 s["n"] += len(patches)
-                s["distance"] += attention_distance(patches, s["grid"]).sum(0)
-                s["prefix"] += prefix_mass.sum(0)
-                s["cosine"] += head_cosine(patches).sum(0)
-                s["kl"] += head_kl(patches).sum(0)
-                s["maps"] += patches.sum(0)
+                for key, value in dict(distance=attention_distance(patches, s["grid"]), prefix=prefix_mass,
+                                       cosine=head_cosine(patches), kl=head_kl(patches), maps=patches).items():
+                    s[key] = s.get(key, 0) + value.sum(0)  # summed over images (windows) here, divided by n below
     finally:
         for hook in hooks:
             hook.remove()
@@ -301,156 +273,62 @@ def run_attention(model, images, batch_size, renorm, keep_layers, desc=""):
 
 
 @torch.no_grad()
-def evaluate(model, params, images, labels, batch_size):
-    """Mean cross-entropy and top-1 accuracy of the model with some of its parameters replaced."""
-    loss = correct = 0.0
-    for start in range(0, len(images), batch_size):
-        x, y = images[start:start + batch_size], labels[start:start + batch_size]
-        logits = functional_call(model, params, (x,))
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-    return loss / len(images), correct / len(images)
-
-
 def landscape(model, images, labels, alphas, seeds, batch_size, plane=None, desc=""):
-    """Loss and accuracy at theta + alpha d for a filter-normalised direction d per seed ([seed][alpha]);
-    with `plane` (steps), also at theta + a d + b e for the first seed's d and e from seed + 1000 ([a][b])."""
+    """Loss and accuracy at theta + alpha d for a filter-normalised direction d per seed ([seed][alpha]); with `plane`
+    (steps), also at theta + a d + b e for the first seed's d and e from seed + 1000 ([a][b])."""
     theta = {n: p.detach() for n, p in model.named_parameters() if not is_excluded(n, p)}
-    at = lambda *steps: {n: t + sum(a * d[n] for a, d in steps) for n, t in theta.items()}  # noqa: E731
+
+    def evaluate(*steps):  # mean cross-entropy and top-1 accuracy at theta + the sum of step * direction
+        params = {n: t + sum(a * d[n] for a, d in steps) for n, t in theta.items()}
+        batches = zip(images.split(batch_size), labels.split(batch_size))
+        outputs = [(functional_call(model, params, (x,)), y) for x, y in batches]  # (logits, labels) per batch
+        loss = sum(F.cross_entropy(logits, y, reduction="sum").item() for logits, y in outputs)
+        return loss / len(images), sum((logits.argmax(-1) == y).sum().item() for logits, y in outputs) / len(images)
+
     curves = dict(loss=[], acc=[])
     for seed in seeds:
         d = filter_normalized_direction(model, seed)
-        points = [evaluate(model, at((a, d)), images, labels, batch_size)
-                  for a in tqdm(alphas, desc=f"{desc} seed {seed}", leave=False)]
-        curves["loss"].append([p[0] for p in points])
-        curves["acc"].append([p[1] for p in points])
+        loss, acc = zip(*[evaluate((a, d)) for a in tqdm(alphas, desc=f"{desc} seed {seed}", leave=False)])
+        curves["loss"].append(list(loss))
+        curves["acc"].append(list(acc))
     if plane:
         d, e = filter_normalized_direction(model, seeds[0]), filter_normalized_direction(model, seeds[0] + 1000)
-        grid = [[evaluate(model, at((a, d), (b, e)), images, labels, batch_size) for b in plane]
-                for a in tqdm(plane, desc=f"{desc} 2-D", leave=False)]
+        grid = [[evaluate((a, d), (b, e)) for b in plane] for a in tqdm(plane, desc=f"{desc} 2-D", leave=False)]
         curves["loss_2d"], curves["acc_2d"] = ([[p[k] for p in row] for row in grid] for k in (0, 1))
     return curves
 
 
-# ----------------------------------------------------------------------------- figures
-def panels(count, width, height, rows=None):
-    """A figure of rows x count panels, each width x height inches: its grid of axes, or with
-    rows=None one row of count panels and that row's axes."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed
+# ----------------------------------------------------------------------------- outputs and main
+@contextmanager
+def figure(path, dpi, count, width, height, rows=None):
+    """Yields a figure of rows x count panels of width x height inches and its axes (rows=None: one row's), saves it."""
     import matplotlib.pyplot as plt
+    plt.switch_backend("Agg")  # files only: no display needed
     fig, axes = plt.subplots(rows or 1, count, figsize=(width * count, height * (rows or 1)), squeeze=False)
-    return plt, fig, axes[0] if rows is None else axes
-
-
-def save(plt, fig, path, dpi):
+    yield fig, axes[0] if rows is None else axes
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
-def plot_distance(results, path, dpi):
-    """Paper Fig. 1: a dot per head, x the layer, y the mean distance in pixels, the same y-range in
-    every panel; the dashed line is what uniform attention would give."""
-    plt, fig, axes = panels(len(results), 3.6, 3)
-    top = 1.1 * max(max(max(map(max, r["distance_px"])), max(r["uniform_px"])) for r in results.values())
-    for ax, (label, r) in zip(axes, results.items()):
-        for layer, heads in enumerate(r["distance_px"]):
-            ax.scatter([layer] * len(heads), heads, c=list(range(len(heads))), cmap="viridis", s=14)
-        ax.plot(r["uniform_px"], "--", color="grey", lw=1)
-        ax.set(title=label, xlabel="Network layer", ylabel="Attention distance (px)", ylim=(0, top),
-               xticks=range(0, len(r["distance_px"]), max(1, len(r["distance_px"]) // 6)))
-    save(plt, fig, path, dpi)
+def write_json(path, obj):
+    """obj as indented JSON, an undefined number (NaN: the score of a constant map) as null: JSON has no NaN."""
+    Path(path).write_text(json.dumps(json.loads(json.dumps(obj), parse_constant=lambda constant: None), indent=1))
 
 
-def plot_diversity(results, path, dpi):
-    plt, fig, (cos_ax, kl_ax) = panels(2, 4, 3)
-    for label, r in results.items():
-        line, = cos_ax.plot(r["cosine"], "o-", label=label, ms=4)
-        for layer, heads in enumerate(r["kl_per_head"]):  # small dots: heads; large: the layer mean
-            kl_ax.scatter([layer] * len(heads), heads, s=6, color=line.get_color(), alpha=0.5)
-        kl_ax.plot(r["kl"], "o", ms=7, color=line.get_color())
-    cos_ax.set(xlabel="Network layer", ylabel="Cosine similarity between heads")
-    kl_ax.set(xlabel="Network layer", ylabel="KL divergence between heads")
-    cos_ax.legend(fontsize=8)
-    save(plt, fig, path, dpi)
-
-
-def plot_maps(maps, scores, layer, path, dpi):
-    """One row per model, one column per head: the averaged N x N map (rows queries, columns keys)."""
-    heads = max(len(m[layer]) for m in maps.values())
-    plt, fig, axes = panels(heads, 1.5, 1.7, rows=len(maps))
-    for row, (label, m) in zip(axes, maps.items()):
-        for h, ax in enumerate(row):
-            ax.axis("off")
-            if h < len(m[layer]):
-                ax.imshow(m[layer][h].numpy(), cmap="viridis", interpolation="nearest")
-                s = scores[label]
-                ax.set_title(f"{label} h{h}\ndiag {s['diag_score'][layer][h]:.2f} col {s['col_score'][layer][h]:.2f}",
-                             fontsize=6)
-    fig.suptitle(f"Averaged attention maps, layer {layer}", fontsize=8)
-    save(plt, fig, path, dpi)
-
-
-def plot_landscape(results, alphas, path, dpi):
-    plt, fig, axes = panels(2, 4, 3)
-    for label, r in results.items():
-        for ax, key in zip(axes, ("loss", "acc")):
-            curves = torch.tensor(r[key])
-            mean, std = curves.mean(0), curves.std(0, unbiased=False)
-            line, = ax.plot(alphas, mean.tolist(), label=label)
-            ax.fill_between(alphas, (mean - std).tolist(), (mean + std).tolist(), alpha=0.25, color=line.get_color())
-    axes[0].set(xlabel="alpha (filter-normalised direction)", ylabel="Cross-entropy", yscale="log")
-    axes[1].set(xlabel="alpha (filter-normalised direction)", ylabel="Top-1 accuracy", ylim=(0, 1))
-    axes[0].legend(fontsize=8)
-    save(plt, fig, path, dpi)
-
-
-def plot_landscape_2d(results, steps, path, dpi):
-    plt, fig, axes = panels(len(results), 3.4, 3)
-    for ax, (label, r) in zip(axes, results.items()):
-        ax.contour(steps, steps, torch.tensor(r["loss_2d"]).log10().T.tolist(), levels=12)
-        ax.set(title=f"{label}: log10 loss", xlabel="alpha", ylabel="beta")
-    save(plt, fig, path, dpi)
-
-
-def plot_cka(pairs, path, dpi):
-    plt, fig, axes = panels(len(pairs), 3.6, 3.2)
-    for ax, pair in zip(axes, pairs):
-        image = ax.imshow(pair["cka"], origin="lower", vmin=0, vmax=1, cmap="magma")
-        ax.set(xlabel=f"{pair['y']}: layer", ylabel=f"{pair['x']}: layer",
-               title=f"Linear CKA (min {min(map(min, pair['cka'])):.2f})")
-        fig.colorbar(image, ax=ax, fraction=0.046)
-    save(plt, fig, path, dpi)
-
-
-def plot_hessian(results, path, dpi):
-    plt, fig, (ax,) = panels(1, 4, 3)
-    for label, r in results.items():
-        ax.plot(r["trace"], label=f"{label}: {r['lambda_max']:.3g}")
-    ax.set(xlabel="Power iteration", ylabel="v.Hv", title="Top Hessian eigenvalue", yscale="symlog")
-    ax.legend(fontsize=8)
-    save(plt, fig, path, dpi)
-
-
-# ----------------------------------------------------------------------------- main
 def get_args_parser():
     p = argparse.ArgumentParser("FD diagnosis", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", action="append", default=None,
-                   help="[LABEL=]SPEC, repeatable: a model file (student.pth, a fine-tuned classifier) or a teacher "
-                        f"NAME[:WEIGHTS] [{' '.join(DEFAULT_MODELS)}]")
-    p.add_argument("--data", default=None, help="ImageFolder root (val/ used if present) or a flat folder of "
-                                                "images; the built-in synthetic val split if not given")
+    p.add_argument("--model", action="append", help="[LABEL=]SPEC, repeatable: a model file (student.pth, a "
+                   f"fine-tuned classifier) or a teacher NAME[:WEIGHTS] [{' '.join(DEFAULT_MODELS)}]")
+    p.add_argument("--data", help="ImageFolder root (val/ if present) or a flat image folder [the synthetic val split]")
     p.add_argument("--out", default="figures", help="output folder for the JSON and PNG files")
     p.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of the tools")
     p.add_argument("--images", type=int, default=64, help="number of images, spread over the dataset (paper: 128+)")
-    p.add_argument("--img-size", type=int, default=None,
-                   help="image size [the first model file's, else the first teacher's own]")
+    p.add_argument("--img-size", type=int, help="image size [the first model file's, else the first teacher's own]")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--no-renorm", dest="renorm", action="store_false",
-                   help="drop the class token's attention without renormalising the patch rows "
-                        "(renormalise: %(default)s)")
+    p.add_argument("--no-renorm", dest="renorm", action="store_false", help="drop the class token's attention "
+                   "without renormalising the patch rows (renormalise: %(default)s)")
     p.add_argument("--points", type=int, default=17, help="alphas in [-1, 1] of the 1-D landscape (odd: 0 included)")
     p.add_argument("--seeds", type=int, default=3, help="random directions per model in the 1-D landscape")
     p.add_argument("--grid-2d", type=int, default=0, help="points per axis of a 2-D landscape (0: none)")
@@ -462,35 +340,24 @@ def get_args_parser():
     return p
 
 
-def write_json(path, obj):
-    def clean(x):  # an undefined number (NaN: the score of a constant map) becomes null
-        if isinstance(x, (dict, list, tuple)):
-            return {k: clean(v) for k, v in x.items()} if isinstance(x, dict) else [clean(v) for v in x]
-        return None if isinstance(x, float) and not math.isfinite(x) else x
-    Path(path).write_text(json.dumps(clean(obj), indent=1))
-
-
 def main(args):
-    start = time.perf_counter()
-    tools = set(args.tools.split(","))
+    start, tools = time.perf_counter(), set(args.tools.split(","))
     if tools - set(TOOLS) or args.points % 2 == 0:
         raise ValueError(f"--tools takes some of {', '.join(TOOLS)}; --points must be odd (alpha 0 on the grid)")
     if args.model is None and not Path(DEFAULT_MODELS[1].split("=")[1]).is_file():
-        raise SystemExit(f"no --model given and {DEFAULT_MODELS[1].split('=')[1]} is missing: run `python "
-                         f"distill.py` first, or name the models (python diagnose.py --help)")
+        raise SystemExit(f"no --model given and {DEFAULT_MODELS[1].split('=')[1]} is missing: run `python distill.py` "
+                         "first, or name the models (python diagnose.py --help)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models, img_size = load_models(args.model or DEFAULT_MODELS, args.img_size)
     images, labels, source = load_images(args.data, args.images, img_size)
     common = dict(images=source, n_images=len(images), img_size=img_size)
     print(f"{len(images)} images at {img_size} px; models: " + ", ".join(f"{l} ({s})" for l, s, _ in models))
-
     runs = {label: run_attention(model, images, args.batch_size, args.renorm, "cka" in tools, label)
             for label, _, model in models}
-    if "distance" in tools:
+    if "distance" in tools:  # the paper's Fig. 1: a dot per head at (layer, distance in px), one y-range for all
         results = {}
-        for label, spec, model in models:
-            stats = runs[label][0]
+        for (label, spec, model), (stats, _, _) in zip(models, runs.values()):
             px = [(s["distance"] * s["pixels"]).tolist() for s in stats]
             results[label] = dict(
                 source=spec, grids=[s["grid"] for s in stats], pixels_per_token=[s["pixels"] for s in stats],
@@ -500,8 +367,15 @@ def main(args):
                 layer_std=[torch.tensor(h).std(unbiased=False).item() for h in px],
                 uniform_px=[(token_distances(s["grid"]).mean() * s["pixels"]).item() for s in stats])
         write_json(out / "attn_distance.json", dict(common, renorm=args.renorm, eps=1e-32, models=results))
-        plot_distance(results, out / "attn_distance.png", args.dpi)
-    if "diversity" in tools:
+        top = 1.1 * max(max(max(map(max, r["distance_px"])), max(r["uniform_px"])) for r in results.values())
+        with figure(out / "attn_distance.png", args.dpi, len(results), 3.6, 3) as (fig, axes):
+            for ax, (label, r) in zip(axes, results.items()):
+                for layer, heads in enumerate(r["distance_px"]):
+                    ax.scatter([layer] * len(heads), heads, c=list(range(len(heads))), cmap="viridis", s=14)
+                ax.plot(r["uniform_px"], "--", color="grey", lw=1)  # what uniform attention would give
+                ax.set(title=label, xlabel="Network layer", ylabel="Attention distance (px)", ylim=(0, top),
+                       xticks=range(0, len(r["distance_px"]), max(1, len(r["distance_px"]) // 6)))
+    if "diversity" in tools:  # per layer: the heads' mean cosine similarity; their KL, a small dot per head
         results = {label: dict(
             cosine=[off_diagonal_mean(s["cosine"]).item() for s in stats],
             kl=[off_diagonal_mean(s["kl"]).item() for s in stats],
@@ -509,8 +383,16 @@ def main(args):
             cosine_matrix=[s["cosine"].tolist() for s in stats], kl_matrix=[s["kl"].tolist() for s in stats])
             for label, (stats, _, _) in runs.items()}
         write_json(out / "head_diversity.json", dict(common, renorm=args.renorm, kl_eps=1e-8, models=results))
-        plot_diversity(results, out / "head_diversity.png", args.dpi)
-    if "maps" in tools:
+        with figure(out / "head_diversity.png", args.dpi, 2, 4, 3) as (fig, (cos_ax, kl_ax)):
+            for label, r in results.items():
+                line, = cos_ax.plot(r["cosine"], "o-", label=label, ms=4)
+                for layer, heads in enumerate(r["kl_per_head"]):
+                    kl_ax.scatter([layer] * len(heads), heads, s=6, color=line.get_color(), alpha=0.5)
+                kl_ax.plot(r["kl"], "o", ms=7, color=line.get_color())  # the layer mean
+            cos_ax.set(xlabel="Network layer", ylabel="Cosine similarity between heads")
+            kl_ax.set(xlabel="Network layer", ylabel="KL divergence between heads")
+            cos_ax.legend(fontsize=8)
+    if "maps" in tools:  # a figure per layer: a row per model, a column per head (map rows: queries, columns: keys)
         maps = {label: [s["maps"] for s in stats] for label, (stats, _, _) in runs.items()}
         scores = {label: dict(diag_score=[diag_score(s["maps"], s["grid"]).tolist() for s in stats],
                               col_score=[col_score(s["maps"]).tolist() for s in stats])
@@ -518,54 +400,82 @@ def main(args):
         torch.save(maps, out / "attn_maps.pt")  # {label: [(heads, N, N) per layer]}: too large for JSON
         write_json(out / "attn_maps.json", dict(common, maps_file="attn_maps.pt", models=scores))
         for layer in range(max(len(m) for m in maps.values())):
-            plot_maps({k: m for k, m in maps.items() if layer < len(m)}, scores, layer,
-                      out / f"attn_maps_L{layer}.png", args.dpi)
-    if "cka" in tools:
+            shown = {label: m[layer] for label, m in maps.items() if layer < len(m)}  # (heads, N, N) per model
+            with figure(out / f"attn_maps_L{layer}.png", args.dpi, max(map(len, shown.values())), 1.5, 1.7,
+                        rows=len(shown)) as (fig, axes):
+                for ax in axes.flat:
+                    ax.axis("off")
+                for row, (label, heads) in zip(axes, shown.items()):
+                    for h, (ax, m) in enumerate(zip(row, heads)):
+                        ax.imshow(m.numpy(), cmap="viridis", interpolation="nearest")
+                        ax.set_title(f"{label} h{h}\ndiag {scores[label]['diag_score'][layer][h]:.2f} "
+                                     f"col {scores[label]['col_score'][layer][h]:.2f}", fontsize=6)
+                fig.suptitle(f"Averaged attention maps, layer {layer}", fontsize=8)
+    if "cka" in tools:  # linear CKA between every layer of one model and every layer of another
         names = list(runs)
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]] or [(names[0], names[0])]
         results = [dict(x=a, y=b, cka=[[linear_cka(u, v) for v in runs[b][1]] for u in runs[a][1]])
                    for a, b in tqdm(pairs, desc="CKA", leave=False)]
         write_json(out / "cka.json", dict(common, representation="each block's output tokens, flattened per image",
                                           pairs=results))
-        plot_cka(results, out / "cka.png", args.dpi)
-
+        with figure(out / "cka.png", args.dpi, len(results), 3.6, 3.2) as (fig, axes):
+            for ax, pair in zip(axes, results):
+                image = ax.imshow(pair["cka"], origin="lower", vmin=0, vmax=1, cmap="magma")
+                ax.set(xlabel=f"{pair['y']}: layer", ylabel=f"{pair['x']}: layer",
+                       title=f"Linear CKA (min {min(map(min, pair['cka'])):.2f})")
+                fig.colorbar(image, ax=ax, fraction=0.046)
     if tools & {"landscape", "hessian"} and (labels < 0).any():
         print("skipping the landscape and the Hessian: they need labelled images (an ImageFolder --data)")
         tools -= {"landscape", "hessian"}
-    classifiers, heads = {}, {}
+    classifiers, head_notes = {}, {}
     for label, _, model in models if tools & {"landscape", "hessian"} else []:
         if isinstance(model, Classifier):
-            classifiers[label], heads[label] = model, "the model's own fine-tuned head; encoder and head perturbed"
+            classifiers[label], head_notes[label] = model, "the model's own fine-tuned head; encoder and head perturbed"
         else:  # an encoder: first fit a head on its frozen features of the same images
             head = fit_linear_head(runs[label][2], labels, int(labels.max()) + 1, args.probe_wd)
             classifiers[label] = LinearProbe(model, head).eval()
-            heads[label] = (f"a linear head fitted on the frozen mean output patch token of these images (L-BFGS, "
-                            f"L2 {args.probe_wd:g}), then held fixed; only the encoder perturbed")
-    if "landscape" in tools:
+            head_notes[label] = (f"a linear head fitted on the frozen mean output patch token of these images (L-BFGS, "
+                                 f"L2 {args.probe_wd:g}), then held fixed; only the encoder perturbed")
+    if "landscape" in tools:  # loss and accuracy, mean +- std over the seeds' directions; 2-D: log-loss contours
         alphas = torch.linspace(-1, 1, args.points).tolist()
         plane = torch.linspace(-1, 1, args.grid_2d).tolist() if args.grid_2d else None
         seeds, results = [args.seed + i for i in range(args.seeds)], {}
         for label, model in classifiers.items():
             r = landscape(model, images, labels, alphas, seeds, args.batch_size, plane, desc=label)
-            results[label] = dict(r, head=heads[label], loss_flatness=flatness(alphas, r["loss"]),
+            results[label] = dict(r, head=head_notes[label], loss_flatness=flatness(alphas, r["loss"]),
                                   acc_flatness=flatness(alphas, r["acc"]),
                                   excluded_keys=[n for n, p in model.named_parameters() if is_excluded(n, p)])
         write_json(out / "loss_landscape.json", dict(common, alphas=alphas, plane_2d=plane, seeds=seeds, norm="filter",
                                                      ignore="biasbn", models=results))
-        plot_landscape(results, alphas, out / "loss_landscape_1d.png", args.dpi)
+        with figure(out / "loss_landscape_1d.png", args.dpi, 2, 4, 3) as (fig, axes):
+            for label, r in results.items():
+                for ax, key in zip(axes, ("loss", "acc")):
+                    std, mean = torch.std_mean(torch.tensor(r[key]), 0, unbiased=False)  # over the seeds
+                    line, = ax.plot(alphas, mean, label=label)
+                    ax.fill_between(alphas, mean - std, mean + std, alpha=0.25, color=line.get_color())
+            axes[0].set(xlabel="alpha (filter-normalised direction)", ylabel="Cross-entropy", yscale="log")
+            axes[1].set(xlabel="alpha (filter-normalised direction)", ylabel="Top-1 accuracy", ylim=(0, 1))
+            axes[0].legend(fontsize=8)
         if plane:
-            plot_landscape_2d(results, plane, out / "loss_landscape_2d.png", args.dpi)
-    if "hessian" in tools:
+            with figure(out / "loss_landscape_2d.png", args.dpi, len(results), 3.4, 3) as (fig, axes):
+                for ax, (label, r) in zip(axes, results.items()):
+                    ax.contour(plane, plane, torch.tensor(r["loss_2d"]).log10().T.tolist(), levels=12)
+                    ax.set(title=f"{label}: log10 loss", xlabel="alpha", ylabel="beta")
+    if "hessian" in tools:  # the power iteration's trace per model, its last value in the legend
         x, y, results = images[:args.hessian_images], labels[:args.hessian_images], {}
         for label, model in tqdm(classifiers.items(), desc="Hessian", leave=False):
             names, params = zip(*[(n, p) for n, p in model.named_parameters() if not is_excluded(n, p)])
             loss_fn = lambda ps: F.cross_entropy(functional_call(model, dict(zip(names, ps)), (x,)), y)  # noqa: E731
             value, trace = top_hessian_eigenvalue(loss_fn, params, args.hessian_iters, seed=args.seed)
-            results[label] = dict(lambda_max=value, trace=trace, head=heads[label],
+            results[label] = dict(lambda_max=value, trace=trace, head=head_notes[label],
                                   n_params=sum(p.numel() for p in params))
         write_json(out / "hessian.json", dict(common, n_images=len(x), params="those the landscape perturbs",
                                               models=results))
-        plot_hessian(results, out / "hessian.png", args.dpi)
+        with figure(out / "hessian.png", args.dpi, 1, 4, 3) as (fig, (ax,)):
+            for label, r in results.items():
+                ax.plot(r["trace"], label=f"{label}: {r['lambda_max']:.3g}")
+            ax.set(xlabel="Power iteration", ylabel="v.Hv", title="Top Hessian eigenvalue", yscale="symlog")
+            ax.legend(fontsize=8)
     print(f"wrote {len(list(out.iterdir()))} files to {out} in {time.perf_counter() - start:.0f} s")
 
 

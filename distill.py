@@ -29,8 +29,8 @@ from data import (FDCropBox, SeededTransform, SyntheticShapes, decode_and_crop, 
                   load_rgb, read_undecoded, steps_of_batches, train_loader)
 from models import build_student, set_grad_checkpointing
 from training import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, git_hash,
-                      load_resume, lr_at, param_groups, prepare_teacher, restore_rng, rng_states, save_atomic,
-                      save_checkpoint_files, schedule, setup_distributed)
+                      load_resume, lr_at, param_groups, prepare_teacher, restore_rng, save_atomic,
+                      save_checkpoint, schedule, setup_distributed)
 
 # ----------------------------------------------------------------------------- presets
 # The official distillation recipes (the official configs/pretrain/*.yaml); every value can be overridden by its flag.
@@ -60,14 +60,11 @@ def get_args_parser():
     p = argparse.ArgumentParser("Feature Distillation", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", default=DEFAULT_TEACHER,
-                   help=f"teacher: a published one ({', '.join(TEACHERS)}), a plain ViT such as vit_small_patch16 "
-                        f"(random weights), or any name with --teacher-weights FILE of this project; the paper's "
-                        f"teachers ({', '.join(p for p in PRESETS if p in TEACHERS)}) bring their "
-                        f"recipe, which fills the flags left unset")
-    p.add_argument("--teacher-weights", default=None,
-                   help="the teacher's weights file, in its published layout (downloaded to the torch hub cache if "
-                        "not given), a model file this project wrote, or 'random' for a published architecture "
-                        "with random weights")
+                   help=f"a published teacher ({', '.join(TEACHERS)}; the paper's bring their recipe for the flags "
+                        f"left unset), a plain ViT such as vit_small_patch16 (random weights), or any name with "
+                        f"--teacher-weights FILE of this project")
+    p.add_argument("--teacher-weights", default=None, help="the teacher's file in its published layout (if not "
+                   "given, downloaded), a model file of this project, or 'random' (random weights)")
     p.add_argument("--student", default=None, help="student architecture, e.g. vit_base_patch16" + FROM_PRESET)
     p.add_argument("--data", default=None, help="ImageFolder root (train/ used if present) or a flat folder of "
                                                 "images; the built-in synthetic dataset if not given")
@@ -83,11 +80,9 @@ def get_args_parser():
     add_run_flags(p)
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the student's blocks: "
                    "less memory (large students, large batches) for about a third more compute")
-    p.add_argument("--decode-on-device", action="store_true",
-                   help="decode the JPEGs (nvJPEG on a GPU) and crop and resize them on the training device; "
-                        "the workers only read the files. Use it when the run is data-bound: when --workers x "
-                        "the per-worker img/s of `python bench.py --data-pipeline` is below the img/s the run "
-                        "logs (or bench.py measures) for the training step")
+    p.add_argument("--decode-on-device", action="store_true", help="decode (nvJPEG on a GPU), crop and resize on "
+                   "the training device, the workers only read files: for runs whose workers cannot keep up "
+                   "(--workers x the img/s of `python bench.py --data-pipeline` < the run's img/s)")
     p.add_argument("--seed", type=int, default=0, help="seeds the student's init, the data order and augmentation")
     return p
 
@@ -215,15 +210,6 @@ def main(args):
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     commit = git_hash()  # recorded in every checkpoint, for reproducibility
 
-    def save_checkpoint():
-        rng = rng_states(world_size)  # every rank takes part
-        if is_main:
-            save_checkpoint_files({"student": student.state_dict(), "projector": model.projector.state_dict(),
-                                   "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                   "step": step, "epoch": step // steps_per_epoch, "world_size": world_size,
-                                   "rng": rng, "args": vars(args), "arch": student.arch, "git": commit,
-                                   "teacher": teacher_info}, out, step, args.keep)
-
     if is_main:
         print(f"{world_size} process(es) x {args.batch_size} images x {args.accum} micro-steps = {global_batch} "
               f"images per step; lr {lrs['lr']:.3g} (= {args.lr:g} x {global_batch}/512); "
@@ -239,8 +225,7 @@ def main(args):
               f"(raise --epochs or use a new --out)")
 
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
-    log = TrainingLog(out / "log.jsonl", device, world_size, is_main, args.max_nonfinite, args.max_bad_frac,
-                      steps_per_epoch * global_batch, checkpoint)
+    log = TrainingLog(out, args, steps_per_epoch * global_batch, device, world_size, is_main)
     train_model.train()
     # Each step: `accum` micro-batches of (images, labels, unreadable images left out), resuming mid-epoch.
     for epoch, batch in steps_of_batches(loader, sampler, dataset, step, steps_per_epoch, total_steps, args.accum):
@@ -278,7 +263,10 @@ def main(args):
             record = log.write(global_batch, step=step, epoch=epoch, lr=lr)
             progress.set_postfix(loss=record["loss"], lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.1f}")
         if step % args.save_every == 0 or step == total_steps:
-            save_checkpoint()
+            save_checkpoint({"student": student.state_dict(), "projector": model.projector.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                             "epoch": step // steps_per_epoch, "args": vars(args), "arch": student.arch,
+                             "git": commit, "teacher": teacher_info}, out, args.keep, world_size, is_main)
     progress.close()
 
     if is_main:

@@ -36,7 +36,7 @@ from data import (SeededTransform, SyntheticShapes, eval_transform, image_datase
 from checkpoints import load_model_file, load_pretrained, read_encoder_file, resize_grid, resize_pos_embed
 from models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, swin_stage_windows
 from training import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, git_hash,
-                      load_resume, lr_at, param_groups, restore_rng, rng_states, save_atomic, save_checkpoint_files,
+                      load_resume, lr_at, param_groups, restore_rng, save_atomic, save_checkpoint,
                       schedule, setup_distributed)
 
 # ----------------------------------------------------------------------------- presets
@@ -270,12 +270,11 @@ def labelled_splits(args):
     if not (Path(args.data) / "val").is_dir():
         raise FileNotFoundError(f"--data {args.data}: no val/ folder (fine-tuning needs train/ and val/)")
     train, val = image_dataset(args.data, "train"), image_dataset(args.data, "val")
-    train_classes, val_classes = getattr(train, "classes", None), getattr(val, "classes", None)
-    if train_classes is None or val_classes is None:
+    if not (hasattr(train, "classes") and hasattr(val, "classes")):
         raise ValueError(f"--data {args.data}: train/ and val/ need class subfolders (labels) for fine-tuning")
-    if train_classes != val_classes:
-        only_train = sorted(set(train_classes) - set(val_classes))
-        only_val = sorted(set(val_classes) - set(train_classes))
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
         raise ValueError(f"--data {args.data}: train/ and val/ have different classes (only in train/: "
                          f"{only_train or 'none'}; only in val/: {only_val or 'none'})")
     return train, val
@@ -305,10 +304,9 @@ def soft_cross_entropy(logits, targets):
 
 
 def layer_decay_scale(arch, decay):
-    """lr_scale(name) for a Classifier of an encoder `arch` (the official optimizer.py): layer id 0 for what comes
-    before the blocks (class token, position embedding, patch embedding, CLIP's ln_pre, DINOv2's
-    registers), i+1 for block i, depth+1 for the rest (fc_norm, head); scale decay^(depth+1-id).
-    Swin numbers its blocks across stages, and a stage's patch merging goes with its last block."""
+    """lr_scale(name) for a Classifier of an encoder `arch` (the official optimizer.py): decay^(depth+1-id)
+    with layer id 0 before the blocks (embeddings, CLIP's ln_pre, DINOv2's registers), i+1 for block
+    i, depth+1 after (fc_norm, head). Swin counts blocks across stages; patch merging joins the last."""
     depths = arch.get("depths") or [arch["depth"]]
     depth = sum(depths)
 
@@ -448,13 +446,6 @@ def main(args):
     commit = git_hash()
     model_file = dict(arch=model.arch, recipe=args.recipe, init=args.init, git=commit)
 
-    def save_checkpoint():  # the resume state, also a model file: load_model_file reads it
-        rng = rng_states(world_size)  # every rank takes part
-        if is_main:
-            save_checkpoint_files(dict(model_file, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                       scaler=scaler.state_dict(), step=step, epoch=step // steps_per_epoch, best=best,
-                                       world_size=world_size, rng=rng, args=vars(args)), out, step, args.keep)
-
     if is_main:
         print(f"{world_size} process(es) x {args.batch_size} images x {args.accum} micro-steps = {global_batch} "
               f"images per step; lr {lrs['lr']:.3g} (= {args.lr:g} x {global_batch}/512); "
@@ -469,8 +460,7 @@ def main(args):
 
     start = time.perf_counter()
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
-    log = TrainingLog(out / "log.jsonl", device, world_size, is_main, args.max_nonfinite, args.max_bad_frac,
-                      steps_per_epoch * global_batch, checkpoint)
+    log = TrainingLog(out, args, steps_per_epoch * global_batch, device, world_size, is_main)
     metrics = None
     train_model.train()
     if args.linear_probe:
@@ -521,8 +511,10 @@ def main(args):
                 progress.write(f"epoch {epoch + 1}/{args.epochs}: top-1 {metrics['top1']:.2f}% top-5 "
                                f"{metrics['top5']:.2f}% val loss {metrics['loss']:.4f} on {metrics['images']} "
                                f"images; best top-1 {best['top1']:.2f}% (epoch {best['epoch'] + 1})")
-        if is_epoch_end or step % args.save_every == 0:
-            save_checkpoint()
+        if is_epoch_end or step % args.save_every == 0:  # the resume state, also a model file
+            save_checkpoint(dict(model_file, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                                 scaler=scaler.state_dict(), epoch=step // steps_per_epoch, best=best,
+                                 args=vars(args)), out, args.keep, world_size, is_main)
     progress.close()
     if is_main:
         print(f"done in {time.perf_counter() - start:.0f} s: best top-1 {best['top1']:.2f}% "

@@ -10,6 +10,7 @@ input statistics (CLIP's differ from ImageNet's) while the data pipeline stays t
 """
 import math
 import re
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -38,15 +39,9 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden_dim):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+def mlp(dim, hidden_dim):
+    """The MLP of a transformer block: fc1, GELU, fc2."""
+    return nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden_dim), act=nn.GELU(), fc2=nn.Linear(hidden_dim, dim)))
 
 
 def relative_position_index(grid_h, grid_w):
@@ -139,7 +134,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
         self.rel_pos_bias = RelativePositionBias(rel_pos_grid, num_heads) if rel_pos_grid else None
         if layer_scale:
@@ -247,17 +242,14 @@ class VisionTransformer(nn.Module):
 # ============================================================================= Swin
 # Swin Transformer: V1 is the EsViT teacher, V2 the FD student distilled from it (FD-EsViT).
 #
-# Both work on feature maps (B, H, W, C) cut into non-overlapping windows of w x w tokens; every
-# other block shifts the windows by w/2 so that information crosses window borders. Stages halve
-# the map and double the width. V1 and V2 differ only inside the block:
+# Both cut feature maps (B, H, W, C) into windows of w x w tokens; every other block shifts them by
+# w/2 so that information crosses window borders; stages halve the map and double the width.
 #   V1 (Liu et al. 2021): pre-norm, scaled dot-product attention, a learned bias table per block.
 #   V2 (Liu et al. 2022): residual post-norm, cosine attention with a learned temperature, and a
-#       continuous position bias: a small MLP of the log-spaced offset. The FD student shares one
-#       such MLP per stage during distillation; fine-tuning gives every block its own copy.
-# Parameter names follow the official code, so an EsViT checkpoint loads strictly once its prefix,
-# heads and index tables are removed (`esvit_to_swin`). One exception: V2's per-block bias MLP sits
-# at `layers.i.blocks.j.rel_pos_bias.rpe_mlp` (official: `...blocks.j.attn.rpe_mlp`), mirroring
-# the shared `layers.i.rel_pos_bias.rpe_mlp`, as the ViT's per-block tables mirror its shared one.
+#       continuous position bias, an MLP of the log-spaced offset, shared per stage by the FD student.
+# Names follow the official code, so an EsViT checkpoint loads strictly (checkpoints.esvit_to_swin),
+# except V2's per-block bias MLP: `layers.i.blocks.j.rel_pos_bias.rpe_mlp` (official: `attn.rpe_mlp`),
+# mirroring the shared `layers.i.rel_pos_bias.rpe_mlp` as the ViT's per-block tables mirror its own.
 
 
 def window_partition(x, window):
@@ -391,7 +383,7 @@ class SwinBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = WindowAttention(dim, num_heads, window, cosine=version == 2)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, 4 * dim)
+        self.mlp = mlp(dim, 4 * dim)
         self.drop_path = DropPath(drop_path)
         self.rel_pos_bias = ContinuousPositionBias(window, num_heads, scale_window) if own_position_bias else None
         mask = shifted_window_mask(*resolution, window, shift) if shift else None
@@ -477,7 +469,7 @@ class SwinTransformer(nn.Module):
     [0, 1] (B, 3, H, W) -> the last stage's tokens after the final norm (B, N, C), no class token.
 
     `position_bias`: V2 shares one bias MLP per stage ('shared', distillation) or gives every
-    block its own ('per_block', fine-tuning; see `swin_shared_to_per_block`). V1 always has a
+    block its own ('per_block', fine-tuning; see finetune.shared_bias_to_per_block). V1 always has a
     table per block ('per_block')."""
 
     def __init__(self, version=2, img_size=224, patch_size=4, embed_dim=128, depths=(2, 2, 18, 2),
@@ -564,13 +556,10 @@ class QuickGELU(nn.Module):
 
 
 class PretrainedViT(VisionTransformer):
-    """The ViT of published models (CLIP, DINO, DeiT, DINOv2, torchvision): the student's
-    architecture with their options. `abs_pos`: a learned absolute position embedding;
-    `qv_bias=False`: one bias for q, k and v; `act="quick_gelu"` and `norm_pre` (a LayerNorm
-    before the blocks) for OpenAI CLIP, which also has no patch-embedding bias (`patch_bias`);
-    `num_registers`: DINOv2's register tokens after the class token, dropped from the output;
-    their own LayerNorm eps and input statistics. Teachers have no relative position bias
-    (`rel_pos=None`) and, but for DINOv2, no LayerScale (`layer_scale=None`)."""
+    """The ViT of published models (CLIP, DINO, DeiT, DINOv2, torchvision): the student with their
+    options. An absolute position embedding (`abs_pos`), one bias for q, k and v (`qv_bias=False`),
+    OpenAI CLIP's QuickGELU, LayerNorm before the blocks (`norm_pre`) and bias-free patch embedding,
+    DINOv2's register tokens (dropped from the output), their own LayerNorm eps and statistics."""
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  rel_pos=None, abs_pos=True, qv_bias=False, layer_scale=None, drop_path=0.0, norm_eps=1e-6,
@@ -722,9 +711,8 @@ VIT_OPTIONS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp
 
 
 def build_from_arch(arch):
-    """The model described by an `arch` dict saved with its weights: a Classifier, a Swin, the ViT
-    student, or a ViT with the options of published models (also what earlier versions saved for
-    the student, at the student's values)."""
+    """The model an `arch` dict saved with its weights describes: a Classifier, a Swin, the ViT student,
+    or a PretrainedViT (which earlier versions' student files describe, at the student's values)."""
     if "encoder" in arch:
         return Classifier(build_from_arch(arch["encoder"]), arch["num_classes"], arch["linear_probe"])
     if "depths" in arch:

@@ -2039,7 +2039,7 @@ def test_the_vit_section_of_models_runs_alone_in_a_notebook(tmp_path):
     source = (REPO / "models.py").read_text()
     section = source[:source.index("# ============================================================================= Swin")]
     imported = {line.split()[1].split(".")[0] for line in section.splitlines() if line.startswith(("import ", "from "))}
-    assert imported <= {"math", "re", "torch", "einops"}, imported
+    assert imported <= {"math", "re", "collections", "torch", "einops"}, imported
     (tmp_path / "notebook.py").write_text(section + (
         "\ntorch.manual_seed(0)\n"
         "student = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2).eval()\n"

@@ -77,10 +77,8 @@ def default_workers():
 def cpu_has_native_bf16():
     """True on CPUs with bf16 instructions (AMX or AVX512-BF16), where bf16 autocast makes an FD step
     1.6-1.8x faster than fp32 (NOTES.md); elsewhere bf16 is emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
@@ -98,9 +96,8 @@ NO_WEIGHT_DECAY = ("cls_token", "pos_embed", "reg_tokens", "relative_position_bi
 
 def param_groups(model, weight_decay, lr_scale=None):
     """AdamW parameter groups: no weight decay for 1-D tensors (biases, norms, LayerScale) and
-    NO_WEIGHT_DECAY. `lr_scale(name)` gives a
-    per-parameter lr multiplier (layer-wise decay when fine-tuning), stored as the group's
-    'lr_scale'."""
+    NO_WEIGHT_DECAY; `lr_scale(name)`, a per-parameter lr multiplier (layer-wise decay), is stored
+    as the group's 'lr_scale'."""
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -168,12 +165,15 @@ def save_atomic(obj, path):
         os.close(directory)
 
 
-def save_checkpoint_files(state, out, step, keep):
-    """OUT/checkpoint.pth, the state to resume from, and with `keep` > 0 also a snapshot
-    OUT/checkpoint-STEP.pth of which the newest `keep` are kept."""
+def save_checkpoint(state, out, keep, world_size, is_main):
+    """OUT/checkpoint.pth, the state to resume from, with every rank's RNG states (a collective: all
+    ranks call it); with `keep` > 0 also a snapshot OUT/checkpoint-STEP.pth, the newest `keep` kept."""
+    state = dict(state, rng=rng_states(world_size), world_size=world_size)
+    if not is_main:
+        return
     save_atomic(state, out / "checkpoint.pth")
     if keep > 0:
-        save_atomic(state, out / f"checkpoint-{step:07d}.pth")
+        save_atomic(state, out / f"checkpoint-{state['step']:07d}.pth")
         for old in sorted(out.glob("checkpoint-*.pth"))[:-keep]:
             old.unlink()
 
@@ -207,10 +207,10 @@ class TrainingLog:
     images left out. Skipped steps change no weight; `max_nonfinite` of them in a row stop the run,
     the last checkpoint intact. More than `max_bad_frac` unreadable images in an epoch stop it too."""
 
-    def __init__(self, path, device, world_size, is_main, max_nonfinite, max_bad_frac, images_per_epoch, checkpoint):
-        self.path, self.device, self.world_size, self.is_main = path, device, world_size, is_main
-        self.max_nonfinite, self.max_bad_frac, self.checkpoint = max_nonfinite, max_bad_frac, checkpoint
-        self.images_per_epoch = images_per_epoch
+    def __init__(self, out, args, images_per_epoch, device, world_size, is_main):
+        self.path, self.checkpoint, self.images_per_epoch = out / "log.jsonl", out / "checkpoint.pth", images_per_epoch
+        self.max_nonfinite, self.max_bad_frac = args.max_nonfinite, args.max_bad_frac
+        self.device, self.world_size, self.is_main = device, world_size, is_main
         self.in_a_row, self.epoch, self.epoch_bad = 0, None, 0
         self.reset()
 
