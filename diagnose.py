@@ -21,8 +21,8 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from data import SyntheticShapes, eval_transform, image_dataset
 from checkpoints import load_model_file, load_pretrained
+from data import SyntheticShapes, eval_transform, image_dataset
 from models import Classifier, relative_position_index
 
 TOOLS = ("distance", "diversity", "maps", "landscape", "cka", "hessian")

@@ -31,9 +31,9 @@ from torchvision import transforms
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from checkpoints import load_model_file, load_pretrained, read_encoder_file, resize_grid, resize_pos_embed
 from data import (SeededTransform, SyntheticShapes, eval_transform, image_dataset, skip_unreadable, steps_of_batches,
                   train_loader)
-from checkpoints import load_model_file, load_pretrained, read_encoder_file, resize_grid, resize_pos_embed
 from models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, swin_stage_windows
 from training import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, git_hash,
                       load_resume, lr_at, param_groups, restore_rng, save_atomic, save_checkpoint,

@@ -2050,3 +2050,17 @@ def test_the_vit_section_of_models_runs_alone_in_a_notebook(tmp_path):
     student = build_student("vit_micro_patch8", 32).eval()
     student.load_state_dict(saved["state"])
     torch.testing.assert_close(student(torch.ones(1, 3, 32, 32)), saved["out"])
+
+
+def test_imports_run_one_way():
+    # Entry points on top, never importing each other; the helpers below never import an entry point.
+    import ast
+    entry_points, helpers = {"distill", "finetune", "diagnose", "bench"}, {"models", "checkpoints", "data", "training"}
+    for name in entry_points | helpers:
+        tree = ast.parse((REPO / f"{name}.py").read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not imported & entry_points, (name, imported & entry_points)
+        if name == "models":
+            assert not imported & helpers, imported & helpers
