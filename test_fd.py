@@ -2064,3 +2064,47 @@ def test_imports_run_one_way():
         assert not imported & entry_points, (name, imported & entry_points)
         if name == "models":
             assert not imported & helpers, imported & helpers
+
+
+# ----------------------------------------------------------------------------- silent changes of the method
+def test_drop_path_scales_the_kept_samples_by_one_over_keep():
+    torch.manual_seed(0)
+    drop, x = models.DropPath(0.25).train(), torch.ones(4000, 3)
+    y = drop(x)
+    kept = y[:, 0] != 0
+    assert torch.all(y[kept] == 1 / 0.75) and torch.all(y[~kept] == 0)  # exactly 1/keep, or nothing
+    assert abs(kept.float().mean().item() - 0.75) < 0.03
+    assert torch.equal(drop.eval()(x), x)
+
+
+@pytest.mark.parametrize("name", ["clip", "clip_l14"])
+def test_clip_teachers_normalise_with_clip_statistics(name):
+    # OpenAI's clip/clip.py, _transform: Normalize((0.48145466, 0.4578275, 0.40821073),
+    # (0.26862954, 0.26130258, 0.27577711)); a one-block tower of the teacher's arch keeps them.
+    tower = build_from_arch(dict(checkpoints.TEACHERS[name]["arch"], depth=1, embed_dim=64, num_heads=1))
+    assert tower.mean.flatten().tolist() == pytest.approx([0.48145466, 0.4578275, 0.40821073], abs=1e-7)
+    assert tower.std.flatten().tolist() == pytest.approx([0.26862954, 0.26130258, 0.27577711], abs=1e-7)
+
+
+def test_training_transforms_flip_both_ways():
+    # A ramp dark on the left and bright on the right: unflipped crops keep it, flipped ones reverse it.
+    ramp = Image.fromarray((torch.linspace(0, 255, 64).repeat(64, 1)).byte().numpy()).convert("RGB")
+    finetuning = finetune.train_transform(finetune.apply_recipe(ft_parse(*FT_MICRO, "--randaug-ops", "0",
+                                                                         "--reprob", "0")))
+    for transform in (fd_transform(32), finetuning):
+        orientations = set()
+        for seed in range(40):
+            torch.manual_seed(seed)
+            image = transform(ramp)
+            orientations.add(bool(image[0, :, 0].mean() < image[0, :, -1].mean()))
+        assert orientations == {True, False}
+
+
+def test_a_model_file_with_a_missing_and_an_extra_key_is_refused(tmp_path):
+    state = torch.load(REPO / "testdata" / "student.pth", weights_only=True)
+    del state["model"]["norm.bias"]
+    state["model"]["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="norm.bias") as error:
+        load_model_file(tmp_path / "bad.pth")
+    assert "extra.weight" in str(error.value)
