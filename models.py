@@ -585,10 +585,14 @@ class PretrainedViT(VisionTransformer):
         for module in self.modules():
             if isinstance(module, nn.LayerNorm):
                 module.eps = norm_eps
-        self._init_weights()  # random weights (tests, benchmarks); a teacher's file replaces them
-        for param in (self.pos_embed, self.reg_tokens):
+        # Random weights for what is new here, as the student's (tests, benchmarks; a teacher's file
+        # replaces them): the student's own were initialised once, by VisionTransformer.
+        qkvs = [block.attn.qkv for block in self.blocks] if not qv_bias else []
+        for param in [self.pos_embed, self.reg_tokens] + [qkv.weight for qkv in qkvs]:
             if param is not None:
                 nn.init.trunc_normal_(param, std=0.02, a=-0.02, b=0.02)
+        for qkv in qkvs:
+            nn.init.zeros_(qkv.bias)
 
     def embed(self, images):
         x = super().embed(images)  # (B, 1+N, C)
