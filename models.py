@@ -585,8 +585,7 @@ class PretrainedViT(VisionTransformer):
         for module in self.modules():
             if isinstance(module, nn.LayerNorm):
                 module.eps = norm_eps
-        # Random weights for what is new here, as the student's (tests, benchmarks; a teacher's file
-        # replaces them): the student's own were initialised once, by VisionTransformer.
+        # Random weights (tests, benchmarks) for what is new here; VisionTransformer drew the rest.
         qkvs = [block.attn.qkv for block in self.blocks] if not qv_bias else []
         for param in [self.pos_embed, self.reg_tokens] + [qkv.weight for qkv in qkvs]:
             if param is not None:
