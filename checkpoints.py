@@ -10,6 +10,7 @@ import io
 import json
 import math
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -295,6 +296,26 @@ def infer_vit_arch(state, act="gelu"):
                 mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim, act=act, norm_pre=clip_like,
                 layer_scale=1.0 if "blocks.0.gamma_1" in state else None, patch_bias="patch_embed.bias" in state,
                 num_registers=state["reg_tokens"].shape[1] if "reg_tokens" in state else 0, **clip_options)
+
+
+def shared_bias_to_per_block(state):
+    """Copy a shared position bias into every block that shared it, as the official utils.py does for
+    the ViT's table: `rel_pos_bias.*` into `blocks.j.rel_pos_bias.*`, and a SwinV2 stage's
+    `layers.i.rel_pos_bias.*` into `layers.i.blocks.j.rel_pos_bias.*`. Fine-tuning starts from the
+    same function, and each block's bias is then free to change on its own."""
+    num_blocks = {}  # what precedes "blocks." -> how many blocks follow it
+    for key in state:
+        if match := re.match(r"(.*?)blocks\.(\d+)\.", key):
+            num_blocks[match[1]] = max(num_blocks.get(match[1], 0), int(match[2]) + 1)
+    converted = {}
+    for key, value in state.items():
+        prefix, shared, rest = key.partition("rel_pos_bias.")
+        if shared and "blocks." not in prefix:  # a bias shared by the blocks after `prefix`
+            for j in range(num_blocks[prefix]):
+                converted[f"{prefix}blocks.{j}.rel_pos_bias.{rest}"] = value.clone()
+        else:
+            converted[key] = value
+    return converted
 
 
 def resize_grid(values, old_grid, new_grid):

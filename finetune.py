@@ -16,7 +16,6 @@ lines (step, epoch, loss, lr, img_per_s) and one eval line per epoch (top1, top5
 import argparse
 import json
 import os
-import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,7 +30,8 @@ from torchvision import transforms
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from checkpoints import load_model_file, load_pretrained, read_encoder_file, resize_grid, resize_pos_embed
+from checkpoints import (load_model_file, load_pretrained, read_encoder_file, resize_grid, resize_pos_embed,
+                         shared_bias_to_per_block)
 from data import (SeededTransform, SyntheticShapes, eval_transform, image_dataset, skip_unreadable, steps_of_batches,
                   train_loader)
 from models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, swin_stage_windows
@@ -138,26 +138,6 @@ def apply_recipe(args):
 # ----------------------------------------------------------------------------- loading an encoder
 # Pure state_dict -> state_dict conversions, from the encoder as distilled (or pretrained) to the
 # encoder as fine-tuned.
-def shared_bias_to_per_block(state):
-    """Copy a shared position bias into every block that shared it, as the official utils.py does for
-    the ViT's table: `rel_pos_bias.*` into `blocks.j.rel_pos_bias.*`, and a SwinV2 stage's
-    `layers.i.rel_pos_bias.*` into `layers.i.blocks.j.rel_pos_bias.*`. Fine-tuning starts from the
-    same function, and each block's bias is then free to change on its own."""
-    num_blocks = {}  # what precedes "blocks." -> how many blocks follow it
-    for key in state:
-        if match := re.match(r"(.*?)blocks\.(\d+)\.", key):
-            num_blocks[match[1]] = max(num_blocks.get(match[1], 0), int(match[2]) + 1)
-    converted = {}
-    for key, value in state.items():
-        prefix, shared, rest = key.partition("rel_pos_bias.")
-        if shared and "blocks." not in prefix:  # a bias shared by the blocks after `prefix`
-            for j in range(num_blocks[prefix]):
-                converted[f"{prefix}blocks.{j}.rel_pos_bias.{rest}"] = value.clone()
-        else:
-            converted[key] = value
-    return converted
-
-
 def resize_rel_pos_table(table, old_grid, new_grid):
     """A BEiT table ((2h-1)(2w-1) + 3, heads) for a grid of patches h x w, resampled to another grid:
     the offsets form a (2h-1) x (2w-1) grid of their own; the 3 class-token rows are kept. The official

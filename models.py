@@ -469,7 +469,7 @@ class SwinTransformer(nn.Module):
     [0, 1] (B, 3, H, W) -> the last stage's tokens after the final norm (B, N, C), no class token.
 
     `position_bias`: V2 shares one bias MLP per stage ('shared', distillation) or gives every
-    block its own ('per_block', fine-tuning; see finetune.shared_bias_to_per_block). V1 always has a
+    block its own ('per_block', fine-tuning; see checkpoints.shared_bias_to_per_block). V1 always has a
     table per block ('per_block')."""
 
     def __init__(self, version=2, img_size=224, patch_size=4, embed_dim=128, depths=(2, 2, 18, 2),

@@ -29,10 +29,9 @@ import distill
 import finetune
 import models
 import training
-from checkpoints import esvit_to_swin, load_model_file, load_pretrained, load_teacher
+from checkpoints import esvit_to_swin, load_model_file, load_pretrained, load_teacher, shared_bias_to_per_block
 from data import SeededTransform, SyntheticShapes, fd_transform, image_dataset
 from diagnose import attention_maps
-from finetune import shared_bias_to_per_block
 from models import (Attention, Classifier, SWIN_SIZES, SwinTransformer, VisionTransformer, build_from_arch,
                     build_student, log_spaced_offsets, relative_position_index, window_partition,
                     window_position_index, window_reverse)
