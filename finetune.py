@@ -159,11 +159,13 @@ def finetuning_arch(arch, img_size, drop_path):
 
 def encoder_for_finetuning(state, arch, img_size):
     """Encoder weights of an `arch` model made ready for Classifier(finetuning_arch(...)) at img_size:
-    no final norm (the classifier pools before it), per-block relative position tables, position
-    tables resized to the new grid. A Swin's position bias follows its windows: SwinV2's per-stage
+    per-block relative position tables, position tables resized to the new grid; a ViT loses its
+    final norm (its classifier pools before it), a Swin keeps it (its classifier pools after it). A Swin's position bias follows its windows: SwinV2's per-stage
     MLP (a function of the offset) is copied into the blocks; Swin V1's tables are resized where a
     stage's window changes, as it does where the window was clipped to a small map."""
-    state = shared_bias_to_per_block({k: v for k, v in state.items() if k not in ("norm.weight", "norm.bias")})
+    if "depths" not in arch:
+        state = {k: v for k, v in state.items() if k not in ("norm.weight", "norm.bias")}
+    state = shared_bias_to_per_block(state)
     if "depths" in arch:  # Swin V1's tables, per stage
         old_windows, new_windows = swin_stage_windows(arch), swin_stage_windows(arch, img_size)
         for key in state:

@@ -246,7 +246,7 @@ class VisionTransformer(nn.Module):
 # w/2 so that information crosses window borders; stages halve the map and double the width.
 #   V1 (Liu et al. 2021): pre-norm, scaled dot-product attention, a learned bias table per block.
 #   V2 (Liu et al. 2022): residual post-norm, cosine attention with a learned temperature, and a
-#       continuous position bias, an MLP of the log-spaced offset, shared per stage by the FD student.
+#       continuous position bias, an MLP of the log-spaced offset, in every block (or shared per stage).
 # Names follow the official code, so an EsViT checkpoint loads strictly (checkpoints.esvit_to_swin),
 # except V2's per-block bias MLP: `layers.i.blocks.j.rel_pos_bias.rpe_mlp` (official: `attn.rpe_mlp`),
 # mirroring the shared `layers.i.rel_pos_bias.rpe_mlp` as the ViT's per-block tables mirror its own.
@@ -468,12 +468,13 @@ class SwinTransformer(nn.Module):
     """Swin V1 (`version=1`, the EsViT teacher) or V2 (`version=2`, the FD student): images in
     [0, 1] (B, 3, H, W) -> the last stage's tokens after the final norm (B, N, C), no class token.
 
-    `position_bias`: V2 shares one bias MLP per stage ('shared', distillation) or gives every
-    block its own ('per_block', fine-tuning; see checkpoints.shared_bias_to_per_block). V1 always has a
-    table per block ('per_block')."""
+    `position_bias`: V2 gives every block its own bias MLP ('per_block', the official FD-EsViT
+    student and fine-tuning) or shares one per stage ('shared', the paper's shared bias applied to
+    Swin; fine-tuning copies it into the blocks, checkpoints.shared_bias_to_per_block). V1 always
+    has a table per block ('per_block')."""
 
     def __init__(self, version=2, img_size=224, patch_size=4, embed_dim=128, depths=(2, 2, 18, 2),
-                 num_heads=(4, 8, 16, 32), window_size=14, position_bias="shared", drop_path=0.0,
+                 num_heads=(4, 8, 16, 32), window_size=14, position_bias="per_block", drop_path=0.0,
                  norm_eps=1e-5, mean=IMAGENET_MEAN, std=IMAGENET_STD, pretrained_windows=None):
         super().__init__()
         if version not in (1, 2):
@@ -631,19 +632,26 @@ class Teacher(nn.Module):
 
 # ============================================================================= fine-tuning
 class Classifier(nn.Module):
-    """An encoder with a classification head, for fine-tuning (the official main_finetune.py): the
-    mean of the patch tokens before the encoder's final norm, then `fc_norm` and a Linear head
-    initialised small. The encoder's final norm has no use here and is removed. `linear_probe=True`
-    instead puts a BatchNorm without affine parameters before the head (MAE's linear probe)."""
+    """An encoder with a classification head, for fine-tuning, pooled as the official code pools:
+    - a ViT (main_finetune.py, BEiT-style): the mean of the patch tokens before the encoder's final
+      norm, then a fresh `fc_norm` (the final norm has no use and is removed);
+    - a Swin (models/swin_transformer_v2.py, forward_features): the encoder's own final norm, kept
+      from the checkpoint, on every token, then the mean.
+    The head is a Linear initialised small. `linear_probe=True` puts a BatchNorm without affine
+    parameters before the head (MAE's linear probe). `pooling` is recorded so that files of earlier
+    versions, whose Swin classifiers pooled as the ViT, rebuild as they were trained."""
 
-    def __init__(self, encoder, num_classes, linear_probe=False):
+    def __init__(self, encoder, num_classes, linear_probe=False, pooling=None):
         super().__init__()
-        self.arch = dict(encoder=encoder.arch, num_classes=num_classes, linear_probe=linear_probe)
-        eps = encoder.norm.eps
-        encoder.norm = nn.Identity()
+        pooling = pooling or ("norm_then_mean" if "depths" in encoder.arch else "mean_then_fc_norm")
+        self.arch = dict(encoder=encoder.arch, num_classes=num_classes, linear_probe=linear_probe, pooling=pooling)
+        self.fc_norm = nn.Identity()
+        if pooling == "mean_then_fc_norm":
+            self.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=encoder.norm.eps)
+            encoder.norm = nn.Identity()
+        if linear_probe:
+            self.fc_norm = nn.BatchNorm1d(encoder.embed_dim, affine=False, eps=1e-6)
         self.encoder = encoder
-        self.fc_norm = (nn.BatchNorm1d(encoder.embed_dim, affine=False, eps=1e-6) if linear_probe
-                        else nn.LayerNorm(encoder.embed_dim, eps=eps))
         self.head = nn.Linear(encoder.embed_dim, num_classes)
         with torch.no_grad():
             nn.init.trunc_normal_(self.head.weight, std=0.02)
@@ -651,7 +659,7 @@ class Classifier(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def forward(self, images):
-        tokens = self.encoder.forward_features(images)  # (B, prefix + N, C)
+        tokens = self.encoder(images)  # (B, prefix + N, C), after the final norm when it is kept
         return self.head(self.fc_norm(tokens[:, self.encoder.num_prefix_tokens:].mean(dim=1)))
 
 
@@ -674,20 +682,22 @@ def parse_vit_name(name):
 
 
 def swin_arch(name, img_size=224, drop_path=0.0):
-    """The arch of a named Swin, e.g. 'swinv2_base_window14': the FD student (V2, one position-bias
-    MLP per stage), or 'swin_base_window14': the EsViT teacher (V1)."""
-    match = re.fullmatch(r"(swin|swinv2)_(\w+)_window(\d+)", name)
-    if not match or match[2] not in SWIN_SIZES:
+    """The arch of a named Swin: 'swinv2_base_window14', the FD-EsViT student (V2 with a position-bias
+    MLP in every block, as the official recipe: its config leaves MODEL.SWIN.USE_SHARED_RPB False);
+    'swinv2_base_window14_shared', the paper's shared bias applied to SwinV2 (one MLP per stage);
+    or 'swin_base_window14', the EsViT teacher (V1)."""
+    match = re.fullmatch(r"(swin|swinv2)_(\w+?)_window(\d+)(_shared)?", name)
+    if not match or match[2] not in SWIN_SIZES or (match[4] and match[1] == "swin"):
         sizes = ", ".join(f"swinv2_{s}_window7" for s in SWIN_SIZES)
-        raise ValueError(f"unknown Swin name {name!r}: expected one of {sizes}, another window, "
-                         f"or 'swin_' in front for version 1")
+        raise ValueError(f"unknown Swin name {name!r}: expected one of {sizes}, another window, '_shared' at the "
+                         f"end for one position-bias MLP per stage, or 'swin_' in front for version 1")
     embed_dim, depths, num_heads = SWIN_SIZES[match[2]]
     version = 2 if match[1] == "swinv2" else 1
     # EsViT trained its V1 with LayerNorm eps 1e-6 (FD's rebuild keeps the 1e-5 default, a
     # negligible difference); the official V2 uses 1e-5.
     return dict(version=version, img_size=img_size, patch_size=4, embed_dim=embed_dim, depths=list(depths),
                 num_heads=list(num_heads), window_size=int(match[3]),
-                position_bias="shared" if version == 2 else "per_block", drop_path=drop_path,
+                position_bias="shared" if match[4] else "per_block", drop_path=drop_path,
                 norm_eps=1e-5 if version == 2 else 1e-6, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
 
 
@@ -717,7 +727,8 @@ def build_from_arch(arch):
     """The model an `arch` dict saved with its weights describes: a Classifier, a Swin, the ViT student,
     or a PretrainedViT (which earlier versions' student files describe, at the student's values)."""
     if "encoder" in arch:
-        return Classifier(build_from_arch(arch["encoder"]), arch["num_classes"], arch["linear_probe"])
+        return Classifier(build_from_arch(arch["encoder"]), arch["num_classes"], arch["linear_probe"],
+                          arch.get("pooling", "mean_then_fc_norm"))
     if "depths" in arch:
         return SwinTransformer(**arch)
     return (VisionTransformer if set(arch) <= set(VIT_OPTIONS) else PretrainedViT)(**arch)

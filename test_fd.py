@@ -711,7 +711,7 @@ def test_shapes_through_all_stages():
 @pytest.mark.parametrize("version", [1, 2])
 def test_block_fast_and_explicit_paths_equal_a_loop_over_windows(version):
     torch.manual_seed(1)
-    model = randomise_(build_swin(f"swin{'v2' if version == 2 else ''}_micro_window4", 32)).eval()
+    model = randomise_(build_swin("swinv2_micro_window4_shared" if version == 2 else "swin_micro_window4", 32)).eval()
     stage, eps, w, heads = model.layers[0], model.norm.eps, 4, model.arch["num_heads"][0]
     x = torch.randn(2, 8, 8, 32)
     state = {k: v for k, v in stage.state_dict().items()}
@@ -783,8 +783,12 @@ def test_swin_official_initialisation():
 
 
 def test_names_and_rebuild_from_arch():
-    model = randomise_(build_swin("swinv2_micro_window4", 32, drop_path=0.2))
+    model = randomise_(build_swin("swinv2_micro_window4_shared", 32, drop_path=0.2))
     assert model.arch["version"] == 2 and model.arch["position_bias"] == "shared"
+    # Without the suffix, the official FD-EsViT student: a bias MLP in every block, none per stage.
+    per_block = build_swin("swinv2_micro_window4", 32)
+    assert per_block.arch["position_bias"] == "per_block" and per_block.layers[0].rel_pos_bias is None
+    assert all(block.rel_pos_bias is not None for stage in per_block.layers for block in stage.blocks)
     assert model.arch["window_size"] == 4 and model.arch["drop_path"] == 0.2
     rates = [block.drop_path.p for stage in model.layers for block in stage.blocks]
     assert rates == pytest.approx([0.0, 0.2 / 3, 0.4 / 3, 0.2])  # linear over all blocks
@@ -796,7 +800,7 @@ def test_names_and_rebuild_from_arch():
     rebuilt.load_state_dict(model.state_dict())
     images = torch.rand(1, 3, 32, 32)
     torch.testing.assert_close(rebuilt(images), model.eval()(images))
-    for bad in ("swin_huge_window7", "swinv2_base", "vit_base_patch16"):
+    for bad in ("swin_huge_window7", "swinv2_base", "vit_base_patch16", "swin_micro_window4_shared"):
         with pytest.raises(ValueError, match="unknown Swin name"):
             models.swin_arch(bad, 224)
 
@@ -1080,6 +1084,13 @@ def test_presets_fill_unset_flags_and_flags_override():
                                                                                    300, 224)
     args = distill.apply_preset(parse("--teacher", "esvit", "--lr", "1e-3", "--drop-path", "0"))
     assert (args.lr, args.drop_path, args.min_lr) == (1e-3, 0.0, 1e-5)
+    # The official FD-EsViT student (configs/pretrain/fd_pretrain__esvit_swin_base__img224__300ep.yaml leaves
+    # MODEL.SWIN.USE_SHARED_RPB at config.py's False): SwinV2-B, window 14, a bias MLP in every one of 24 blocks.
+    with torch.device("meta"):
+        student = build_student(args.student, args.img_size)
+    assert (student.arch["version"], student.arch["embed_dim"], student.arch["window_size"]) == (2, 128, 14)
+    per_block = [block.rel_pos_bias for stage in student.layers for block in stage.blocks]
+    assert len(per_block) == 24 and None not in per_block and {stage.rel_pos_bias for stage in student.layers} == {None}
     args = distill.apply_preset(parse("--teacher", "vit_small_patch16"))  # no preset: the paper's recipe
     assert (args.student, args.lr, args.epochs, args.img_size) == ("vit_small_patch16", 3e-4, 300, 224)
 
@@ -1191,20 +1202,25 @@ def test_distill_on_image_folder_writes_checkpoint_student_and_log(tmp_path):
         load_model_file(out / "checkpoint.pth")
 
 
-def test_swin_teacher_distils_into_a_swinv2_student(tmp_path):
-    # A micro EsViT-like teacher (Swin V1, saved as a model file) and a micro SwinV2 student.
+@pytest.mark.parametrize("student_name", ["swinv2_micro_window4", "swinv2_micro_window4_shared"])
+def test_swin_teacher_distils_into_a_swinv2_student(tmp_path, student_name):
+    # A micro EsViT-like teacher (Swin V1, saved as a model file) and a micro SwinV2 student with a
+    # position-bias MLP in every block (the official FD-EsViT student) or one per stage.
     torch.manual_seed(1)
     teacher = SwinTransformer(version=1, img_size=32, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4,
                               position_bias="per_block", norm_eps=1e-6)
     torch.save({"arch": teacher.arch, "model": teacher.state_dict()}, tmp_path / "swin_teacher.pth")
     out = tmp_path / "run"
     student = distill.main(parse(*MICRO, "--teacher", "esvit_micro", "--teacher-weights", str(tmp_path / "swin_teacher.pth"),
-                                 "--student", "swinv2_micro_window4", "--epochs", "2", "--out", str(out))).cpu()
-    log = read_log(out)
-    assert log[-1]["loss"] < log[0]["loss"]
+                                 "--student", student_name, "--epochs", "2", "--lr", "0.3", "--warmup-epochs", "0",
+                                 "--out", str(out))).cpu()
+    losses = [line["loss"] for line in read_log(out)]
+    assert len(losses) == 16 and sum(losses[-4:]) < sum(losses[:4]) / 2  # 0.33 at the start, under 0.08 at the end
     state = torch.load(out / "checkpoint.pth", weights_only=True)
     assert state["projector"]["weight"].shape == (32, 64)  # student width 64 -> teacher width 32
-    assert any(".rel_pos_bias.rpe_mlp." in k and ".blocks." not in k for k in state["student"])  # shared per stage
+    mlps = sorted({k.split(".rpe_mlp.")[0] for k in state["student"] if ".rpe_mlp." in k})
+    assert mlps == ([f"layers.{i}.rel_pos_bias" for i in (0, 1)] if student_name.endswith("_shared") else
+                    [f"layers.{i}.blocks.{j}.rel_pos_bias" for i in (0, 1) for j in (0, 1)])
     rebuilt = load_model_file(out / "student.pth").eval()
     images = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(rebuilt(images), student.eval()(images))
@@ -1684,7 +1700,7 @@ def test_swin_v1_tables_follow_a_window_that_grows_with_the_image():
 
 
 def test_swinv2_keeps_its_offset_scale_when_its_window_grows():
-    student = build_student("swinv2_micro_window8", 32)  # stage windows 8 and 4 (clipped to the 4x4 map)
+    student = build_student("swinv2_micro_window8_shared", 32)  # stage windows 8 and 4 (clipped to the 4x4 map)
     arch = finetune.finetuning_arch(student.arch, 64, 0.0)  # at 64 px: windows 8 and 8
     model = build_from_arch(arch)
     assert arch["pretrained_windows"] == [8, 4] and model.layers[1].window == 8
@@ -1710,7 +1726,7 @@ def test_encoders_of_classifiers_and_checkpoints_serve_as_teachers(distilled, tm
 
 def test_swin_student_finetunes_with_per_block_bias_and_layer_decay_per_block(tmp_path):
     torch.manual_seed(0)
-    student = build_student("swinv2_micro_window4", 32).eval()  # depths (2, 2), one bias MLP per stage
+    student = build_student("swinv2_micro_window4_shared", 32).eval()  # depths (2, 2), one bias MLP per stage
     torch.save({"arch": student.arch, "model": student.state_dict()}, tmp_path / "student.pth")
     model, _ = finetune.main(ft_parse(*FT_MICRO, "--init", str(tmp_path / "student.pth"), "--epochs", "1",
                                       "--out", str(tmp_path / "ft")))
@@ -1731,6 +1747,31 @@ def test_swin_student_finetunes_with_per_block_bias_and_layer_decay_per_block(tm
                 0.5 ** 3, "encoder.layers.1.blocks.0.attn.logit_scale": 0.5 ** 2,
                 "encoder.layers.1.blocks.1.rel_pos_bias.rpe_mlp.0.weight": 0.5, "head.weight": 1.0}
     assert {name: scale(name) for name in expected} == expected
+
+
+@pytest.mark.parametrize("student_name", ["swinv2_micro_window4", "swinv2_micro_window4_shared"])
+def test_swin_classifier_pools_after_the_distilled_norm(tmp_path, student_name):
+    # The official SwinTransformerV2.forward_features: avgpool(norm(x)), `norm` loaded from the distilled
+    # checkpoint; then the head. Computed here from the student's own tensors.
+    student = randomise_(build_student(student_name, 32), seed=3).eval()
+    torch.save({"arch": student.arch, "model": student.state_dict()}, tmp_path / "student.pth")
+    args = finetune.apply_recipe(ft_parse(*FT_MICRO, "--init", str(tmp_path / "student.pth")))
+    classifier = finetune.build_classifier(args, num_classes=10, verbose=False).eval()
+    pooled = []
+    classifier.head.register_forward_hook(lambda module, inputs, output: pooled.append(inputs[0]))
+    images = torch.rand(3, 3, 32, 32)
+    logits = classifier(images)
+    tokens = student.forward_features(images)  # (3, 16, 64): the last stage, before the final norm
+    weight, bias = student.state_dict()["norm.weight"], student.state_dict()["norm.bias"]
+    mean, var = tokens.mean(-1, keepdim=True), tokens.var(-1, unbiased=False, keepdim=True)
+    expected = ((tokens - mean) / torch.sqrt(var + 1e-5) * weight + bias).mean(dim=1)  # eps 1e-5: the official V2's
+    torch.testing.assert_close(pooled[0], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, expected @ classifier.head.weight.T + classifier.head.bias)
+    assert not any(k.startswith("fc_norm.") for k in classifier.state_dict())
+    # A Swin classifier file of an earlier version (no 'pooling' in its arch) rebuilds as it was trained: fc_norm(mean).
+    old_arch = {k: v for k, v in classifier.arch.items() if k != "pooling"}
+    old = build_from_arch(old_arch)
+    assert isinstance(old.fc_norm, torch.nn.LayerNorm) and isinstance(old.encoder.norm, torch.nn.Identity)
 
 
 # ----------------------------------------------------------------------------- diagnose.py
