@@ -235,7 +235,10 @@ def train_transform(args):
     steps = [transforms.RandomResizedCrop(args.img_size, scale=(0.08, 1.0), interpolation=bicubic),
              transforms.RandomHorizontalFlip()]
     if args.randaug_ops:
-        steps.append(transforms.RandAugment(args.randaug_ops, magnitude=9, interpolation=bicubic))
+        # timm's 'rand-m9' (the official config) is 9 of 10 levels; torchvision's default 31 bins would
+        # make magnitude 9 a third as strong. (timm also fires each op with probability 0.5.)
+        steps.append(transforms.RandAugment(args.randaug_ops, magnitude=9, num_magnitude_bins=11,
+                                            interpolation=bicubic))
     steps.append(transforms.ToTensor())
     if args.reprob:
         # timm erases with per-pixel normal noise in normalised space: erase between a normalise and its inverse.

@@ -527,12 +527,15 @@ class SwinTransformer(nn.Module):
                 nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
         if version == 2:
             # The official V2 starts every block's post-norm gain at 1e-5 (`init_values`): each
-            # block begins near the identity, like LayerScale. (Its rescaling of the output
-            # projections by depth is omitted: a post-norm undoes any scaling of its input.)
-            for stage in self.layers:
-                for block in stage.blocks:
-                    nn.init.constant_(block.norm1.weight, 1e-5)
-                    nn.init.constant_(block.norm2.weight, 1e-5)
+            # block begins near the identity, like LayerScale. It also divides the output projections
+            # of block i (counted from 1 across stages) by sqrt(2 i) (`fix_init`): the forward barely
+            # changes behind the post-norm, but AdamW's steps are larger relative to smaller weights.
+            blocks = [block for stage in self.layers for block in stage.blocks]
+            for i, block in enumerate(blocks, start=1):
+                nn.init.constant_(block.norm1.weight, 1e-5)
+                nn.init.constant_(block.norm2.weight, 1e-5)
+                block.attn.proj.weight.data.div_(math.sqrt(2 * i))
+                block.mlp.fc2.weight.data.div_(math.sqrt(2 * i))
 
     def forward_features(self, images):
         """images (B, 3, H, W) in [0, 1] -> the last stage's tokens before the final norm (B, N, C)."""
@@ -653,9 +656,9 @@ class Classifier(nn.Module):
             self.fc_norm = nn.BatchNorm1d(encoder.embed_dim, affine=False, eps=1e-6)
         self.encoder = encoder
         self.head = nn.Linear(encoder.embed_dim, num_classes)
-        with torch.no_grad():
+        with torch.no_grad():  # the ViT's head starts 1000 times smaller (init_scale), the official Swin's does not
             nn.init.trunc_normal_(self.head.weight, std=0.02)
-            self.head.weight.mul_(0.001)
+            self.head.weight.mul_(1.0 if "depths" in encoder.arch else 0.001)
             nn.init.zeros_(self.head.bias)
 
     def forward(self, images):

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import pickle
 import struct
 import subprocess
@@ -282,7 +283,14 @@ def test_published_layout_fits_the_teacher_architecture_exactly(name):
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in expected.items()}
 
 
-def reference_vit(sd, images, heads, mean=models.IMAGENET_MEAN, std=models.IMAGENET_STD, eps=1e-6, registers=0):
+# Input statistics typed in from their sources, never read from the project they check:
+# ImageNet's as timm (timm/data/constants.py), torchvision (its ViT weights' transforms) and DINO use them;
+# OpenAI's CLIP's from clip/clip.py, _transform.
+IMAGENET_MEAN_REF, IMAGENET_STD_REF = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN_REF, CLIP_STD_REF = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def reference_vit(sd, images, heads, mean=IMAGENET_MEAN_REF, std=IMAGENET_STD_REF, eps=1e-6, registers=0):
     """A ViT forward from the raw tensors of a timm / DINO / DINOv2-layout state dict: the tokens
     after the final norm, class token and patches (registers dropped)."""
     x = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
@@ -378,7 +386,7 @@ class TinyOpenAICLIP(torch.nn.Module):
 
     def forward(self, images):
         v = self.visual
-        x = (images - torch.tensor(checkpoints.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(checkpoints.CLIP_STD).view(1, 3, 1, 1)
+        x = (images - torch.tensor(CLIP_MEAN_REF).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD_REF).view(1, 3, 1, 1)
         x = v.conv1(x).flatten(2).transpose(1, 2)
         x = torch.cat([v.class_embedding.expand(len(x), 1, -1), x], 1) + v.positional_embedding
         x = v.transformer.resblocks(v.ln_pre(x).transpose(0, 1)).transpose(0, 1)
@@ -451,8 +459,8 @@ def test_torchvision_vit_file_matches_torchvision(tmp_path):
             param.add_(0.02 * torch.randn_like(param))
     torch.save(tv.state_dict(), tmp_path / "vit_tiny.pth")
     images = torch.rand(2, 3, 32, 32)
-    x = tv._process_input((images - torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1))
-                          / torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1))
+    x = tv._process_input((images - torch.tensor(IMAGENET_MEAN_REF).view(1, 3, 1, 1))
+                          / torch.tensor(IMAGENET_STD_REF).view(1, 3, 1, 1))
     with torch.no_grad():
         expected = tv.encoder(torch.cat([tv.class_token.expand(2, -1, -1), x], 1))
     torch.testing.assert_close(load_teacher("torchvision", tmp_path / "vit_tiny.pth", grid=2)(images), expected,
@@ -482,15 +490,20 @@ def test_bad_teacher_files_give_clear_errors_and_run_no_code(tmp_path, monkeypat
     (tmp_path / "truncated.pth").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated.pth: not a readable checkpoint, probably truncated"):
         load_teacher("timm", tmp_path / "truncated.pth")
-    marker = tmp_path / "executed"
+    # A pickle whose payload would call pathlib.Path.touch on a canary file. The attempt is detected without
+    # running anything: Path.touch is replaced by a spy that only records (unpickling looks the global up by
+    # name, so even a reader that allowed it would call the spy), and the reader must refuse the global.
+    canary, attempts = tmp_path / "canary", []
 
     class Payload:
         def __reduce__(self):
-            return os.system, (f"touch {marker}",)
+            return pathlib.Path.touch, (canary,)
     torch.save({"model": timm_layout(64, 1, 16, 2), "payload": Payload()}, tmp_path / "evil.pth")
-    with pytest.raises(ValueError, match=r"evil.pth: refused: .*system.*Nothing from it was executed"):
+    monkeypatch.setattr(pathlib.Path, "touch", lambda *args, **kwargs: attempts.append(args))
+    with pytest.raises(ValueError, match=r"evil.pth: refused: .*pathlib.Path.*getattr.*Nothing from it was executed"):
         load_teacher("timm", tmp_path / "evil.pth")
-    assert not marker.exists()
+    assert attempts == [] and not canary.exists()
+    monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         load_teacher("timm", tmp_path / "nowhere.pth")
 
@@ -579,8 +592,7 @@ def reference_window_attention(y, window, shift, heads, qkv_w, qkv_b, proj_w, pr
 def reference_swin_v1(state, images, depths, heads, window, eps=1e-6):
     """EsViT's Swin V1 forward from the raw tensors: pre-norm blocks, patch merging (norm, then
     reduction) after every stage but the last, final norm."""
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN_REF).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD_REF).view(1, 3, 1, 1)
     x = F.conv2d((images - mean) / std, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"],
                  stride=4)
     x = layer_norm(x.permute(0, 2, 3, 1), state, "patch_embed.norm", eps)
@@ -780,6 +792,16 @@ def test_swin_official_initialisation():
     assert (v2.norm.weight == 1).all() and v2.norm.eps == 1e-5
     torch.testing.assert_close(block2.attn.logit_scale.exp(), torch.full((2, 1, 1), 10.0))
     assert (block2.attn.q_bias == 0).all() and not hasattr(block2.attn, "k_bias")
+    # fix_init_weight (models/swin_transformer_v2.py): block i of 4, counted from 1 across stages, has its
+    # attn.proj and mlp.fc2 weights divided by sqrt(2 i); V1 has no such rescaling.
+    for i, block in enumerate([b for stage in v2.layers for b in stage.blocks], start=1):
+        for weight in (block.attn.proj.weight, block.mlp.fc2.weight):
+            assert weight.std().item() == pytest.approx(0.02 / math.sqrt(2 * i), rel=0.1)
+    assert v1.layers[1].blocks[1].attn.proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    # The classifier's head: trunc-normal .02 for Swin (its _init_weights), 1000 times smaller for the ViT.
+    assert Classifier(v2, 1000).head.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    vit = Classifier(build_student("vit_micro_patch8", 32), 1000)
+    assert vit.head.weight.std().item() == pytest.approx(0.02 * 0.001, rel=0.1)
 
 
 def test_names_and_rebuild_from_arch():
@@ -2122,8 +2144,8 @@ def test_clip_teachers_normalise_with_clip_statistics(name):
     # OpenAI's clip/clip.py, _transform: Normalize((0.48145466, 0.4578275, 0.40821073),
     # (0.26862954, 0.26130258, 0.27577711)); a one-block tower of the teacher's arch keeps them.
     tower = build_from_arch(dict(checkpoints.TEACHERS[name]["arch"], depth=1, embed_dim=64, num_heads=1))
-    assert tower.mean.flatten().tolist() == pytest.approx([0.48145466, 0.4578275, 0.40821073], abs=1e-7)
-    assert tower.std.flatten().tolist() == pytest.approx([0.26862954, 0.26130258, 0.27577711], abs=1e-7)
+    assert tower.mean.flatten().tolist() == pytest.approx(CLIP_MEAN_REF, abs=1e-7)
+    assert tower.std.flatten().tolist() == pytest.approx(CLIP_STD_REF, abs=1e-7)
 
 
 def test_training_transforms_flip_both_ways():
