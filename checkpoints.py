@@ -1,8 +1,8 @@
 """Reading model files: the published teachers' checkpoints and the files this project writes.
 
 No code from a file runs when it is read (read_checkpoint). Pure state_dict -> state_dict functions convert the
-timm, open_clip, OpenAI CLIP, torchvision, DINOv2 and EsViT layouts to the names of models.py, and a strict load
-lists every key that does not fit. `load_teacher` is what distill.py calls."""
+timm, open_clip, OpenAI CLIP, torchvision, DINOv2, EsViT and Hugging Face transformers layouts to the names of
+models.py, and a strict load lists every key that does not fit. `load_teacher` is what distill.py calls."""
 import argparse
 import collections
 import hashlib
@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from models import VIT_SIZES, Teacher, build_from_arch, parse_vit_name, swin_arch, window_position_index
+from models import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, Teacher, build_from_arch, parse_vit_name, swin_arch,
+                    window_position_index)
 
 
 # ============================================================================= reading files
@@ -103,14 +104,24 @@ def read_torchscript(archive):
 
 
 def read_safetensors(path):
-    """A safetensors file: an 8-byte little-endian header length, a JSON header (dtype, shape, byte range), the data."""
+    """A safetensors file: an 8-byte little-endian header length, a JSON header (dtype, shape, byte range), the data.
+    Anything else (text, a renamed .pth, a truncated download) is refused as not a readable checkpoint."""
     raw = path.read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
-    header, data = json.loads(raw[8:8 + header_len]), memoryview(raw)[8 + header_len:]
-    header.pop("__metadata__", None)  # strings, not a tensor
-    return {name: torch.frombuffer(bytearray(data[slice(*info["data_offsets"])]),
-                                   dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-            for name, info in header.items()}
+    try:
+        header, data = json.loads(raw[8:8 + header_len]), memoryview(raw)[8 + header_len:]
+        header.pop("__metadata__", None)  # strings, not a tensor
+        tensors = {}
+        for name, info in header.items():
+            dtype, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+            if end > len(data) or end - start != math.prod(info["shape"]) * dtype.itemsize:
+                raise ValueError(f"{name}: bytes {start}-{end} of {len(data)}")
+            tensors[name] = (torch.frombuffer(bytearray(data[start:end]), dtype=dtype) if end > start else
+                             torch.empty(0, dtype=dtype)).reshape(info["shape"])
+        return tensors
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: not a readable checkpoint (not a safetensors file, or truncated: "
+                         f"{type(error).__name__}: {str(error)[:80]}); download it again") from None
 
 
 def unwrap_state_dict(checkpoint, path, prefer=WRAPPER_KEYS):
@@ -215,6 +226,7 @@ TEACHERS = {
     "open_clip": dict(layout="openai_clip", act="gelu"),  # open_clip's own models use nn.GELU
     "open_clip_quickgelu": dict(layout="openai_clip", act="quick_gelu"),  # OpenAI weights in open_clip files
     "torchvision": dict(layout="torchvision", act="gelu"),
+    "hf": dict(layout="hf"),  # a transformers CLIP, SigLIP or DINOv2 folder, its architecture from config.json
 }
 
 
@@ -329,16 +341,103 @@ def resize_grid(values, old_grid, new_grid):
 
 
 def resize_pos_embed(pos_embed, old_grid, new_grid):
-    """Absolute position embeddings (1, 1+N, C) resampled to another grid, the class token's kept."""
-    patches = resize_grid(pos_embed[0, 1:], old_grid, new_grid)
-    return torch.cat([pos_embed[:, :1], patches[None]], dim=1)
+    """Absolute position embeddings (1, [1 +] N, C) resampled to another grid, the class token's (if any) kept."""
+    prefix = pos_embed.shape[1] - old_grid[0] * old_grid[1]  # 0 for SigLIP, which has no class token
+    patches = resize_grid(pos_embed[0, prefix:], old_grid, new_grid)
+    return torch.cat([pos_embed[:, :prefix], patches[None]], dim=1)
+
+
+# ============================================================================= Hugging Face layouts
+# transformers' CLIPVisionModel, SiglipVisionModel, Dinov2Model and Dinov2WithRegistersModel (a full CLIPModel or
+# SiglipModel file holds its image tower under `vision_model.`), read without transformers: the architecture from
+# config.json, the input statistics from preprocessor_config.json. The target is every token after the final norm,
+# as for the other teachers: CLIP's post_layernorm too (transformers applies it to the pooled class token only).
+HF_FAMILIES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip",
+               "dinov2": "dinov2", "dinov2_with_registers": "dinov2"}
+HF_ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+# What a config.json leaves out has transformers' default (configuration_clip.py, _siglip.py, _dinov2.py, ...).
+HF_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+HF_DEFAULTS = {"clip": dict(HF_BASE, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5, image_mean=CLIP_MEAN,
+                            image_std=CLIP_STD),
+               "siglip": dict(HF_BASE, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                              image_mean=(0.5,) * 3, image_std=(0.5,) * 3),
+               "dinov2": dict(HF_BASE, mlp_ratio=4, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6,
+                              image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)}
+HF_DEFAULTS["dinov2_with_registers"] = dict(HF_DEFAULTS["dinov2"], patch_size=16, num_register_tokens=4)
+HF_UNUSED = ("text_model.", "visual_projection.", "text_projection.", "logit_scale", "logit_bias",  # text tower
+             "head.", "embeddings.mask_token", "embeddings.position_ids")  # SigLIP's pooling, DINOv2's MIM token
+# Both DINOv2 names: published files' (attention.attention.query, ...) and those of transformers 5 (q_proj, ...).
+HF_RENAMES = [("embeddings.patch_embeddings.projection.", "patch_embed."),
+              ("embeddings.patch_embedding.", "patch_embed."), ("embeddings.class_embedding", "cls_token"),
+              ("embeddings.cls_token", "cls_token"), ("embeddings.position_embedding.weight", "pos_embed"),
+              ("embeddings.position_embeddings", "pos_embed"), ("embeddings.register_tokens", "reg_tokens"),
+              ("pre_layrnorm.", "norm_pre."), ("post_layernorm.", "norm."), ("layernorm.", "norm."),
+              ("encoder.layers.", "blocks."), ("encoder.layer.", "blocks."), ("layer_norm1.", "norm1."),
+              ("layer_norm2.", "norm2."), ("self_attn.", "attn."),
+              ("attention.attention.query.", "attn.q_proj."), ("attention.attention.key.", "attn.k_proj."),
+              ("attention.attention.value.", "attn.v_proj."), ("attention.output.dense.", "attn.proj."),
+              ("attention.", "attn."), ("out_proj.", "proj."), ("o_proj.", "proj."),
+              (".layer_scale1.lambda1", ".gamma_1"), (".layer_scale2.lambda1", ".gamma_2")]
+
+
+def convert_hf(state):
+    state = {k.removeprefix("vision_model."): v for k, v in state.items()}
+    out = {rename(k, HF_RENAMES): v for k, v in state.items() if not k.startswith(HF_UNUSED)}
+    for key in out.keys() & {"cls_token", "pos_embed"}:  # CLIP's (C,), (1+N, C), SigLIP's (N, C): add our batch axis
+        out[key] = out[key].reshape(1, -1, out[key].shape[-1])
+    for key in [k for k in out if ".attn.q_proj." in k]:  # separate q, k, v projections -> our one qkv
+        out[key.replace("q_proj", "qkv")] = torch.cat([out.pop(key.replace("q_proj", f"{p}_proj")) for p in "qkv"])
+    return out
+
+
+def read_hf_model(path):
+    """(weights file, state dict in our names, arch) of a transformers model: a folder with config.json,
+    model.safetensors (or pytorch_model.bin) and maybe preprocessor_config.json, or a weights file beside them."""
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        path = next((path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()),
+                    path / "model.safetensors")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: no such file. --teacher hf reads the architecture from the model's "
+                                f"config.json: put it beside {path.name} (a Hugging Face model folder holds "
+                                f"config.json, model.safetensors and preprocessor_config.json)")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
+    if str(model_type).startswith("siglip2"):
+        raise ValueError(f"{config_file}: a SigLIP 2 NaFlex model ({model_type}) has no fixed patch grid; use a "
+                         f"fixed-resolution SigLIP 2 model (e.g. google/siglip2-base-patch16-224, model_type siglip)")
+    if model_type not in HF_FAMILIES:
+        raise ValueError(f"{config_file}: model_type {model_type!r} is not a layout --teacher hf reads "
+                         f"({', '.join(HF_FAMILIES)})")
+    family = HF_FAMILIES[model_type]
+    c = {**HF_DEFAULTS.get(model_type, HF_DEFAULTS[family]), **config.get("vision_config", config)}
+    if (folder / "preprocessor_config.json").is_file():
+        preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+        c.update({k: preprocessor[k] for k in ("image_mean", "image_std") if k in preprocessor})
+    act = "swiglu" if c.get("use_swiglu_ffn") else c["hidden_act"]  # DINOv2-g's SwiGLU MLP has other weights
+    if act not in HF_ACTS:
+        raise ValueError(f"{config_file}: activation {act!r} is not supported ({', '.join(HF_ACTS)})")
+    state = convert_hf(unwrap_state_dict(read_checkpoint(path), path))
+    # The grid of the file's position embeddings (transformers' DINOv2 resizes them to any input on the fly).
+    prefix = int(family != "siglip")
+    grid = (math.isqrt(state["pos_embed"].shape[1] - prefix) if "pos_embed" in state
+            else c.get("image_size", 224) // c["patch_size"])
+    mlp_ratio = c["mlp_ratio"] if family == "dinov2" else c["intermediate_size"] / c["hidden_size"]
+    return path, state, dict(PLAIN_VIT, img_size=grid * c["patch_size"], patch_size=c["patch_size"],
+                             embed_dim=c["hidden_size"], depth=c["num_hidden_layers"],
+                             num_heads=c["num_attention_heads"], mlp_ratio=mlp_ratio, norm_eps=c["layer_norm_eps"],
+                             act=HF_ACTS[act], norm_pre=family == "clip", patch_bias=family != "clip",
+                             class_token=bool(prefix), layer_scale=1.0 if family == "dinov2" else None,
+                             num_registers=c.get("num_register_tokens", 0), mean=tuple(c["image_mean"]),
+                             std=tuple(c["image_std"]))
 
 
 # ============================================================================= building teachers
 def load_pretrained(name, weights=None, img_size=None, grid=None):
     """A pretrained encoder (trainable, in train mode) that maps images in [0, 1] to its tokens:
-    - a teacher of TEACHERS, from `weights` (a file in its published layout), else from its published file
-      (downloaded into the torch hub cache), or with random weights if `weights == "random"`;
+    - a teacher of TEACHERS, from `weights` (a file in its published layout; for 'hf' a transformers model folder),
+      else from its published file (downloaded into the torch hub cache), or random weights if `weights == "random"`;
     - with any other name, from `weights`, a model file this project wrote, or without it a plain ViT such as
       'vit_tiny_patch16' (random weights from a fixed seed: the same in every process).
     `img_size` or `grid` (tokens per side): the input resolution, absolute position embeddings resized bicubically."""
@@ -347,8 +446,12 @@ def load_pretrained(name, weights=None, img_size=None, grid=None):
         spec, state = TEACHERS[name], None
         if weights != "random":
             path = Path(weights) if weights else teacher_weights_file(name)
-            prefer = (spec["state_key"], *WRAPPER_KEYS) if "state_key" in spec else WRAPPER_KEYS
-            state = CONVERTERS[spec["layout"]](unwrap_state_dict(read_checkpoint(path), path, prefer))
+            if spec["layout"] == "hf":  # the architecture is in config.json beside the weights
+                path, state, arch = read_hf_model(path)
+                spec = dict(spec, arch=arch)
+            else:
+                prefer = (spec["state_key"], *WRAPPER_KEYS) if "state_key" in spec else WRAPPER_KEYS
+                state = CONVERTERS[spec["layout"]](unwrap_state_dict(read_checkpoint(path), path, prefer))
             source = str(path)
         if "arch" not in spec and state is None:
             raise ValueError(f"--teacher {name} has no fixed architecture: give a weights file")
@@ -373,6 +476,11 @@ def load_pretrained(name, weights=None, img_size=None, grid=None):
         img_size = grid * patch if grid is not None else img_size
         if img_size and img_size != arch["img_size"]:
             if state is not None:
+                with torch.device("meta"):  # the file must fit the architecture at its own size before any resizing
+                    native = build_from_arch(arch)
+                    if not final_norm:
+                        native.norm = nn.Identity()
+                load_strict(native, state, source)
                 old_grid, new_grid = (arch["img_size"] // patch,) * 2, (img_size // patch,) * 2
                 state["pos_embed"] = resize_pos_embed(state["pos_embed"], old_grid, new_grid)
             arch["img_size"] = img_size

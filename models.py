@@ -560,30 +560,40 @@ class QuickGELU(nn.Module):
 
 
 class PretrainedViT(VisionTransformer):
-    """The ViT of published models (CLIP, DINO, DeiT, DINOv2, torchvision): the student with their
-    options. An absolute position embedding (`abs_pos`), one bias for q, k and v (`qv_bias=False`),
-    OpenAI CLIP's QuickGELU, LayerNorm before the blocks (`norm_pre`) and bias-free patch embedding,
-    DINOv2's register tokens (dropped from the output), their own LayerNorm eps and statistics."""
+    """The ViT of published models (CLIP, SigLIP, DINO, DeiT, DINOv2, torchvision): the student with
+    their options. An absolute position embedding (`abs_pos`), one bias for q, k and v (`qv_bias=False`),
+    OpenAI CLIP's QuickGELU or SigLIP's tanh GELU (`act`), LayerNorm before the blocks (`norm_pre`) and
+    bias-free patch embedding, SigLIP's lack of a class token (`class_token=False`), DINOv2's register
+    tokens (dropped from the output), their own LayerNorm eps and statistics."""
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  rel_pos=None, abs_pos=True, qv_bias=False, layer_scale=None, drop_path=0.0, norm_eps=1e-6,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, act="gelu", norm_pre=False, patch_bias=True, num_registers=0):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, act="gelu", norm_pre=False, patch_bias=True, num_registers=0,
+                 class_token=True):
         super().__init__(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, rel_pos, layer_scale, drop_path)
+        if act not in ("gelu", "quick_gelu", "gelu_tanh"):
+            raise ValueError(f"unknown activation {act!r}: expected gelu, quick_gelu (CLIP) or gelu_tanh (SigLIP)")
         self.arch.update(abs_pos=abs_pos, qv_bias=qv_bias, norm_eps=norm_eps, mean=list(mean), std=list(std),
-                         act=act, norm_pre=norm_pre, patch_bias=patch_bias, num_registers=num_registers)
+                         act=act, norm_pre=norm_pre, patch_bias=patch_bias, num_registers=num_registers,
+                         class_token=class_token)
         self.num_registers = num_registers  # in the blocks (and their attention maps), not in the output
+        if not class_token:  # SigLIP: an empty class token (1, 0, C), so the student's embed() puts none in front
+            del self.cls_token
+            self.register_buffer("cls_token", torch.zeros(1, 0, embed_dim), persistent=False)
+            self.num_prefix_tokens = 0
         self.mean.copy_(torch.tensor(mean).view(1, 3, 1, 1))
         self.std.copy_(torch.tensor(std).view(1, 3, 1, 1))
         for block in self.blocks:
             if not qv_bias:
                 block.attn.qkv = nn.Linear(embed_dim, 3 * embed_dim)
                 block.attn.q_bias = block.attn.v_bias = None
-            if act == "quick_gelu":
-                block.mlp.act = QuickGELU()
+            if act != "gelu":
+                block.mlp.act = QuickGELU() if act == "quick_gelu" else nn.GELU(approximate="tanh")
         if not patch_bias:
             self.patch_embed.bias = None
         num_patches = self.grid[0] * self.grid[1]
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim)) if abs_pos else None
+        num_positions = self.num_prefix_tokens + num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_positions, embed_dim)) if abs_pos else None
         self.reg_tokens = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
         self.norm_pre = nn.LayerNorm(embed_dim) if norm_pre else None
         for module in self.modules():
@@ -598,7 +608,7 @@ class PretrainedViT(VisionTransformer):
             nn.init.zeros_(qkv.bias)
 
     def embed(self, images):
-        x = super().embed(images)  # (B, 1+N, C)
+        x = super().embed(images)  # (B, [1 +] N, C)
         if self.pos_embed is not None:
             x = x + self.pos_embed
         if self.reg_tokens is not None:  # registers have no position (DINOv2)
