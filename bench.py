@@ -32,7 +32,7 @@ from checkpoints import OPENAI_CLIP, load_teacher, teacher_arch
 from data import (FDCropBox, SeededTransform, decode_and_crop, fd_transform, image_dataset, read_undecoded,
                   skip_unreadable)
 from models import Classifier, Teacher, build_from_arch, build_student, parse_vit_name, set_grad_checkpointing
-from training import autocast_dtype, param_groups, prepare_teacher
+from training import POSITIVE, autocast_dtype, number, param_groups, prepare_teacher, run_cli
 
 # Dense bf16 peak of the cards we quote MFU for, in TFLOP/s (without sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -43,25 +43,27 @@ BACKENDS = {"auto": None, "math": SDPBackend.MATH, "efficient": SDPBackend.EFFIC
 def get_args_parser():
     p = argparse.ArgumentParser("FD benchmark", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--step", choices=["distill", "finetune"], default="distill")
-    p.add_argument("--student", default="vit_small_patch16")
+    p.add_argument("--step", choices=["distill", "finetune"], default="distill",
+                   help="the step timed: distill.py's (teacher + student) or finetune.py's (classifier)")
+    p.add_argument("--student", default="vit_small_patch16", help="the student (or classifier encoder) architecture")
     p.add_argument("--teacher", default="clip_vit_small_patch16",
                    help="a published teacher (random weights), a plain ViT name, or clip_vit_<size>_patch<P>: "
                         "a ViT with OpenAI CLIP's options (QuickGELU, ln_pre)")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--img-size", type=POSITIVE, default=224, help="input resolution")
+    p.add_argument("--batch-size", type=POSITIVE, default=16, help="images per step")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="autocast dtype, as distill.py's --amp")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step's models")
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the student's blocks")
     p.add_argument("--attn", choices=list(BACKENDS), default="auto", help="SDPA kernel (auto: PyTorch's choice)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--steps", type=POSITIVE, default=10, help="timed steps")
+    p.add_argument("--warmup", type=number(int, 0), default=3, help="untimed steps first (compilation, allocator)")
     p.add_argument("--compare", action="store_true", help="also run plain fp32 eager in the same process")
-    p.add_argument("--max-batch", type=int, default=None, metavar="LIMIT",
+    p.add_argument("--max-batch", type=POSITIVE, default=None, metavar="LIMIT",
                    help="on a GPU: find the largest batch up to LIMIT that fits in memory (doubling from "
                         "--batch-size, then bisection to a multiple of 8) and time that")
     p.add_argument("--data-pipeline", action="store_true", help="time decoding and the FD transform instead")
-    p.add_argument("--threads", type=int, default=None, help="torch threads on the CPU [all cores]")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch threads on the CPU [all cores]")
     return p
 
 
@@ -273,4 +275,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

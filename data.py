@@ -1,4 +1,4 @@
-"""Data for Feature Distillation: image folders (`--data`: an ImageFolder, optionally under `train/`, or a flat
+"""Data for Feature Distillation: image folders (`--data`: an ImageFolder, optionally under `train/`, or any
 folder of images, as distillation needs no labels), the built-in SyntheticShapes (used without `--data`: no
 download), the FD transform, seeded per (seed, epoch, image) so that workers and resuming change nothing, and a
 distributed loader that can start mid-epoch. With `--decode-on-device` (the end of this file) the JPEGs are
@@ -7,6 +7,7 @@ import functools
 import io
 import itertools
 import math
+import os
 import random
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
-from torchvision import datasets, transforms
+from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 
@@ -105,37 +106,61 @@ def load_rgb(path):
         raise UnreadableImage(f"{path}: {error}") from None
 
 
-class FlatImageFolder(Dataset):
-    """Every image directly inside a folder, unlabelled (label -1): distillation needs no labels."""
+class ImageFiles(Dataset):
+    """Image files and their labels (-1: unlabelled, distillation needs none), read by `loader`."""
 
-    def __init__(self, root, loader=load_rgb):
-        self.files = sorted(p for p in Path(root).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        self.loader = loader
+    def __init__(self, files, labels, classes, loader=load_rgb):
+        self.files, self.labels, self.classes, self.loader = files, labels, classes, loader
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
-        return self.loader(self.files[index]), -1
+        return self.loader(self.files[index]), self.labels[index]
 
 
-def image_dataset(root, split="train", loader=load_rgb):
-    """The untransformed images under `root`: `root/<split>/` if it exists, then class subfolders (an ImageFolder)
-    if any, else the images directly in it. `loader` reads each file: load_rgb, or read_undecoded (decode on device)."""
+def image_files(folder):
+    """Every image file under `folder`, subfolders and symbolic links included, sorted. Hidden files and
+    folders (.ipynb_checkpoints, macOS's ._* copies) are not data."""
+    files = []
+    for parent, folders, names in os.walk(folder, followlinks=True):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        files += [Path(parent, name) for name in sorted(names)
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    return files
+
+
+def image_dataset(root, split="train", loader=load_rgb, labelled=False):
+    """The untransformed images under `root`, or under `root/<split>/` if it exists. With every image in a
+    class subfolder it is an ImageFolder (labels: the folders' indices in sorted order); otherwise every
+    image under it, unlabelled, which `labelled=True` (fine-tuning) refuses. `loader` reads each file:
+    load_rgb, or read_undecoded (decode on device). `.summary` says what was found."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {root}: no such folder (give an ImageFolder root, a folder "
-                                f"with train/ and val/, or a flat folder of images)")
+                                f"with train/ and val/, or a folder of images)")
     root = root / split if (root / split).is_dir() else root
-    if any(p.is_dir() for p in root.iterdir()):
-        try:  # labels from the folder names
-            return datasets.ImageFolder(root, loader=loader)
-        except FileNotFoundError as error:
-            raise ValueError(f"--data {root}: {error}") from None
-    dataset = FlatImageFolder(root, loader)
-    if len(dataset) == 0:
-        raise ValueError(f"--data {root}: no images found (expected class subfolders or image files "
-                         f"ending in {', '.join(IMAGE_EXTENSIONS)})")
+    files = image_files(root)
+    if not files:
+        raise ValueError(f"--data {root}: no images found (expected files ending in {', '.join(IMAGE_EXTENSIONS)}, "
+                         f"directly in it or in subfolders)")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = [f for f in files if f.parent == root]
+    if labelled and (loose or not classes):
+        raise ValueError(f"--data {root}: {len(loose)} images lie outside class subfolders; fine-tuning needs "
+                         f"every image in a folder named after its class")
+    if loose or not classes:
+        dataset = ImageFiles(files, [-1] * len(files), [], loader)
+    else:
+        folder_of = [f.relative_to(root).parts[0] for f in files]
+        empty = sorted(set(classes) - set(folder_of))
+        if empty and labelled:
+            raise ValueError(f"--data {root}: no images in the class folders {', '.join(empty)}; remove them or "
+                             f"add images")
+        classes = [c for c in classes if c not in empty]
+        dataset = ImageFiles(files, [classes.index(folder) for folder in folder_of], classes, loader)
+    dataset.summary = (f"{len(files)} images in {root}" + (f", {len(classes)} classes" if dataset.classes else
+                                                           " (no class folders: unlabelled)"))
     return dataset
 
 

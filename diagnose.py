@@ -2,16 +2,18 @@
 maps and loss landscapes, plus linear CKA between layers and the top Hessian eigenvalue.
 
     python distill.py && python diagnose.py      # default: the random teacher vs its FD student, synthetic images
+    python diagnose.py --out figures             # the README's figures, regenerated on purpose
     python diagnose.py --model "CLIP=clip" --model "FD-CLIP=out/fd_clip/student.pth" --data /data/imagenet --images 128
 
-A model is `[LABEL=]SPEC`: a model file this project wrote or a teacher NAME[:WEIGHTS] (checkpoints.load_pretrained).
-All see the same images (eval_transform, in [0, 1]) in eval mode and fp32. Each tool writes OUT/<tool>.json and PNGs.
+A model is `[LABEL=]SPEC`: a model file this project wrote (or a distillation checkpoint.pth: its student) or a teacher
+NAME[:WEIGHTS] (checkpoints.load_pretrained). All see the same images (eval_transform, in [0, 1]; unreadable files are
+skipped) in eval mode and fp32. Each tool writes OUT/<tool>.json and PNGs.
 """
 import argparse
+import contextlib
 import json
 import math
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,8 +24,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from checkpoints import load_model_file, load_pretrained
-from data import SyntheticShapes, eval_transform, image_dataset
+from data import SeededTransform, SyntheticShapes, eval_transform, image_dataset
 from models import Classifier, relative_position_index
+from training import NON_NEGATIVE, POSITIVE, number, run_cli
 
 TOOLS = ("distance", "diversity", "maps", "landscape", "cka", "hessian")
 DEFAULT_MODELS = ["Original=vit_tiny_patch16", "Distilled=out/distill/student.pth"]  # distill.py's default run
@@ -167,32 +170,57 @@ def encoder_of(model):
     return model.encoder if isinstance(model, Classifier) else model
 
 
+def load_model(spec, is_file, img_size):
+    """A model file this project wrote, the student of a distillation checkpoint.pth, or a teacher NAME[:WEIGHTS]."""
+    name, _, weights = (spec, "", spec) if is_file else spec.partition(":")
+    try:
+        if is_file:
+            with contextlib.suppress(ValueError):  # else a checkpoint.pth: load_pretrained reads its student
+                return load_model_file(spec)
+        return load_pretrained(name, weights or None, img_size)
+    except (ValueError, RuntimeError) as error:  # checkpoints.py names distill.py's flags: give diagnose's spec form
+        message = str(error).replace("with --teacher-weights FILE", f"as --model {name}:FILE").replace(
+            f"--teacher {name}", f"--model {spec}").replace("with --teacher (", "as --model NAME:FILE, NAME one of (")
+        raise ValueError(message if "--model" in message else f"--model {spec}: {message}") from error
+
+
 def load_models(specs, img_size=None):
     """([(label, spec, model)] in eval mode and frozen, the image size). Model files load first: the first one's image
     size is the default, also for the teachers (whose position embeddings are resized to it)."""
     parsed = [s.split("=", 1) if "=" in s else (None, s) for s in specs]
     is_file = [Path(spec).is_file() or (":" not in spec and spec.endswith((".pth", ".pt"))) for _, spec in parsed]
-    models = {i: load_model_file(spec) for i, (_, spec) in enumerate(parsed) if is_file[i]}
+    labels = [label or (Path(spec).with_suffix("").as_posix() if file else spec)  # default: the spec
+              for (label, spec), file in zip(parsed, is_file)]
+    for i, label in enumerate(labels):  # results are keyed by label: a second model would replace the first
+        if label in labels[:i]:
+            raise ValueError(f"--model {specs[labels.index(label)]} and --model {specs[i]} are both labelled "
+                             f"{label!r}: give each its own LABEL=, e.g. --model {label}-2={parsed[i][1]}")
+    models = {i: load_model(spec, True, None) for i, (_, spec) in enumerate(parsed) if is_file[i]}
     img_size = img_size or next((encoder_of(m).arch["img_size"] for m in models.values()), None)
-    models.update({i: load_pretrained(spec.partition(":")[0], spec.partition(":")[2] or None, img_size)
-                   for i, (_, spec) in enumerate(parsed) if not is_file[i]})  # teachers: NAME[:WEIGHTS]
+    models.update({i: load_model(spec, False, img_size) for i, (_, spec) in enumerate(parsed) if not is_file[i]})
     img_size = img_size or encoder_of(models[0]).arch["img_size"]  # teachers alone: the first one's own
     for i, (_, spec) in enumerate(parsed):
         if encoder_of(models[i]).arch["img_size"] != img_size:
             raise ValueError(f"--model {spec} takes {encoder_of(models[i]).arch['img_size']} px images, not "
                              f"{img_size}: all models must see the same images (set --img-size)")
-    return [(label or (Path(spec).with_suffix("").as_posix() if is_file[i] else spec), spec,  # default: the spec
-             models[i].eval().requires_grad_(False)) for i, (label, spec) in enumerate(parsed)], img_size
+    return [(labels[i], spec, models[i].eval().requires_grad_(False)) for i, (_, spec) in enumerate(parsed)], img_size
 
 
 def load_images(data, count, img_size):
     """`count` images spread evenly over the dataset (so over the classes of an ImageFolder): (n, 3, img, img) in
-    [0, 1], their labels (-1 in a flat folder) and where they came from."""
+    [0, 1], their labels (-1 in a flat folder) and where they came from; unreadable files skipped and counted."""
     dataset = image_dataset(data, split="val") if data else SyntheticShapes(count, split="val")
-    indices = sorted(set(torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().long().tolist()))
-    transform, pairs = eval_transform(img_size), [dataset[i] for i in indices]
-    return torch.stack([transform(image) for image, _ in pairs]), torch.tensor([label for _, label in pairs]), dict(
-        data=str(data) if data else "SyntheticShapes(split='val')", indices=indices)
+    n, seen, dataset = len(dataset), {}, SeededTransform(dataset, eval_transform(img_size))  # unreadable: None, warned
+    for start in torch.linspace(0, n - 1, min(count, n)).round().long().tolist():
+        for i in (j % n for j in range(start, start + n)):  # this spread point, else the next readable image
+            if i not in seen and seen.setdefault(i, dataset[i]) is not None:
+                break
+    indices = sorted(i for i, sample in seen.items() if sample is not None)
+    if len(indices) < count:
+        raise ValueError(f"--data {data}: {len(indices)} readable images ({len(seen) - len(indices)} unreadable, named "
+                         f"in the warnings), fewer than --images {count}: lower --images or add images")
+    return torch.stack([seen[i][0] for i in indices]), torch.tensor([seen[i][1] for i in indices]), dict(
+        data=str(data or "SyntheticShapes(split='val')"), indices=indices, unreadable=len(seen) - len(indices))
 
 
 def token_layout(attn, batch, num_prefix, img_size):
@@ -299,14 +327,14 @@ def landscape(model, images, labels, alphas, seeds, batch_size, plane=None, desc
 
 
 # ----------------------------------------------------------------------------- outputs and main
-@contextmanager
+@contextlib.contextmanager
 def figure(path, dpi, count, width, height, rows=None):
     """Yields a figure of rows x count panels of width x height inches and its axes (rows=None: one row's), saves it."""
     import matplotlib.pyplot as plt
     plt.switch_backend("Agg")  # files only: no display needed
-    fig, axes = plt.subplots(rows or 1, count, figsize=(width * count, height * (rows or 1)), squeeze=False)
+    fig, axes = plt.subplots(rows or 1, count, figsize=(width * count, height * (rows or 1)), squeeze=False,
+                             layout="constrained")  # room for titles, labels and colour bars
     yield fig, axes[0] if rows is None else axes
-    fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
@@ -316,43 +344,62 @@ def write_json(path, obj):
     Path(path).write_text(json.dumps(json.loads(json.dumps(obj), parse_constant=lambda constant: None), indent=1))
 
 
+def checked(parse, test, expected):
+    """An argparse type: `parse` (training.number), then a value failing `test` refused, saying what is expected."""
+    def check(text):
+        if not test(value := parse(text)):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected {expected}")
+        return value
+    return check
+
+
+def tool_list(text):
+    """--tools: comma-separated names, spaces allowed around them."""
+    tools, valid = {t.strip() for t in text.split(",")} - {""}, ", ".join(TOOLS)
+    if not tools or tools - set(TOOLS):
+        raise argparse.ArgumentTypeError(f"unknown tool {', '.join(sorted(tools - set(TOOLS)))}: the tools are {valid}"
+                                         if tools else f"no tool named: give one or more of {valid}, comma-separated")
+    return tools
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("FD diagnosis", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", action="append", help="[LABEL=]SPEC, repeatable: a model file (student.pth, a "
-                   f"fine-tuned classifier) or a teacher NAME[:WEIGHTS] [{' '.join(DEFAULT_MODELS)}]")
+    p.add_argument("--model", action="append", help="[LABEL=]SPEC, repeatable: a model file (student.pth, "
+                   f"checkpoint.pth, a fine-tuned classifier) or a teacher NAME[:WEIGHTS] [{' '.join(DEFAULT_MODELS)}]")
     p.add_argument("--data", help="ImageFolder root (val/ if present) or a flat image folder [the synthetic val split]")
-    p.add_argument("--out", default="figures", help="output folder for the JSON and PNG files")
-    p.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of the tools")
-    p.add_argument("--images", type=int, default=64, help="number of images, spread over the dataset (paper: 128+)")
-    p.add_argument("--img-size", type=int, help="image size [the first model file's, else the first teacher's own]")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--out", default="out/diagnose", help="output folder for the JSON and PNG files")
+    p.add_argument("--tools", type=tool_list, default=",".join(TOOLS), help="comma-separated subset of the tools")
+    p.add_argument("--images", type=POSITIVE, default=64, help="images, spread over the dataset (paper: 128+)")
+    p.add_argument("--img-size", type=POSITIVE, help="image size [the first model file's, else the first teacher's]")
+    p.add_argument("--batch-size", type=POSITIVE, default=32, help="images per forward pass")
     p.add_argument("--no-renorm", dest="renorm", action="store_false", help="drop the class token's attention "
                    "without renormalising the patch rows (renormalise: %(default)s)")
-    p.add_argument("--points", type=int, default=17, help="alphas in [-1, 1] of the 1-D landscape (odd: 0 included)")
-    p.add_argument("--seeds", type=int, default=3, help="random directions per model in the 1-D landscape")
-    p.add_argument("--grid-2d", type=int, default=0, help="points per axis of a 2-D landscape (0: none)")
-    p.add_argument("--probe-wd", type=float, default=1e-3, help="L2 penalty of the linear head fitted to encoders")
-    p.add_argument("--hessian-images", type=int, default=16, help="images in the batch the Hessian is taken on")
-    p.add_argument("--hessian-iters", type=int, default=20, help="most power iterations (stops at 1e-3 change)")
-    p.add_argument("--dpi", type=int, default=80, help="resolution of the PNG figures")
+    p.add_argument("--points", type=checked(POSITIVE, lambda v: v % 2, "an odd number (alpha 0 on the grid)"),
+                   default=17, help="alphas in [-1, 1] of the 1-D landscape (odd: 0 included)")
+    p.add_argument("--seeds", type=POSITIVE, default=3, help="random directions per model in the 1-D landscape")
+    p.add_argument("--grid-2d", type=checked(number(int), lambda v: v == 0 or v >= 2, "0 (none) or at least 2"),
+                   default=0, help="points per axis of a 2-D landscape (0: none)")
+    p.add_argument("--probe-wd", type=NON_NEGATIVE, default=1e-3, help="L2 penalty of the linear probe of encoders")
+    p.add_argument("--hessian-images", type=POSITIVE, default=16, help="images in the batch the Hessian is taken on")
+    p.add_argument("--hessian-iters", type=POSITIVE, default=20, help="most power iterations (stops at 1e-3 change)")
+    p.add_argument("--dpi", type=POSITIVE, default=80, help="resolution of the PNG figures")
     p.add_argument("--seed", type=int, default=0, help="seeds the landscape directions and the Hessian's start")
     return p
 
 
 def main(args):
-    start, tools = time.perf_counter(), set(args.tools.split(","))
-    if tools - set(TOOLS) or args.points % 2 == 0:
-        raise ValueError(f"--tools takes some of {', '.join(TOOLS)}; --points must be odd (alpha 0 on the grid)")
+    start, tools = time.perf_counter(), set(args.tools)
     if args.model is None and not Path(DEFAULT_MODELS[1].split("=")[1]).is_file():
-        raise SystemExit(f"no --model given and {DEFAULT_MODELS[1].split('=')[1]} is missing: run `python distill.py` "
+        raise ValueError(f"no --model given and {DEFAULT_MODELS[1].split('=')[1]} is missing: run `python distill.py` "
                          "first, or name the models (python diagnose.py --help)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models, img_size = load_models(args.model or DEFAULT_MODELS, args.img_size)
     images, labels, source = load_images(args.data, args.images, img_size)
     common = dict(images=source, n_images=len(images), img_size=img_size)
-    print(f"{len(images)} images at {img_size} px; models: " + ", ".join(f"{l} ({s})" for l, s, _ in models))
+    print(f"{len(images)} images at {img_size} px ({source['unreadable']} unreadable skipped); models: "
+          + ", ".join(f"{l} ({s})" for l, s, _ in models))
     runs = {label: run_attention(model, images, args.batch_size, args.renorm, "cka" in tools, label)
             for label, _, model in models}
     if "distance" in tools:  # the paper's Fig. 1: a dot per head at (layer, distance in px), one y-range for all
@@ -371,10 +418,12 @@ def main(args):
         with figure(out / "attn_distance.png", args.dpi, len(results), 3.6, 3) as (fig, axes):
             for ax, (label, r) in zip(axes, results.items()):
                 for layer, heads in enumerate(r["distance_px"]):
-                    ax.scatter([layer] * len(heads), heads, c=list(range(len(heads))), cmap="viridis", s=14)
-                ax.plot(r["uniform_px"], "--", color="grey", lw=1)  # what uniform attention would give
+                    ax.scatter([layer] * len(heads), heads, c=list(range(len(heads))), cmap="viridis", s=14,
+                               label=None if layer else "a head (colour: its index)")
+                ax.plot(r["uniform_px"], "--", color="grey", lw=1, label="uniform attention")
                 ax.set(title=label, xlabel="Network layer", ylabel="Attention distance (px)", ylim=(0, top),
                        xticks=range(0, len(r["distance_px"]), max(1, len(r["distance_px"]) // 6)))
+            axes[0].legend(fontsize=7)
     if "diversity" in tools:  # per layer: the heads' mean cosine similarity; their KL, a small dot per head
         results = {label: dict(
             cosine=[off_diagonal_mean(s["cosine"]).item() for s in stats],
@@ -401,16 +450,18 @@ def main(args):
         write_json(out / "attn_maps.json", dict(common, maps_file="attn_maps.pt", models=scores))
         for layer in range(max(len(m) for m in maps.values())):
             shown = {label: m[layer] for label, m in maps.items() if layer < len(m)}  # (heads, N, N) per model
-            with figure(out / f"attn_maps_L{layer}.png", args.dpi, max(map(len, shown.values())), 1.5, 1.7,
+            with figure(out / f"attn_maps_L{layer}.png", args.dpi, max(map(len, shown.values())), 2.4, 2.4,
                         rows=len(shown)) as (fig, axes):
-                for ax in axes.flat:
-                    ax.axis("off")
                 for row, (label, heads) in zip(axes, shown.items()):
+                    for ax in row[len(heads):]:  # a model with fewer heads than another
+                        ax.axis("off")
                     for h, (ax, m) in enumerate(zip(row, heads)):
-                        ax.imshow(m.numpy(), cmap="viridis", interpolation="nearest")
+                        image = ax.imshow(m.numpy(), cmap="viridis", interpolation="nearest")
+                        fig.colorbar(image, ax=ax, fraction=0.046).ax.tick_params(labelsize=6)  # each its own scale
+                        ax.set(xticks=[], yticks=[], xlabel="key", ylabel="query")
                         ax.set_title(f"{label} h{h}\ndiag {scores[label]['diag_score'][layer][h]:.2f} "
-                                     f"col {scores[label]['col_score'][layer][h]:.2f}", fontsize=6)
-                fig.suptitle(f"Averaged attention maps, layer {layer}", fontsize=8)
+                                     f"col {scores[label]['col_score'][layer][h]:.2f}", fontsize=7)
+                fig.suptitle(f"Averaged attention maps, layer {layer}", fontsize=9)
     if "cka" in tools:  # linear CKA between every layer of one model and every layer of another
         names = list(runs)
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]] or [(names[0], names[0])]
@@ -419,11 +470,13 @@ def main(args):
         write_json(out / "cka.json", dict(common, representation="each block's output tokens, flattened per image",
                                           pairs=results))
         with figure(out / "cka.png", args.dpi, len(results), 3.6, 3.2) as (fig, axes):
-            for ax, pair in zip(axes, results):
-                image = ax.imshow(pair["cka"], origin="lower", vmin=0, vmax=1, cmap="magma")
+            for ax, pair in zip(axes, results):  # colours span the values: CKA near 1 everywhere still shows structure
+                low, high = min(map(min, pair["cka"])), max(map(max, pair["cka"]))
+                image = ax.imshow(pair["cka"], origin="lower", vmin=low, vmax=high, cmap="magma", aspect="auto")
                 ax.set(xlabel=f"{pair['y']}: layer", ylabel=f"{pair['x']}: layer",
-                       title=f"Linear CKA (min {min(map(min, pair['cka'])):.2f})")
-                fig.colorbar(image, ax=ax, fraction=0.046)
+                       title=f"Linear CKA\n{low:.6g} to {high:.6g}")
+                ax.locator_params(integer=True)  # layers are whole numbers
+                fig.colorbar(image, ax=ax, format="%.6g")
     if tools & {"landscape", "hessian"} and (labels < 0).any():
         print("skipping the landscape and the Hessian: they need labelled images (an ImageFolder --data)")
         tools -= {"landscape", "hessian"}
@@ -480,4 +533,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

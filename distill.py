@@ -28,9 +28,9 @@ from checkpoints import TEACHERS, load_teacher, sha256sum
 from data import (FDCropBox, SeededTransform, SyntheticShapes, decode_and_crop, fd_transform, image_dataset,
                   load_rgb, read_undecoded, steps_of_batches, train_loader)
 from models import build_student, set_grad_checkpointing
-from training import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, git_hash,
-                      load_resume, lr_at, param_groups, prepare_teacher, restore_rng, save_atomic,
-                      save_checkpoint, schedule, setup_distributed)
+from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype,
+                      git_hash, load_resume, lock_out, lr_at, number, param_groups, refuse_endless_warmup, prepare_teacher, restore_rng,
+                      run_cli, save_atomic, save_checkpoint, schedule, setup_distributed)
 
 # ----------------------------------------------------------------------------- presets
 # The official distillation recipes (the official configs/pretrain/*.yaml); every value can be overridden by its flag.
@@ -65,18 +65,23 @@ def get_args_parser():
                         f"--teacher-weights FILE of this project")
     p.add_argument("--teacher-weights", default=None, help="the teacher's file in its published layout (if not "
                    "given, downloaded), a model file of this project, or 'random' (random weights)")
+    p.add_argument("--teacher-mean", type=float, nargs=3, metavar=("R", "G", "B"), default=None,
+                   help="the teacher's input mean (unset: its own, printed at start; e.g. 0.5 0.5 0.5 for timm's "
+                        "augreg and SigLIP files)")
+    p.add_argument("--teacher-std", type=float, nargs=3, metavar=("R", "G", "B"), default=None,
+                   help="the teacher's input standard deviation (unset: its own)")
     p.add_argument("--student", default=None, help="student architecture, e.g. vit_base_patch16" + FROM_PRESET)
     p.add_argument("--data", default=None, help="ImageFolder root (train/ used if present) or a flat folder of "
                                                 "images; the built-in synthetic dataset if not given")
-    p.add_argument("--synthetic-images", type=int, default=2048, help="size of the built-in dataset")
+    p.add_argument("--synthetic-images", type=POSITIVE, default=2048, help="size of the built-in dataset")
     p.add_argument("--out", default="out/distill", help="output folder; rerunning in it resumes")
     add_schedule_flags(p, FROM_PRESET)
-    p.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases, norms, "
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.05, help="AdamW weight decay (not on biases, norms, "
                    "LayerScale, class token, position tables)")
-    p.add_argument("--clip-grad", type=float, default=3.0, help="max gradient norm")
-    p.add_argument("--drop-path", type=float, default=None, help="student drop path rate" + FROM_PRESET)
-    p.add_argument("--min-crop-scale", type=float, default=None, help="RandomResizedCrop min scale" + FROM_PRESET)
-    p.add_argument("--img-size", type=int, default=None, help="crop size seen by teacher and student" + FROM_PRESET)
+    p.add_argument("--clip-grad", type=number(float, 0.0, open_low=True), default=3.0, help="max gradient norm")
+    p.add_argument("--drop-path", type=number(float, 0.0, 1.0, open_high=True), default=None, help="student drop path rate" + FROM_PRESET)
+    p.add_argument("--min-crop-scale", type=number(float, 0.0, 1.0, open_low=True), default=None, help="RandomResizedCrop min scale" + FROM_PRESET)
+    p.add_argument("--img-size", type=POSITIVE, default=None, help="crop size seen by teacher and student" + FROM_PRESET)
     add_run_flags(p)
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the student's blocks: "
                    "less memory (large students, large batches) for about a third more compute")
@@ -96,6 +101,9 @@ def apply_preset(args):
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    patch = int(args.student.split("patch")[1]) if "_patch" in args.student else 1  # Swin's checks its own stages
+    if args.img_size % patch:
+        raise ValueError(f"--img-size {args.img_size} is not a multiple of the student's patch size {patch}")
     return args
 
 
@@ -149,7 +157,8 @@ def fd_loss(prediction, target, beta=2.0):
 
 
 # ----------------------------------------------------------------------------- main
-RESUME_FLAGS = ("teacher", "teacher_weights", "student", "img_size", "batch_size", "accum")
+# The teacher's file is compared by its SHA-256, not its path: a file moved or copied may resume.
+RESUME_FLAGS = ("teacher", "teacher_mean", "teacher_std", "student", "img_size", "batch_size", "accum", "seed")
 
 
 def main(args):
@@ -158,14 +167,20 @@ def main(args):
     is_main = rank == 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        lock_out(out)
     torch.manual_seed(args.seed)  # the same student initialisation on every rank
 
     # The models: the student with its projector (trained), the teacher (frozen, never saved).
     student = build_student(args.student, args.img_size, args.drop_path)
     set_grad_checkpointing(student, args.grad_ckpt)
     teacher = load_teacher(args.teacher, args.teacher_weights, grid=student.grid[0]).to(device)
+    for buffer, values in ((teacher.encoder.mean, args.teacher_mean), (teacher.encoder.std, args.teacher_std)):
+        if values is not None:
+            buffer.copy_(torch.tensor(values).view(1, 3, 1, 1))
     is_file = is_main and Path(teacher.source).is_file()  # recorded with the student, for reproducibility
-    teacher_info = dict(name=args.teacher, weights=teacher.source, sha256=sha256sum(teacher.source) if is_file else None)
+    teacher_info = dict(name=args.teacher, weights=teacher.source, sha256=sha256sum(teacher.source) if is_file else None,
+                        mean=teacher.encoder.mean.flatten().tolist(), std=teacher.encoder.std.flatten().tolist())
     model = FDStudent(student, teacher.embed_dim).to(device)
     with_cls = student.num_prefix_tokens > 0 and teacher.num_prefix_tokens > 0  # Swin has no class token
 
@@ -176,6 +191,7 @@ def main(args):
         read, transform = load_rgb, fd_transform(args.img_size, args.min_crop_scale)
     images = image_dataset(args.data, loader=read) if args.data else SyntheticShapes(args.synthetic_images)
     dataset = SeededTransform(images, transform, args.seed)
+    data_summary = getattr(images, "summary", f"{len(images)} synthetic images")
     loader, sampler = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
                                    pin_memory=device.type == "cuda", stack=not args.decode_on_device)
     steps_per_epoch, total_steps, warmup_steps, global_batch, lrs = schedule(args, len(loader), world_size)
@@ -188,8 +204,12 @@ def main(args):
 
     step = 0
     checkpoint = out / "checkpoint.pth"
-    if checkpoint.exists():
-        state = load_resume(checkpoint, args, RESUME_FLAGS, world_size, is_main)
+    state = load_resume(out, args, RESUME_FLAGS, world_size, is_main)
+    if state is not None:
+        old_teacher = state.get("teacher") or teacher_info
+        if is_main and old_teacher["sha256"] != teacher_info["sha256"]:
+            raise ValueError(f"{out} was distilled from teacher weights {old_teacher['weights']} (sha256 "
+                             f"{old_teacher['sha256']}), not {teacher.source}: use another --out, or that file")
         student.load_state_dict(state["student"])
         model.projector.load_state_dict(state["projector"])
         optimizer.load_state_dict(state["optimizer"])
@@ -199,6 +219,7 @@ def main(args):
         if is_main:
             print(f"resuming from {checkpoint} at step {step}")
     else:
+        refuse_endless_warmup(args)
         torch.manual_seed(args.seed + rank)  # each rank its own drop-path draws
 
     train_model, run_teacher = model, teacher
@@ -213,10 +234,13 @@ def main(args):
     if is_main:
         print(f"{world_size} process(es) x {args.batch_size} images x {args.accum} micro-steps = {global_batch} "
               f"images per step; lr {lrs['lr']:.3g} (= {args.lr:g} x {global_batch}/512); "
-              f"{total_steps} steps of {steps_per_epoch} per epoch; autocast {dtype or 'off (fp32)'} on {device}")
+              f"{total_steps} steps ({args.epochs} epochs of {steps_per_epoch}); autocast {dtype or 'off (fp32)'} "
+              f"on {device}")
+        print(f"data: {data_summary}")
         weights = f"{teacher.source} (sha256 {teacher_info['sha256']})" if teacher_info["sha256"] else "random weights"
+        stats = "input mean {} std {}".format(*(" ".join(f"{v:.4g}" for v in teacher_info[k]) for k in ("mean", "std")))
         print(f"teacher {args.teacher}: {weights}, {teacher.encoder.grid[0]}x{teacher.encoder.grid[1]} tokens at "
-              f"{teacher.input_size} px")
+              f"{teacher.input_size} px, {stats} (--teacher-mean, --teacher-std)")
         print(f"student {args.student} at {args.img_size} px, "
               f"drop path {args.drop_path}, {args.epochs} epochs ({args.warmup_epochs} warmup), crop scale "
               f"{args.min_crop_scale}-1, lr/512 {args.lr:g} (min {args.min_lr:g}, warmup {args.warmup_lr:g})")
@@ -225,7 +249,7 @@ def main(args):
               f"(raise --epochs or use a new --out)")
 
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
-    log = TrainingLog(out, args, steps_per_epoch * global_batch, device, world_size, is_main)
+    log = TrainingLog(out, args, steps_per_epoch * global_batch, device, world_size, is_main, start_step=step)
     train_model.train()
     # Each step: `accum` micro-batches of (images, labels, unreadable images left out), resuming mid-epoch.
     for epoch, batch in steps_of_batches(loader, sampler, dataset, step, steps_per_epoch, total_steps, args.accum):
@@ -266,15 +290,16 @@ def main(args):
             save_checkpoint({"student": student.state_dict(), "projector": model.projector.state_dict(),
                              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
                              "epoch": step // steps_per_epoch, "args": vars(args), "arch": student.arch,
-                             "git": commit, "teacher": teacher_info}, out, args.keep, world_size, is_main)
+                             "git": commit, "teacher": teacher_info, "data": data_summary}, out, args.keep,
+                            world_size, is_main)
     progress.close()
 
     if is_main:
         save_atomic({"arch": student.arch, "model": student.state_dict(), "teacher": teacher_info,
-                     "step": step}, out / "student.pth")
+                     "data": data_summary, "step": step}, out / "student.pth")
         print(f"wrote {out / 'student.pth'} (the distilled student, for finetune.py) and {checkpoint}")
     return student
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

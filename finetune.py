@@ -35,9 +35,9 @@ from checkpoints import (load_model_file, load_pretrained, read_encoder_file, re
 from data import (SeededTransform, SyntheticShapes, eval_transform, image_dataset, skip_unreadable, steps_of_batches,
                   train_loader)
 from models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, swin_stage_windows
-from training import (TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, git_hash,
-                      load_resume, lr_at, param_groups, restore_rng, save_atomic, save_checkpoint,
-                      schedule, setup_distributed)
+from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype,
+                      git_hash, load_resume, lock_out, lr_at, number, param_groups, refuse_endless_warmup, restore_rng, run_cli, save_atomic,
+                      save_checkpoint, schedule, setup_distributed)
 
 # ----------------------------------------------------------------------------- presets
 # The official fine-tuning configs (configs/finetune/*.yaml); lr, min_lr and warmup_lr are
@@ -82,25 +82,25 @@ def get_args_parser():
     p.add_argument("--model", default=None, help="architecture trained from scratch" + FROM_RECIPE)
     p.add_argument("--data", default=None, help="ImageFolder root with train/ and val/; the built-in synthetic "
                                                 "dataset if not given")
-    p.add_argument("--synthetic-images", type=int, default=2048, help="training images of the built-in dataset")
-    p.add_argument("--synthetic-val-images", type=int, default=500, help="validation images of the built-in dataset")
+    p.add_argument("--synthetic-images", type=POSITIVE, default=2048, help="training images of the built-in dataset")
+    p.add_argument("--synthetic-val-images", type=POSITIVE, default=500, help="validation images of the built-in dataset")
     p.add_argument("--out", default="out/finetune", help="output folder; rerunning in it resumes")
     add_schedule_flags(p, FROM_RECIPE)
-    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (not on biases, norms, "
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=None, help="AdamW weight decay (not on biases, norms, "
                    "LayerScale, class token, position tables)" + FROM_RECIPE)
-    p.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay: block i of L gets "
+    p.add_argument("--layer-decay", type=number(float, 0.0, 1.0, open_low=True), default=None, help="layer-wise lr decay: block i of L gets "
                    "decay^(L-i), the patch embedding decay^(L+1)" + FROM_RECIPE)
-    p.add_argument("--drop-path", type=float, default=None, help="drop path rate" + FROM_RECIPE)
-    p.add_argument("--clip-grad", type=float, default=5.0, help="max gradient norm (the official config.py default)")
-    p.add_argument("--img-size", type=int, default=None, help="training and evaluation crop; position tables are "
+    p.add_argument("--drop-path", type=number(float, 0.0, 1.0, open_high=True), default=None, help="drop path rate" + FROM_RECIPE)
+    p.add_argument("--clip-grad", type=number(float, 0.0, open_low=True), default=5.0, help="max gradient norm (the official config.py default)")
+    p.add_argument("--img-size", type=POSITIVE, default=None, help="training and evaluation crop; position tables are "
                    "resized to it" + FROM_RECIPE)
-    p.add_argument("--smoothing", type=float, default=None, help="label smoothing [0.1; 0 with --linear-probe]")
-    p.add_argument("--mixup", type=float, default=None, help="mixup alpha, 0 = off [0.8; 0 with --linear-probe]")
-    p.add_argument("--cutmix", type=float, default=None, help="cutmix alpha, 0 = off; with mixup, one of the two "
+    p.add_argument("--smoothing", type=number(float, 0.0, 1.0, open_high=True), default=None, help="label smoothing [0.1; 0 with --linear-probe]")
+    p.add_argument("--mixup", type=NON_NEGATIVE, default=None, help="mixup alpha, 0 = off [0.8; 0 with --linear-probe]")
+    p.add_argument("--cutmix", type=NON_NEGATIVE, default=None, help="cutmix alpha, 0 = off; with mixup, one of the two "
                    "per batch with probability 0.5 [1.0; 0 with --linear-probe]")
-    p.add_argument("--randaug-ops", type=int, default=None, help="RandAugment ops per image (magnitude 9), 0 = off "
+    p.add_argument("--randaug-ops", type=number(int, 0), default=None, help="RandAugment ops per image (magnitude 9), 0 = off "
                    "[2; 0 with --linear-probe]")
-    p.add_argument("--reprob", type=float, default=None, help="random erasing probability [0.25; 0 with "
+    p.add_argument("--reprob", type=number(float, 0.0, 1.0), default=None, help="random erasing probability [0.25; 0 with "
                    "--linear-probe]")
     p.add_argument("--linear-probe", action="store_true", help="train only a BatchNorm + linear head on the frozen "
                    "encoder (SGD, see LINEAR_PROBE)")
@@ -254,9 +254,7 @@ def labelled_splits(args):
         return SyntheticShapes(args.synthetic_images), SyntheticShapes(args.synthetic_val_images, split="val")
     if not (Path(args.data) / "val").is_dir():
         raise FileNotFoundError(f"--data {args.data}: no val/ folder (fine-tuning needs train/ and val/)")
-    train, val = image_dataset(args.data, "train"), image_dataset(args.data, "val")
-    if not (hasattr(train, "classes") and hasattr(val, "classes")):
-        raise ValueError(f"--data {args.data}: train/ and val/ need class subfolders (labels) for fine-tuning")
+    train, val = image_dataset(args.data, "train", labelled=True), image_dataset(args.data, "val", labelled=True)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
@@ -356,7 +354,7 @@ def load_classifier(path, num_classes):
 
 
 # ----------------------------------------------------------------------------- main
-RESUME_FLAGS = ("init", "init_weights", "recipe", "model", "img_size", "batch_size", "accum", "linear_probe")
+RESUME_FLAGS = ("init", "init_weights", "recipe", "model", "img_size", "batch_size", "accum", "linear_probe", "seed")
 
 
 def main(args):
@@ -369,6 +367,9 @@ def main(args):
 
     train_images, val_images = labelled_splits(args)
     num_classes = len(train_images.classes)
+    if is_main:
+        print("data: " + "; ".join(getattr(split, "summary", f"{len(split)} synthetic images")
+                                   for split in (train_images, val_images)))
     if args.eval_only:
         model = load_classifier(args.init, num_classes)
         img_size = model.arch["encoder"]["img_size"]  # the classifier's own resolution
@@ -382,9 +383,11 @@ def main(args):
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        lock_out(out)
     checkpoint = out / "checkpoint.pth"
     torch.manual_seed(args.seed)  # the same head initialisation on every rank
-    state = load_resume(checkpoint, args, RESUME_FLAGS, world_size, is_main) if checkpoint.exists() else None
+    state = load_resume(out, args, RESUME_FLAGS, world_size, is_main)
     if state:
         model = build_from_arch(state["arch"])
         model.load_state_dict(state["model"])
@@ -418,6 +421,7 @@ def main(args):
         if is_main:
             print(f"resuming from {checkpoint} at step {step}")
     else:
+        refuse_endless_warmup(args)
         torch.manual_seed(args.seed + rank)  # each rank its own drop path and mixup draws
 
     train_model = model
@@ -434,7 +438,8 @@ def main(args):
     if is_main:
         print(f"{world_size} process(es) x {args.batch_size} images x {args.accum} micro-steps = {global_batch} "
               f"images per step; lr {lrs['lr']:.3g} (= {args.lr:g} x {global_batch}/512); "
-              f"{total_steps} steps of {steps_per_epoch} per epoch; autocast {dtype or 'off (fp32)'} on {device}")
+              f"{total_steps} steps ({args.epochs} epochs of {steps_per_epoch}); autocast {dtype or 'off (fp32)'} "
+              f"on {device}")
         print(f"recipe {args.recipe}{' (linear probe)' if args.linear_probe else ''}: {num_classes} classes at "
               f"{args.img_size} px, {args.epochs} epochs ({args.warmup_epochs} warmup), layer decay {args.layer_decay} "
               f"(lr scales {', '.join(f'{s:.3g}' for s in sorted({g['lr_scale'] for g in groups}))}), drop path "
@@ -445,7 +450,7 @@ def main(args):
 
     start = time.perf_counter()
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
-    log = TrainingLog(out, args, steps_per_epoch * global_batch, device, world_size, is_main)
+    log = TrainingLog(out, args, steps_per_epoch * global_batch, device, world_size, is_main, start_step=step)
     metrics = None
     train_model.train()
     if args.linear_probe:
@@ -508,4 +513,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_cli(main, get_args_parser().parse_args())

@@ -8,6 +8,7 @@ import collections
 import colorsys
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import bench
 import checkpoints
 import diagnose
 import distill
@@ -39,7 +41,8 @@ from models import (Attention, Classifier, SWIN_SIZES, SwinTransformer, VisionTr
 
 REPO = Path(__file__).resolve().parent
 MICRO = ["--teacher", "vit_micro_patch8", "--student", "vit_micro_patch8", "--img-size", "32",
-         "--synthetic-images", "64", "--batch-size", "8", "--workers", "0", "--log-every", "1", "--amp", "fp32"]
+         "--synthetic-images", "64", "--batch-size", "8", "--workers", "0", "--log-every", "1", "--amp", "fp32",
+         "--warmup-epochs", "0.5"]
 
 
 def parse(*argv):
@@ -506,6 +509,23 @@ def test_bad_teacher_files_give_clear_errors_and_run_no_code(tmp_path, monkeypat
     monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         load_teacher("timm", tmp_path / "nowhere.pth")
+    # A fixed-architecture teacher given the file of a smaller model, for a student of another grid: the
+    # key list, before any position embedding is resized.
+    torch.save(torchvision_layout(64, 1, 16, 2), tmp_path / "tv_small.pth")
+    with pytest.raises(ValueError, match=r"tv_small.pth does not fit this model \(missing: blocks.1.*"
+                                           r"pos_embed \(1, 5, 64\) \(model \(1, 197, 768\)\)"):
+        load_teacher("tv_vit_b_16", tmp_path / "tv_small.pth", grid=3)
+    # Files named .safetensors that are not: text, a renamed .pth, a truncated download.
+    good = tmp_path / "good.safetensors"
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}).encode()
+    good.write_bytes(len(header).to_bytes(8, "little") + header + torch.arange(4.0).numpy().tobytes())
+    assert torch.equal(checkpoints.read_checkpoint(good)["w"], torch.arange(4.0).view(2, 2))
+    (tmp_path / "text.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\n")
+    (tmp_path / "renamed.safetensors").write_bytes((tmp_path / "dino.pth").read_bytes())
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:-4])
+    for name in ("text", "renamed", "cut"):
+        with pytest.raises(ValueError, match=rf"{name}.safetensors: not a readable checkpoint"):
+            load_teacher("timm", tmp_path / f"{name}.safetensors")
 
     def offline(url, dst, hash_prefix=None):
         raise OSError("network unreachable")
@@ -1155,8 +1175,43 @@ def test_image_folders_and_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="--data .*no images"):
         image_dataset(tmp_path / "empty")
     (tmp_path / "empty_classes" / "cat").mkdir(parents=True)
-    with pytest.raises(ValueError, match="--data .*empty_classes: Found no valid file for the classes cat"):
+    with pytest.raises(ValueError, match="--data .*empty_classes: no images found"):
         image_dataset(tmp_path / "empty_classes")
+    write_images(tmp_path / "imnet" / "train" / "bird", 1)
+    (tmp_path / "imnet" / "train" / "empty").mkdir()
+    with pytest.raises(ValueError, match="--data .*train: no images in the class folders empty"):
+        image_dataset(tmp_path / "imnet", labelled=True)
+
+
+def test_folders_as_people_have_them(tmp_path):
+    # photos/ with loose images and an edited/ subfolder, a symlinked folder, Jupyter's checkpoints and
+    # macOS's ._ files: every image is used, hidden files and folders never.
+    photos = tmp_path / "photos"
+    write_images(photos, 3)
+    write_images(photos / "edited", 2)
+    write_images(tmp_path / "elsewhere", 4)
+    (photos / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (photos / ".ipynb_checkpoints").mkdir()
+    (photos / "._img0.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    write_images(photos / ".thumbnails", 2)
+    dataset = image_dataset(photos)
+    names = sorted(str(f.relative_to(photos)) for f in dataset.files)
+    assert names == sorted(["img0.jpg", "img1.png", "img2.jpg", "edited/img0.jpg", "edited/img1.png",
+                            "linked/img0.jpg", "linked/img1.png", "linked/img2.jpg", "linked/img3.png"])
+    assert {label for _, label in [dataset[0], dataset[8]]} == {-1}  # loose images: unlabelled
+    assert dataset.summary == f"9 images in {photos} (no class folders: unlabelled)"
+    with pytest.raises(ValueError, match=r"photos: 3 images lie outside class subfolders"):
+        image_dataset(photos, labelled=True)  # fine-tuning needs a class for every image
+    write_images(tmp_path / "imnet" / "cat", 2)
+    (tmp_path / "imnet" / ".ipynb_checkpoints").mkdir()
+    classes = image_dataset(tmp_path / "imnet", labelled=True)
+    assert classes.classes == ["cat"] and classes.summary.endswith("2 images in " + str(tmp_path / "imnet") + ", 1 classes")
+    out = tmp_path / "run"
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        distill.main(parse(*MICRO, "--data", str(photos), "--epochs", "1", "--batch-size", "3", "--out", str(out)))
+    assert f"data: 9 images in {photos}" in captured.getvalue()
+    assert len(read_log(out)) == 3 and torch.load(out / "student.pth", weights_only=True)["data"].startswith("9 images")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -1199,7 +1254,7 @@ def test_odd_images_load_and_unreadable_ones_are_skipped_counted_and_bounded(tmp
     with pytest.warns(UserWarning, match="skipping an unreadable image: .*(truncated|empty|notes)"):
         distill.main(parse(*argv, "--max-bad-frac", "0.5", "--out", str(tmp_path / "run")))
     assert sum(r["bad_images"] for r in read_log(tmp_path / "run")) == 3  # 5 batches of 4: every file drawn
-    with pytest.raises(RuntimeError, match=r"epoch 0: 3 of its 20 images were unreadable, more than --max-bad-frac 0.1"):
+    with pytest.raises(ValueError, match=r"epoch 0: 3 of its 20 images were unreadable, more than --max-bad-frac 0.1"):
         distill.main(parse(*argv, "--max-bad-frac", "0.1", "--out", str(tmp_path / "strict")))
 
 
@@ -1258,9 +1313,11 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     resumed = distill.main(parse(*argv, "--out", str(tmp_path / "crashed")))
 
     steps = [r["step"] for r in read_log(tmp_path / "crashed")]
-    assert steps == [1, 2, 3, 4, 5, 6] + list(range(6, 17))  # step 6 was logged, then redone
+    assert steps == list(range(1, 17))  # step 6 was logged, then redone: logged once
+    discarded = (tmp_path / "crashed" / "log.discarded.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in discarded] == [6]  # the first run's step 6, kept aside
     full_log = {r["step"]: r for r in read_log(tmp_path / "full")}
-    for record in read_log(tmp_path / "crashed")[6:]:
+    for record in read_log(tmp_path / "crashed")[5:]:
         assert record["lr"] == full_log[record["step"]]["lr"]
         assert record["loss"] == full_log[record["step"]]["loss"]
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
@@ -1315,9 +1372,103 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_and_corrupt_files_are
     assert "resuming with changed settings: --epochs 1 -> 2" in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-0000014.pth", "checkpoint-0000016.pth"]
     (out / "checkpoint.pth").write_bytes((out / "checkpoint.pth").read_bytes()[:1000])
-    with pytest.raises(RuntimeError, match=r"checkpoint.pth cannot be read .*the newest snapshot is "
+    with pytest.raises(ValueError, match=r"checkpoint.pth cannot be read .*the newest snapshot is "
                                            r".*checkpoint-0000016.pth: copy it to"):
         distill.main(parse(*argv[:-4], "--epochs", "3", "--out", str(out)))
+    # checkpoint.pth deleted, snapshots kept: the run resumes from the newest one and says so.
+    (out / "checkpoint.pth").unlink()
+    capsys.readouterr()
+    distill.main(parse(*argv[:-4], "--epochs", "3", "--save-every", "2", "--keep", "2", "--out", str(out)))
+    assert f"{out / 'checkpoint.pth'} is missing: resuming from the newest snapshot, {out / 'checkpoint-0000016.pth'}" \
+        in capsys.readouterr().out
+    steps = [r["step"] for r in read_log(out)]
+    assert steps == list(range(1, 25))  # each step once: nothing restarted from 0, nothing logged twice
+
+
+@pytest.mark.parametrize("script, flag, value, expected", [
+    ("distill", "--epochs", "0", "expected a value in [1, inf)"),
+    ("finetune", "--epochs", "-1", "expected a value in [1, inf)"),
+    ("distill", "--save-every", "0", "[1, inf)"), ("distill", "--log-every", "0", "[1, inf)"),
+    ("distill", "--drop-path", "1.5", "[0.0, 1.0)"), ("distill", "--min-crop-scale", "2", "(0.0, 1.0]"),
+    ("distill", "--img-size", "0", "[1, inf)"), ("distill", "--lr", "-1", "-1 is out of range"),
+    ("finetune", "--synthetic-val-images", "0", "[1, inf)"), ("finetune", "--mixup", "-1", "[0.0, inf)"),
+    ("distill", "--batch-size", "two", "'two' is not an integer"), ("bench", "--steps", "0", "[1, inf)")])
+def test_flag_values_are_checked_when_parsed(script, flag, value, expected, capsys):
+    parser = {"distill": distill, "finetune": finetune, "bench": bench}[script].get_args_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args([flag, value])
+    error = capsys.readouterr().err
+    assert f"argument {flag}: " in error and expected in error
+
+
+def test_run_length_and_sizes_are_checked_before_training(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"--img-size 30 is not a multiple of the student's patch size 8"):
+        distill.main(parse(*MICRO, "--img-size", "30", "--out", str(tmp_path / "a")))
+    with pytest.raises(ValueError, match=r"--warmup-epochs 2 is not shorter than --epochs 2: the lr would never"):
+        distill.main(parse(*MICRO, "--epochs", "2", "--warmup-epochs", "2", "--out", str(tmp_path / "b")))
+    assert not (tmp_path / "b" / "student.pth").exists()
+    # A user's error from the command line: one line on stderr, exit status 2, no traceback.
+    result = subprocess.run([sys.executable, str(REPO / "distill.py"), "--data", str(tmp_path / "nowhere"),
+                             "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"distill.py: error: --data {tmp_path / 'nowhere'}: no such folder "
+                                                  f"(give an ImageFolder root, a folder with train/ and val/, or a "
+                                                  f"folder of images) (FD_TRACEBACK=1 shows where)"]
+
+
+def test_the_default_run_saves_a_checkpoint_every_tenth_of_the_way():
+    args = distill.apply_preset(parse())  # the built-in default: 2 epochs of 64 steps
+    training.schedule(args, batches_per_epoch=64, world_size=1)
+    assert args.save_every == 12  # 128 steps // 10: resumable within a minute
+    long = distill.apply_preset(parse("--teacher", "clip"))
+    training.schedule(long, batches_per_epoch=1251, world_size=8)
+    assert long.save_every == 1000 and parse("--save-every", "50").save_every == 50
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, pathlib, training; "
+                               "training.lock_out(pathlib.Path(sys.argv[1])); print('held', flush=True); time.sleep(60)",
+                               str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=rf"--out {out}: another run is writing to it \(pid {holder.pid} on "):
+            distill.main(parse(*MICRO, "--epochs", "1", "--out", str(out)))
+    finally:
+        holder.kill()
+        holder.wait()
+    distill.main(parse(*MICRO, "--epochs", "1", "--out", str(out)))  # the lock went with its process
+    assert (out / "student.pth").is_file()
+
+
+def test_resume_compares_the_teacher_by_checksum_and_keeps_the_seed(tmp_path, capsys):
+    teacher = build_student("vit_micro_patch8", 32)
+    torch.save({"arch": teacher.arch, "model": teacher.state_dict()}, tmp_path / "teacher.pth")
+    argv = [*MICRO, "--teacher", "mine", "--epochs", "1", "--save-every", "4", "--out", str(tmp_path / "run")]
+    distill.main(parse(*argv, "--teacher-weights", str(tmp_path / "teacher.pth")))
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / "teacher.pth").write_bytes((tmp_path / "teacher.pth").read_bytes())
+    longer = [*argv, "--epochs", "2"]
+    distill.main(parse(*longer, "--teacher-weights", str(tmp_path / "moved" / "teacher.pth")))  # same SHA-256
+    assert "resuming from" in capsys.readouterr().out
+    torch.save({"arch": teacher.arch, "model": build_student("vit_micro_patch8", 32).state_dict()},
+               tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"run was distilled from teacher weights .*moved/teacher.pth \(sha256 "):
+        distill.main(parse(*longer, "--epochs", "3", "--teacher-weights", str(tmp_path / "other.pth")))
+    with pytest.raises(ValueError, match=r"--seed 0 -> 1"):
+        distill.main(parse(*longer, "--epochs", "3", "--seed", "1", "--teacher-weights", str(tmp_path / "teacher.pth")))
+
+
+def test_teacher_statistics_are_shown_and_can_be_set(tmp_path, capsys):
+    out = tmp_path / "run"
+    distill.main(parse(*MICRO, "--epochs", "1", "--teacher-mean", "0.5", "0.5", "0.5", "--teacher-std", "0.5", "0.25",
+                       "0.5", "--out", str(out)))
+    assert "input mean 0.5 0.5 0.5 std 0.5 0.25 0.5" in capsys.readouterr().out
+    recorded = torch.load(out / "student.pth", weights_only=True)["teacher"]
+    assert (recorded["mean"], recorded["std"]) == ([0.5] * 3, [0.5, 0.25, 0.5])
+    distill.main(parse(*MICRO, "--epochs", "1", "--out", str(tmp_path / "own")))
+    assert "input mean 0.485 0.456 0.406 std 0.229 0.224 0.225" in capsys.readouterr().out  # timm's ImageNet values
 
 
 def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_path, monkeypatch):
@@ -1578,8 +1729,8 @@ def test_init_from_distilled_student_checkpoint_and_teacher(distilled, tmp_path,
     student = load_model_file(distilled / "student.pth").eval()
     images = torch.rand(2, 3, 32, 32)
     for init in (distilled / "student.pth", distilled / "checkpoint.pth"):
-        model, _ = finetune.main(ft_parse(*FT_MICRO, "--init", str(init), "--epochs", "0", "--drop-path", "0",
-                                          "--out", str(tmp_path / init.stem)))
+        model = finetune.build_classifier(finetune.apply_recipe(ft_parse(*FT_MICRO, "--init", str(init),
+                                                                         "--drop-path", "0")), num_classes=10)
         report = capsys.readouterr().out
         assert "removed ['norm.bias', 'norm.weight', 'rel_pos_bias.relative_position_bias_table']" in report
         assert "added 2 per-block" in report and "new: fc_norm.weight, fc_norm.bias, head.weight, head.bias" in report
@@ -1651,8 +1802,7 @@ def test_finetune_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
         return [{k: v for k, v in r.items() if k != "img_per_s"} for r in ft_log(out)]
 
     full_log, crashed_log = without_speed(tmp_path / "full"), without_speed(tmp_path / "crashed")
-    assert crashed_log[:11] == full_log[:11]  # steps 1-8, the epoch-0 eval, steps 9-10
-    assert crashed_log[11:] == full_log[10:]  # step 10 redone, then the rest exactly as uninterrupted
+    assert crashed_log == full_log  # step 10 was logged, then redone: logged once, as uninterrupted
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="--img-size 32 -> 48"):

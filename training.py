@@ -3,11 +3,14 @@ batch, learning rate, loading, checkpoints, precision), the distributed setup fr
 environment, autocast, AdamW parameter groups, the learning-rate schedule as a pure function of the
 step, atomic checkpoints and resuming, and the JSON-lines training log.
 """
+import argparse
 import atexit
+import fcntl
 import json
 import math
 import os
 import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -17,34 +20,69 @@ import torch.distributed as dist
 import torch.nn as nn
 
 # ----------------------------------------------------------------------------- flags
+def number(kind, low=None, high=None, open_low=False, open_high=False):
+    """An argparse type: a `kind` (int or float) between low and high, each end included unless open,
+    so that a bad value stops the run at once with the flag and the valid range in the message."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        below = low is not None and (value <= low if open_low else value < low)
+        if below or (high is not None and (value >= high if open_high else value > high)):
+            bounds = (f"{'(' if open_low else '['}{low}, {high if high is not None else 'inf'}"
+                      f"{')' if open_high or high is None else ']'}")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected a value in {bounds}")
+        return value
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = number(int, 1), number(float, 0.0)
+
+
+def run_cli(main, args):
+    """Run an entry point. A user's error (a bad file, folder or value: ValueError, OSError) prints one
+    line, on rank 0 only, and exits with status 2; FD_TRACEBACK=1 shows the whole traceback."""
+    try:
+        return main(args)
+    except (ValueError, OSError, FloatingPointError) as error:
+        if os.environ.get("FD_TRACEBACK"):
+            raise
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"{Path(sys.argv[0]).name}: error: {error} (FD_TRACEBACK=1 shows where)", file=sys.stderr)
+        sys.exit(2)
+
+
 def add_schedule_flags(p, unset):
     """The length, batch and learning-rate flags of distill.py and finetune.py; `unset` says where
     a flag left unset takes its value from."""
-    p.add_argument("--epochs", type=int, default=None, help="training length" + unset)
-    p.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup length" + unset)
-    p.add_argument("--batch-size", type=int, default=None, help="images per process per micro-step" + unset)
-    p.add_argument("--accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate per 512 images" + unset)
-    p.add_argument("--min-lr", type=float, default=None, help="final learning rate per 512 images" + unset)
-    p.add_argument("--warmup-lr", type=float, default=None, help="initial learning rate per 512 images" + unset)
+    p.add_argument("--epochs", type=POSITIVE, default=None, help="training length" + unset)
+    p.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=None, help="linear warmup length, shorter than "
+                   "the run" + unset)
+    p.add_argument("--batch-size", type=POSITIVE, default=None, help="images per process per micro-step" + unset)
+    p.add_argument("--accum", type=POSITIVE, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--lr", type=NON_NEGATIVE, default=None, help="peak learning rate per 512 images" + unset)
+    p.add_argument("--min-lr", type=NON_NEGATIVE, default=None, help="final learning rate per 512 images" + unset)
+    p.add_argument("--warmup-lr", type=NON_NEGATIVE, default=None, help="initial learning rate per 512 images" + unset)
 
 
 def add_run_flags(p):
     """How a run of distill.py or finetune.py is carried out: data loading, checkpoints, logging,
     precision, compilation, and when to give up."""
-    p.add_argument("--workers", type=int, default=default_workers(),
+    p.add_argument("--workers", type=number(int, 0), default=default_workers(),
                    help="data-loading processes per training process (this machine's CPU cores shared among its "
                         "training processes, at most 12)")
-    p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps (fine-tuning: "
-                   "also after every epoch)")
-    p.add_argument("--keep", type=int, default=0, help="also keep the last N checkpoints as OUT/checkpoint-STEP.pth")
-    p.add_argument("--log-every", type=int, default=10, help="log every N optimizer steps")
+    p.add_argument("--save-every", type=POSITIVE, default=None, help="checkpoint every N optimizer steps (fine-"
+                   "tuning: also after every epoch) [1000, or a tenth of the run if that is fewer]")
+    p.add_argument("--keep", type=number(int, 0), default=0, help="also keep the last N checkpoints as "
+                   "OUT/checkpoint-STEP.pth")
+    p.add_argument("--log-every", type=POSITIVE, default=10, help="log every N optimizer steps")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the trained model (and the teacher)")
-    p.add_argument("--max-nonfinite", type=int, default=20, help="stop after this many optimizer steps in a row "
+    p.add_argument("--max-nonfinite", type=POSITIVE, default=20, help="stop after this many optimizer steps in a row "
                    "skipped for a non-finite loss or gradient")
-    p.add_argument("--max-bad-frac", type=float, default=0.01, help="stop when more than this fraction of an "
+    p.add_argument("--max-bad-frac", type=number(float, 0.0, 1.0), default=0.01, help="stop when more than this fraction of an "
                    "epoch's images are unreadable (they are skipped with a warning naming the file)")
 
 
@@ -119,8 +157,10 @@ def schedule(args, batches_per_epoch, world_size):
                          f"lower --accum or --batch-size")
     global_batch = args.batch_size * world_size * args.accum
     lrs = {k: getattr(args, k) * global_batch / 512 for k in ("lr", "min_lr", "warmup_lr")}
-    return (steps_per_epoch, args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch),
-            global_batch, lrs)
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+    if args.save_every is None:  # a resumable state within minutes on a small run, every 1000 steps on a long one
+        args.save_every = max(1, min(1000, total_steps // 10))
+    return steps_per_epoch, total_steps, warmup_steps, global_batch, lrs
 
 
 def lr_at(step, total_steps, warmup_steps, lr, min_lr, warmup_lr):
@@ -205,14 +245,28 @@ class TrainingLog:
     """OUT/log.jsonl, written by rank 0: every --log-every steps the loss averaged over the interval
     and the ranks, the lr, images/s, the steps skipped for a non-finite gradient and the unreadable
     images left out. Skipped steps change no weight; `max_nonfinite` of them in a row stop the run,
-    the last checkpoint intact. More than `max_bad_frac` unreadable images in an epoch stop it too."""
+    the last checkpoint intact. More than `max_bad_frac` unreadable images in an epoch stop it too.
+    A run that starts at `start_step` (0, or where it resumes) moves the lines of later steps, which it
+    will write again, to OUT/log.discarded.jsonl: each step is logged once."""
 
-    def __init__(self, out, args, images_per_epoch, device, world_size, is_main):
+    def __init__(self, out, args, images_per_epoch, device, world_size, is_main, start_step=0):
         self.path, self.checkpoint, self.images_per_epoch = out / "log.jsonl", out / "checkpoint.pth", images_per_epoch
         self.max_nonfinite, self.max_bad_frac = args.max_nonfinite, args.max_bad_frac
         self.device, self.world_size, self.is_main = device, world_size, is_main
         self.in_a_row, self.epoch, self.epoch_bad = 0, None, 0
         self.reset()
+        if is_main and self.path.exists():
+            kept, later = [], []
+            for line in self.path.read_text().splitlines():
+                try:
+                    (kept if json.loads(line)["step"] <= start_step else later).append(line)
+                except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+                    later.append(line)
+            if later:
+                with open(out / "log.discarded.jsonl", "a") as f:
+                    f.write("".join(line + "\n" for line in later))
+                self.path.write_text("".join(line + "\n" for line in kept))
+                print(f"{self.path}: {len(later)} lines after step {start_step} moved to {out / 'log.discarded.jsonl'}")
 
     def reset(self):
         self.loss, self.steps, self.skipped, self.bad, self.start = 0.0, 0, 0, 0, time.perf_counter()
@@ -243,7 +297,7 @@ class TrainingLog:
             self.epoch, self.epoch_bad = epoch, 0
         self.epoch_bad += bad
         if self.epoch_bad > self.max_bad_frac * self.images_per_epoch:
-            raise RuntimeError(f"epoch {epoch}: {self.epoch_bad} of its {self.images_per_epoch} images were unreadable, "
+            raise ValueError(f"epoch {epoch}: {self.epoch_bad} of its {self.images_per_epoch} images were unreadable, "
                                f"more than --max-bad-frac {self.max_bad_frac}: the warnings name them; fix or remove "
                                f"them")
         record = dict(fields, epoch=epoch, loss=loss if self.steps else None, skipped=self.skipped, bad_images=bad,
@@ -263,17 +317,55 @@ def git_hash():
         return None
 
 
-def load_resume(path, args, resume_flags, world_size, is_main=True):
-    """The checkpoint to resume from, refusing one written by a run with another model or another
-    batch (the step count would then mean another place in the data and the schedule). Flags that
-    may change (the length, workers, logging) are allowed and reported."""
+def refuse_endless_warmup(args):
+    """A new run whose warmup is not shorter than the run would never reach its peak lr. (A run
+    already under way keeps the schedule it started with.)"""
+    if args.warmup_epochs >= args.epochs:
+        raise ValueError(f"--warmup-epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the lr "
+                         f"would never reach its peak; shorten the warmup or lengthen the run")
+
+
+def lock_out(out):
+    """Hold an exclusive lock on OUT for this process's lifetime (rank 0): a second run writing the same
+    folder would interleave its log and race for the checkpoint. The OS drops the lock when the process
+    ends, however it ends, so a crashed run leaves nothing to clean up."""
+    if str(out.resolve()) in _HELD_LOCKS:  # this process already holds it (a run started again in-process)
+        return
+    lock = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise ValueError(f"--out {out}: another run is writing to it ({lock.read().strip() or 'a running process'}); "
+                         f"wait for it to end, or use another --out") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {os.uname().nodename}")
+    lock.flush()
+    _HELD_LOCKS[str(out.resolve())] = lock
+
+
+_HELD_LOCKS = {}
+
+
+def load_resume(out, args, resume_flags, world_size, is_main=True):
+    """The state to resume from, or None to start afresh: OUT/checkpoint.pth, or when it is missing the
+    newest snapshot OUT/checkpoint-STEP.pth (--keep). A checkpoint written by a run with another model,
+    batch or seed is refused: the step count would then mean another place in the data and the schedule.
+    Flags that may change (the length, workers, logging) are allowed and reported."""
+    path = out / "checkpoint.pth"
+    snapshots = sorted(out.glob("checkpoint-*.pth"))
+    if not path.exists() and not snapshots:
+        return None
+    if not path.exists():
+        path = snapshots[-1]
+        if is_main:
+            print(f"{out / 'checkpoint.pth'} is missing: resuming from the newest snapshot, {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        snapshots = sorted(path.parent.glob("checkpoint-*.pth"))
         offer = (f"the newest snapshot is {snapshots[-1]}: copy it to {path} to resume from it" if snapshots
-                 else "no snapshot to fall back on (see --keep); move it away to start afresh")
-        raise RuntimeError(f"{path} cannot be read ({str(error).split('.')[0]}); {offer}") from None
+                 and snapshots[-1] != path else "move it away to start afresh")
+        raise ValueError(f"{path} cannot be read ({str(error).split('.')[0]}); {offer}") from None
     changed = [f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(args, k)}"
                for k in resume_flags if state["args"].get(k) != getattr(args, k)]
     if state["world_size"] != world_size:
