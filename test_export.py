@@ -156,16 +156,22 @@ def test_student_file_of_an_earlier_version_is_a_beit_too(tmp_path):
                     student(IMAGES))
 
 
-def test_vit_classifier_logits_equal_timm_beit_and_transformers_beit_for_image_classification(tmp_path):
-    classifier = randomise(Classifier(vit("per_block"), num_classes=10))
+@pytest.mark.parametrize("kind", ["vit", "swinv2"])
+def test_classifier_logits_equal_timm_and_transformers(tmp_path, kind):
+    if kind == "vit":  # per-block tables, mean of the patch tokens, fc_norm
+        classifier, names = Classifier(vit("per_block"), num_classes=10), ("Beit", "BeitForImageClassification")
+    else:  # pretrained_windows as after finetune.py: the offsets keep the scale of other windows
+        classifier = Classifier(swinv2("per_block", pretrained_windows=[6, 3]), num_classes=10)
+        names = ("SwinTransformerV2", "Swinv2ForImageClassification")
+        assert classifier.arch["pooling"] == "norm_then_mean"  # the final norm on every token, then the mean
+    classifier = randomise(classifier)
     out = export_model(classifier, tmp_path)
     with torch.no_grad():
         ours = classifier(IMAGES)
         model, mean, std = timm_model(out)
-        assert_same("ViT classifier per-block", "timm Beit", model(normalise(IMAGES, mean, std)), ours)
-        model, mean, std = hf_model(out, "BeitForImageClassification")
-        assert_same("ViT classifier per-block", "transformers BeitForImageClassification",
-                    model(normalise(IMAGES, mean, std)).logits, ours)
+        assert_same(f"{kind} classifier", f"timm {names[0]}", model(normalise(IMAGES, mean, std)), ours)
+        model, mean, std = hf_model(out, names[1])
+        assert_same(f"{kind} classifier", f"transformers {names[1]}", model(normalise(IMAGES, mean, std)).logits, ours)
 
 
 # ----------------------------------------------------------------------------- SwinV2
@@ -181,20 +187,6 @@ def test_swinv2_student_equals_timm_and_transformers_swinv2(tmp_path, position_b
                     ours)
         model, mean, std = hf_model(out, "Swinv2Model")
         assert_same(case, "transformers Swinv2Model", model(normalise(IMAGES, mean, std)).last_hidden_state, ours)
-
-
-def test_swinv2_classifier_logits_equal_timm_and_transformers(tmp_path):
-    # pretrained_windows as after finetune.py: the offsets keep the scale of other windows
-    classifier = randomise(Classifier(swinv2("per_block", pretrained_windows=[6, 3]), num_classes=10))
-    assert classifier.arch["pooling"] == "norm_then_mean"  # the final norm on every token, then the mean, as theirs
-    out = export_model(classifier, tmp_path)
-    with torch.no_grad():
-        ours = classifier(IMAGES)
-        model, mean, std = timm_model(out)
-        assert_same("SwinV2 classifier", "timm SwinTransformerV2", model(normalise(IMAGES, mean, std)), ours)
-        model, mean, std = hf_model(out, "Swinv2ForImageClassification")
-        assert_same("SwinV2 classifier", "transformers Swinv2ForImageClassification",
-                    model(normalise(IMAGES, mean, std)).logits, ours)
 
 
 # ----------------------------------------------------------------------------- the command, as a user runs it
