@@ -44,14 +44,14 @@ def read_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         globals_ = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        refused = [g for g in globals_ if g not in DATA_ONLY_GLOBALS]
+        refused = sorted(g for g in globals_ if g not in DATA_ONLY_GLOBALS)
         if refused:
             raise ValueError(f"{path}: refused: unpickling it would call {', '.join(refused)}, which can run code. "
                              f"Nothing from it was executed. If you trust the file, re-save its tensors as a plain "
                              f"state dict") from None
         with torch.serialization.safe_globals([DATA_ONLY_GLOBALS[g] for g in globals_]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError) as error:
+    except (RuntimeError, EOFError, OSError) as error:  # OSError: the zip reader's 'Invalid argument' on a cut file
         raise ValueError(f"{path}: not a readable checkpoint, probably truncated ({str(error).split('.')[0]}): "
                          f"download or copy it again") from None
 
@@ -190,9 +190,9 @@ PLAIN_VIT = dict(rel_pos=None, abs_pos=True, qv_bias=False, layer_scale=None, no
 
 def teacher_arch(size, patch_size, img_size=224, **options):
     """The arch of a plain teacher ViT: absolute positions, a full qkv bias, no LayerScale."""
-    embed_dim, depth, num_heads = VIT_SIZES[size]
+    embed_dim, depth, num_heads, mlp_ratio = (*VIT_SIZES[size], 4.0)[:4]
     return dict(PLAIN_VIT, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                num_heads=num_heads, **options)
+                num_heads=num_heads, mlp_ratio=mlp_ratio, **options)
 
 
 OPENAI_CLIP = dict(act="quick_gelu", norm_pre=True, patch_bias=False, norm_eps=1e-5, mean=CLIP_MEAN, std=CLIP_STD)

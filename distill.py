@@ -21,16 +21,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from checkpoints import TEACHERS, load_teacher, sha256sum
 from data import (FDCropBox, SeededTransform, SyntheticShapes, decode_and_crop, fd_transform, image_dataset,
                   load_rgb, read_undecoded, steps_of_batches, train_loader)
 from models import build_student, set_grad_checkpointing
-from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype,
-                      git_hash, load_resume, lock_out, lr_at, number, param_groups, refuse_endless_warmup, prepare_teacher, restore_rng,
-                      run_cli, save_atomic, save_checkpoint, schedule, setup_distributed)
+from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_fsdp_flag, add_run_flags, add_schedule_flags,
+                      autocast_dtype, full_state_dict, git_hash, gradient_sync, load_resume, load_sharded_checkpoint,
+                      lock_out, lr_at, number, param_groups, prepare_teacher, refuse_endless_warmup, restore_rng,
+                      run_cli, save_atomic, save_checkpoint, save_sharded_checkpoint, schedule, setup_distributed,
+                      wrap_model)
 
 # ----------------------------------------------------------------------------- presets
 # The official distillation recipes (the official configs/pretrain/*.yaml); every value can be overridden by its flag.
@@ -83,6 +84,7 @@ def get_args_parser():
     p.add_argument("--min-crop-scale", type=number(float, 0.0, 1.0, open_low=True), default=None, help="RandomResizedCrop min scale" + FROM_PRESET)
     p.add_argument("--img-size", type=POSITIVE, default=None, help="crop size seen by teacher and student" + FROM_PRESET)
     add_run_flags(p)
+    add_fsdp_flag(p)
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the student's blocks: "
                    "less memory (large students, large batches) for about a third more compute")
     p.add_argument("--decode-on-device", action="store_true", help="decode (nvJPEG on a GPU), crop and resize on "
@@ -158,7 +160,8 @@ def fd_loss(prediction, target, beta=2.0):
 
 # ----------------------------------------------------------------------------- main
 # The teacher's file is compared by its SHA-256, not its path: a file moved or copied may resume.
-RESUME_FLAGS = ("teacher", "teacher_mean", "teacher_std", "student", "img_size", "batch_size", "accum", "seed")
+# The global batch is compared as such: the number of processes may change (training.load_resume).
+RESUME_FLAGS = ("teacher", "teacher_mean", "teacher_std", "student", "img_size", "seed")
 
 
 def main(args):
@@ -196,36 +199,38 @@ def main(args):
                                    pin_memory=device.type == "cuda", stack=not args.decode_on_device)
     steps_per_epoch, total_steps, warmup_steps, global_batch, lrs = schedule(args, len(loader), world_size)
 
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lrs["lr"], betas=(0.9, 0.999),
-                                  fused=device.type == "cuda")
     dtype = autocast_dtype(args.amp, device)
+    if args.fsdp and dtype == torch.float16:
+        raise ValueError("--fsdp runs with --amp bf16 or fp32 (fp16's GradScaler does not take sharded gradients)")
+    train_model = wrap_model(model, device, world_size, args.fsdp, dtype)  # DDP, FSDP2, or the model itself
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lrs["lr"], betas=(0.9, 0.999),
+                                  fused=device.type == "cuda")  # after sharding: FSDP2's parameters are the shards
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only; bf16 needs none
     prepare_teacher(teacher, dtype)
 
     step = 0
-    checkpoint = out / "checkpoint.pth"
     state = load_resume(out, args, RESUME_FLAGS, world_size, is_main)
     if state is not None:
         old_teacher = state.get("teacher") or teacher_info
         if is_main and old_teacher["sha256"] != teacher_info["sha256"]:
             raise ValueError(f"{out} was distilled from teacher weights {old_teacher['weights']} (sha256 "
                              f"{old_teacher['sha256']}), not {teacher.source}: use another --out, or that file")
-        student.load_state_dict(state["student"])
-        model.projector.load_state_dict(state["projector"])
-        optimizer.load_state_dict(state["optimizer"])
+        if "sharded" in state:
+            load_sharded_checkpoint(state["sharded"], model, optimizer)
+        else:
+            student.load_state_dict(state["student"])
+            model.projector.load_state_dict(state["projector"])
+            optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step = state["step"]
         restore_rng(state["rng"], rank, world_size, fresh_seed=args.seed + rank + step)
         if is_main:
-            print(f"resuming from {checkpoint} at step {step}")
+            print(f"resuming from {state.get('sharded', out / 'checkpoint.pth')} at step {step}")
     else:
         refuse_endless_warmup(args)
         torch.manual_seed(args.seed + rank)  # each rank its own drop-path draws
 
-    train_model, run_teacher = model, teacher
-    if world_size > 1:  # the buffers (position index, input statistics) are constants: no need to sync
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              broadcast_buffers=False)
+    run_teacher = teacher
     if args.compile:
         train_model, run_teacher = torch.compile(train_model), torch.compile(teacher)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
@@ -245,7 +250,7 @@ def main(args):
               f"drop path {args.drop_path}, {args.epochs} epochs ({args.warmup_epochs} warmup), crop scale "
               f"{args.min_crop_scale}-1, lr/512 {args.lr:g} (min {args.min_lr:g}, warmup {args.warmup_lr:g})")
     if step >= total_steps and is_main:
-        print(f"{checkpoint} is already at step {step} of {total_steps}: nothing to train "
+        print(f"{out} holds step {step} of {total_steps} already: nothing to train "
               f"(raise --epochs or use a new --out)")
 
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
@@ -260,9 +265,8 @@ def main(args):
             group["lr"] = lr
         loss = 0.0
         for i, images in enumerate(micro_batches):
-            # Under DDP, gradients are all-reduced in the backward of the last micro-batch only.
-            is_last = i == len(micro_batches) - 1
-            with nullcontext() if is_last or world_size == 1 else train_model.no_sync():
+            # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) in the last micro-batch's backward only.
+            with gradient_sync(train_model, enabled=i == len(micro_batches) - 1):
                 with autocast:
                     target = distillation_target(run_teacher, images, student.grid, with_cls)  # (B, T, C)
                     prediction = train_model(images)  # (B, [1 +] N, C)
@@ -287,17 +291,21 @@ def main(args):
             record = log.write(global_batch, step=step, epoch=epoch, lr=lr)
             progress.set_postfix(loss=record["loss"], lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.1f}")
         if step % args.save_every == 0 or step == total_steps:
-            save_checkpoint({"student": student.state_dict(), "projector": model.projector.state_dict(),
-                             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                             "epoch": step // steps_per_epoch, "args": vars(args), "arch": student.arch,
-                             "git": commit, "teacher": teacher_info, "data": data_summary}, out, args.keep,
-                            world_size, is_main)
+            meta = {"scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "args": vars(args),
+                    "arch": student.arch, "git": commit, "teacher": teacher_info, "data": data_summary}
+            if args.fsdp:  # every rank writes its shards
+                save_sharded_checkpoint(model, optimizer, meta, out, args.keep, world_size, is_main)
+            else:
+                save_checkpoint(dict(meta, student=student.state_dict(), projector=model.projector.state_dict(),
+                                     optimizer=optimizer.state_dict()), out, args.keep, world_size, is_main)
     progress.close()
 
+    weights = full_state_dict(model)  # under FSDP gathered from every rank, onto rank 0
     if is_main:
-        save_atomic({"arch": student.arch, "model": student.state_dict(), "teacher": teacher_info,
-                     "data": data_summary, "step": step}, out / "student.pth")
-        print(f"wrote {out / 'student.pth'} (the distilled student, for finetune.py) and {checkpoint}")
+        save_atomic({"arch": student.arch, "model": {k.removeprefix("student."): v for k, v in weights.items()
+                                                     if k.startswith("student.")},
+                     "teacher": teacher_info, "data": data_summary, "step": step}, out / "student.pth")
+        print(f"wrote {out / 'student.pth'} (the distilled student, for finetune.py) and its checkpoint")
     return student
 
 

@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.transforms import v2
@@ -35,9 +34,10 @@ from checkpoints import (load_model_file, load_pretrained, read_encoder_file, re
 from data import (SeededTransform, SyntheticShapes, eval_transform, image_dataset, skip_unreadable, steps_of_batches,
                   train_loader)
 from models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, swin_stage_windows
-from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype,
-                      git_hash, load_resume, lock_out, lr_at, number, param_groups, refuse_endless_warmup, restore_rng, run_cli, save_atomic,
-                      save_checkpoint, schedule, setup_distributed)
+from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_fsdp_flag, add_run_flags, add_schedule_flags,
+                      autocast_dtype, full_state_dict, git_hash, gradient_sync, load_resume, load_sharded_checkpoint,
+                      lock_out, lr_at, number, param_groups, refuse_endless_warmup, restore_rng, run_cli, save_atomic,
+                      save_checkpoint, save_sharded_checkpoint, schedule, setup_distributed, wrap_model)
 
 # ----------------------------------------------------------------------------- presets
 # The official fine-tuning configs (configs/finetune/*.yaml); lr, min_lr and warmup_lr are
@@ -106,6 +106,7 @@ def get_args_parser():
                    "encoder (SGD, see LINEAR_PROBE)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the classifier file given by --init and exit")
     add_run_flags(p)
+    add_fsdp_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seeds the head's init, the data order and augmentation")
     return p
 
@@ -354,7 +355,7 @@ def load_classifier(path, num_classes):
 
 
 # ----------------------------------------------------------------------------- main
-RESUME_FLAGS = ("init", "init_weights", "recipe", "model", "img_size", "batch_size", "accum", "linear_probe", "seed")
+RESUME_FLAGS = ("init", "init_weights", "recipe", "model", "img_size", "linear_probe", "seed")  # and the global batch
 
 
 def main(args):
@@ -385,12 +386,15 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     if is_main:
         lock_out(out)
-    checkpoint = out / "checkpoint.pth"
+    if args.fsdp and (dtype == torch.float16 or args.linear_probe):
+        raise ValueError("--fsdp fine-tunes with --amp bf16 or fp32 and without --linear-probe")
     torch.manual_seed(args.seed)  # the same head initialisation on every rank
     state = load_resume(out, args, RESUME_FLAGS, world_size, is_main)
+    checkpoint = state.get("sharded", out / "checkpoint.pth") if state else out / "checkpoint.pth"
     if state:
         model = build_from_arch(state["arch"])
-        model.load_state_dict(state["model"])
+        if "model" in state:  # else sharded: loaded below, once the model is sharded as in this run
+            model.load_state_dict(state["model"])
     else:
         model = build_classifier(args, num_classes, verbose=is_main)
     if args.linear_probe:
@@ -404,6 +408,7 @@ def main(args):
                      rank, world_size)
     steps_per_epoch, total_steps, warmup_steps, global_batch, lrs = schedule(args, len(loader), world_size)
 
+    train_model = wrap_model(model, device, world_size, args.fsdp, dtype)  # DDP, FSDP2, or the model itself
     lr_scale = layer_decay_scale(model.encoder.arch, args.layer_decay) if args.layer_decay != 1 else None
     groups = param_groups(model, args.weight_decay, lr_scale)
     if args.linear_probe:
@@ -414,7 +419,10 @@ def main(args):
 
     step, best = 0, dict(top1=-1.0, epoch=-1)
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        if "sharded" in state:
+            load_sharded_checkpoint(state["sharded"], model, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, best = state["step"], state["best"]
         restore_rng(state["rng"], rank, world_size, fresh_seed=args.seed + rank + step)
@@ -424,10 +432,6 @@ def main(args):
         refuse_endless_warmup(args)
         torch.manual_seed(args.seed + rank)  # each rank its own drop path and mixup draws
 
-    train_model = model
-    if world_size > 1:
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              broadcast_buffers=False)
     if args.compile:
         train_model = torch.compile(train_model)
     mixer = mixup_cutmix(args, num_classes)
@@ -465,7 +469,7 @@ def main(args):
             images, targets = soft_targets(images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
                                            num_classes, mixer, args.smoothing)
             # As in distill.py: gradients all-reduced on the last micro-batch only, non-finite steps skipped.
-            with nullcontext() if i == len(batch) - 1 or world_size == 1 else train_model.no_sync():
+            with gradient_sync(train_model, enabled=i == len(batch) - 1):
                 with autocast:
                     micro_loss = soft_cross_entropy(train_model(images), targets)
                 scaler.scale(micro_loss / len(batch)).backward()
@@ -491,20 +495,24 @@ def main(args):
             metrics = evaluate(model, val, device, autocast, world_size)
             if args.linear_probe:
                 model.encoder.eval()
-            if metrics["top1"] > best["top1"]:
-                best = dict(metrics, epoch=epoch)
+            if metrics["top1"] > best["top1"]:  # the same on every rank: the metrics are all-reduced
+                best, weights = dict(metrics, epoch=epoch), full_state_dict(model)
                 if is_main:
-                    save_atomic(dict(model_file, model=model.state_dict(), step=step, **best), out / "best.pth")
+                    save_atomic(dict(model_file, model=weights, step=step, **best), out / "best.pth")
             if is_main:
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(dict(step=step, epoch=epoch, **metrics)) + "\n")
                 progress.write(f"epoch {epoch + 1}/{args.epochs}: top-1 {metrics['top1']:.2f}% top-5 "
                                f"{metrics['top5']:.2f}% val loss {metrics['loss']:.4f} on {metrics['images']} "
                                f"images; best top-1 {best['top1']:.2f}% (epoch {best['epoch'] + 1})")
-        if is_epoch_end or step % args.save_every == 0:  # the resume state, also a model file
-            save_checkpoint(dict(model_file, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                                 scaler=scaler.state_dict(), epoch=step // steps_per_epoch, best=best,
-                                 args=vars(args)), out, args.keep, world_size, is_main)
+        if is_epoch_end or step % args.save_every == 0:  # the resume state; unsharded, also a model file
+            meta = dict(model_file, step=step, scaler=scaler.state_dict(), epoch=step // steps_per_epoch, best=best,
+                        args=vars(args))
+            if args.fsdp:
+                save_sharded_checkpoint(model, optimizer, meta, out, args.keep, world_size, is_main)
+            else:
+                save_checkpoint(dict(meta, model=model.state_dict(), optimizer=optimizer.state_dict()), out,
+                                args.keep, world_size, is_main)
     progress.close()
     if is_main:
         print(f"done in {time.perf_counter() - start:.0f} s: best top-1 {best['top1']:.2f}% "

@@ -677,12 +677,13 @@ class Classifier(nn.Module):
 
 
 # ============================================================================= named sizes, builders
-# (embed dim, depth, heads) and (embed dim, depths, heads); "micro" exists for tests.
-VIT_SIZES = {"micro": (32, 2, 2), "tiny": (192, 12, 3), "small": (384, 12, 6),
-             "base": (768, 12, 12), "large": (1024, 24, 16)}
-SWIN_SIZES = {"micro": (32, (2, 2), (2, 4)),
-              "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
-              "base": (128, (2, 2, 18, 2), (4, 8, 16, 32))}
+# (embed dim, depth, heads[, mlp ratio, else 4]) and (embed dim, depths, heads); "micro" exists for tests. "huge" is
+# ViT-H/14; "giant" is EVA's and timm's ViT-g/14 (MLP 6144 = 48/11 x 1408), not DINOv2's (1536 wide, 24 heads,
+# SwiGLU): the student keeps its GELU MLP. Swin "giant" is SwinV2-G (SwinV2 paper, Table 1).
+VIT_SIZES = {"micro": (32, 2, 2), "tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
+             "large": (1024, 24, 16), "huge": (1280, 32, 16), "giant": (1408, 40, 16, 48 / 11)}
+SWIN_SIZES = {"micro": (32, (2, 2), (2, 4)), "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
+              "base": (128, (2, 2, 18, 2), (4, 8, 16, 32)), "giant": (512, (2, 2, 42, 4), (16, 32, 64, 128))}
 
 
 def parse_vit_name(name):
@@ -727,9 +728,9 @@ def build_student(name, img_size, drop_path=0.0):
     if name.startswith("swin"):
         return SwinTransformer(**swin_arch(name, img_size, drop_path))
     size, patch_size = parse_vit_name(name)
-    embed_dim, depth, num_heads = VIT_SIZES[size]
+    embed_dim, depth, num_heads, mlp_ratio = (*VIT_SIZES[size], 4.0)[:4]
     return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                             num_heads=num_heads, drop_path=drop_path)
+                             num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path=drop_path)
 
 
 VIT_OPTIONS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "rel_pos", "layer_scale",

@@ -503,7 +503,7 @@ def test_bad_teacher_files_give_clear_errors_and_run_no_code(tmp_path, monkeypat
             return pathlib.Path.touch, (canary,)
     torch.save({"model": timm_layout(64, 1, 16, 2), "payload": Payload()}, tmp_path / "evil.pth")
     monkeypatch.setattr(pathlib.Path, "touch", lambda *args, **kwargs: attempts.append(args))
-    with pytest.raises(ValueError, match=r"evil.pth: refused: .*pathlib.Path.*getattr.*Nothing from it was executed"):
+    with pytest.raises(ValueError, match=r"evil.pth: refused: .*builtins.getattr, .*pathlib.Path.*Nothing from it was executed"):
         load_teacher("timm", tmp_path / "evil.pth")
     assert attempts == [] and not canary.exists()
     monkeypatch.undo()
@@ -845,6 +845,63 @@ def test_names_and_rebuild_from_arch():
     for bad in ("swin_huge_window7", "swinv2_base", "vit_base_patch16", "swin_micro_window4_shared"):
         with pytest.raises(ValueError, match="unknown Swin name"):
             models.swin_arch(bad, 224)
+
+
+def vit_student_params(c, depth, heads, patch, hidden, grid):
+    """The FD ViT student's parameter count from its description (BEiT layout, no head): per block two
+    LayerNorms, qkv without bias plus q and v biases, proj, the GELU MLP, two LayerScale vectors; then the
+    patch embedding, class token, one shared relative position table ((2g-1)^2 + 3 rows) and the final norm."""
+    block = 4 * c + 3 * c * c + 2 * c + c * c + c + 2 * c * hidden + hidden + c + 2 * c
+    return depth * block + 3 * patch * patch * c + c + c + ((2 * grid - 1) ** 2 + 3) * heads + 2 * c
+
+
+def swinv2_student_params(c, depths, heads):
+    """SwinV2's count from the official swin_transformer_v2.py layout (no head): per block two post-norms,
+    qkv without bias plus q and v biases, a per-head logit scale, the continuous position bias MLP
+    (2 -> 512 -> heads), proj, the MLP (ratio 4); patch merging (4C -> 2C, no bias, norm on 2C); 4 px
+    patch embedding with its norm; the final norm."""
+    total = 3 * 16 * c + c + 2 * c
+    for i, (depth, h) in enumerate(zip(depths, heads)):
+        d = c * 2 ** i
+        total += depth * (4 * d + 3 * d * d + 2 * d + h + (2 * 512 + 512 + 512 * h) + d * d + d + 8 * d * d + 5 * d)
+        if i < len(depths) - 1:
+            total += 8 * d * d + 4 * d
+    return total + 2 * c * 2 ** (len(depths) - 1)
+
+
+def test_large_student_sizes_match_published_parameter_counts():
+    """ViT-B to ViT-g and SwinV2-G built on the meta device (no memory): exactly the count written out
+    from the architecture, and within 1% of the published ones. Our students differ from the published
+    models by: no classification head, no absolute position embedding (ViT-H/14 at 224: 257 x 1280 = 0.33M)
+    but one shared relative position table (964 x 16 = 15k), no k bias, two LayerScale vectors per block;
+    together under 0.5% for every ViT. SwinV2-G's 3.0B (SwinV2 paper, Table 1) may count a head (4096 x 1000,
+    0.14%) and has an extra LayerNorm every 6 blocks of SwinV2-H/G (about 29k); we build neither."""
+    # (name, published count, its source): rounded as published, hence the 1% tolerance.
+    published = [("vit_base_patch16", 86e6, "ViT paper (arXiv 2010.11929) Table 1, ViT-B"),
+                 ("vit_large_patch16", 304e6, "timm vit_large_patch16_224: 304.3M (303.3M without head)"),
+                 ("vit_huge_patch14", 632e6, "ViT paper Table 1, ViT-H; timm vit_huge_patch14_224: 630.8M, no head"),
+                 ("vit_giant_patch14", 1011e6, "EVA (arXiv 2211.07636) ViT-g/14; timm vit_giant_patch14_224: "
+                                               "1012.6M with a 1000-class head, 1011.2M without"),
+                 ("swinv2_giant_window7", 3.0e9, "SwinV2 paper (arXiv 2111.09883) Table 1, SwinV2-G")]
+    expected = {"vit_base_patch16": vit_student_params(768, 12, 12, 16, 3072, 14),  # 85,665,360
+                "vit_large_patch16": vit_student_params(1024, 24, 16, 16, 4096, 14),  # 303,136,192
+                "vit_huge_patch14": vit_student_params(1280, 32, 16, 14, 5120, 16),  # 630,492,224
+                "vit_giant_patch14": vit_student_params(1408, 40, 16, 14, 6144, 16),  # 1,010,912,320
+                "swinv2_giant_window7": swinv2_student_params(512, (2, 2, 42, 4), (16, 32, 64, 128))}  # 2,997,815,008
+    # The timm layout of ViT-H/14 without head (qkv bias, absolute positions, no LayerScale) gives the 630.8M above.
+    c, hidden = 1280, 5120
+    timm_huge = 32 * (4 * c + 4 * c * c + 4 * c + 2 * c * hidden + hidden + c) + 3 * 14 * 14 * c + 259 * c + 2 * c
+    assert timm_huge == 630_764_800
+    with torch.device("meta"):
+        for name, count, source in published:
+            model = build_student(name, 224)
+            n = sum(p.numel() for p in model.parameters())
+            assert n == expected[name], name
+            assert abs(n - count) / count < 0.01, f"{name}: {n:,} vs {count:,.0f} ({source})"
+            if name == "vit_giant_patch14":  # the 48/11 MLP ratio survives the arch round trip
+                assert model.blocks[0].mlp.fc1.out_features == 6144
+                assert build_from_arch(model.arch).blocks[-1].mlp.fc1.out_features == 6144
+    assert checkpoints.teacher_arch("giant", 14)["mlp_ratio"] == 48 / 11  # a plain ViT-g teacher too
 
 
 def test_esvit_checkpoint_loads_strictly_and_matches_an_independent_forward(tmp_path, monkeypatch):
@@ -1510,12 +1567,13 @@ def test_torchrun_two_cpu_ranks_with_accumulation_hold_identical_weights(tmp_pat
         "import distill\n"
         "from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook\n"
         "reductions = []\n"
-        "class CountingDDP(distill.DistributedDataParallel):  # counts the gradient all-reduces\n"
+        "import training\n"
+        "class CountingDDP(training.DistributedDataParallel):  # counts the gradient all-reduces\n"
         "    def __init__(self, *args, **kwargs):\n"
         "        super().__init__(*args, **kwargs)\n"
         "        self.register_comm_hook(None, lambda state, bucket: reductions.append(1) or "
         "allreduce_hook(state, bucket))\n"
-        "distill.DistributedDataParallel = CountingDDP\n"
+        "training.DistributedDataParallel = CountingDDP\n"
         "student = distill.main(distill.get_args_parser().parse_args(sys.argv[1:]))\n"
         f"torch.save(dict(student.state_dict(), reductions=torch.tensor(len(reductions))), "
         f"os.path.join({str(out)!r}, f\"rank{{os.environ['RANK']}}.pt\"))\n")

@@ -9,15 +9,22 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 # ----------------------------------------------------------------------------- flags
 def number(kind, low=None, high=None, open_low=False, open_high=False):
@@ -99,8 +106,15 @@ def setup_distributed():
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    # torchrun's store outlives a restart (--max-restarts) and still holds the dead attempt's addresses,
+    # which gloo would try to connect to: every attempt gets keys of its own.
+    rank, attempt = int(os.environ["RANK"]), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
+                          timeout=timedelta(minutes=30))
     # A dead rank should end the job with an error, not hang it forever.
-    dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
+                            world_size=world_size, timeout=timedelta(minutes=30))
     atexit.register(dist.destroy_process_group)
     return dist.get_rank(), world_size, device
 
@@ -181,6 +195,86 @@ def prepare_teacher(teacher, dtype):
                 for param in module.parameters(recurse=False):
                     param.data = param.data.to(dtype)
     return teacher
+
+
+# ----------------------------------------------------------------------------- DDP or FSDP2
+def add_fsdp_flag(p):
+    p.add_argument("--fsdp", action="store_true", help="shard the trained model, its gradients and optimizer "
+                   "state over the processes (FSDP2) instead of replicating them (DDP): for models too large for "
+                   "DDP; checkpoints become sharded folders (OUT/checkpoint.dcp) that resume on any number of "
+                   "processes")
+
+
+def wrap_model(model, device, world_size, fsdp, dtype):
+    """The module to train. Under torchrun, DDP (every rank holds the whole model) or, with `fsdp`, FSDP2:
+    every transformer block (the modules of a ModuleList named `blocks`), then the rest, sharded over
+    the ranks; a block's parameters are gathered for its forward and backward in the autocast dtype
+    (fp32 master weights), gradients reduce-scattered in fp32 (a MixedPrecisionPolicy). One process
+    trains `model` itself."""
+    if fsdp and world_size > 1:
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        for name, module in model.named_modules():
+            if name.split(".")[-1] == "blocks" and isinstance(module, nn.ModuleList):
+                for block in module:
+                    fully_shard(block, mp_policy=policy)
+        return fully_shard(model, mp_policy=policy)
+    if world_size > 1:  # the buffers (position index, input statistics) are constants: no need to sync
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
+    return model
+
+
+@contextmanager
+def gradient_sync(train_model, enabled):
+    """Gradient accumulation: no all-reduce (DDP) or reduce-scatter (FSDP2) but on the last micro-batch."""
+    if isinstance(train_model, FSDPModule):
+        train_model.set_requires_gradient_sync(enabled)
+    with train_model.no_sync() if isinstance(train_model, DistributedDataParallel) and not enabled else nullcontext():
+        yield
+
+
+def full_state_dict(model):
+    """`model`'s weights as plain tensors on the CPU; under FSDP2 gathered from every rank (a collective:
+    all ranks call it) and returned whole on rank 0 only."""
+    if any(isinstance(module, FSDPModule) for module in model.modules()):
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        dist.barrier()  # no rank leaves while another still gathers (gloo aborts a process torn down mid-use)
+        return weights
+    return model.state_dict()
+
+
+def save_sharded_checkpoint(model, optimizer, meta, out, keep, world_size, is_main):
+    """OUT/checkpoint.dcp, a folder in which every rank writes its shards of the model and optimizer
+    (torch.distributed.checkpoint), with `meta` (step, arguments, RNG states of every rank) in meta.pth;
+    a collective. Written beside as checkpoint.dcp.tmp and swapped in whole once every rank has
+    finished: a crash mid-save leaves the previous checkpoint (or, mid-swap, checkpoint.dcp.old)."""
+    tmp, final, old = (out / f"checkpoint.dcp{suffix}" for suffix in (".tmp", "", ".old"))
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    meta = dict(meta, rng=rng_states(world_size), world_size=world_size)  # also a barrier
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+    if is_main:
+        save_atomic(meta, tmp / "meta.pth")
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        if keep > 0:
+            shutil.copytree(final, out / f"checkpoint-{meta['step']:07d}.dcp", dirs_exist_ok=True)
+            for stale in sorted(out.glob("checkpoint-*.dcp"))[:-keep]:
+                shutil.rmtree(stale)
+    if world_size > 1:
+        dist.barrier()  # nobody reads or rewrites the folder before it is complete
+
+
+def load_sharded_checkpoint(folder, model, optimizer):
+    """Load OUT/checkpoint.dcp into `model` and `optimizer`, sharded as this run shards them: on any
+    number of processes, the checkpoint's shards are redistributed (resharding)."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 # ----------------------------------------------------------------------------- checkpoints and log
@@ -348,33 +442,48 @@ _HELD_LOCKS = {}
 
 
 def load_resume(out, args, resume_flags, world_size, is_main=True):
-    """The state to resume from, or None to start afresh: OUT/checkpoint.pth, or when it is missing the
-    newest snapshot OUT/checkpoint-STEP.pth (--keep). A checkpoint written by a run with another model,
-    batch or seed is refused: the step count would then mean another place in the data and the schedule.
+    """The state to resume from, or None to start afresh: OUT/checkpoint.pth (or with --fsdp the meta.pth
+    of OUT/checkpoint.dcp, its "sharded" entry naming the folder), or when it is missing the newest
+    snapshot OUT/checkpoint-STEP.* (--keep). A checkpoint written with another model, global batch or
+    seed is refused: the step count would then mean another place in the data and the schedule. The
+    number of processes may change with the same global batch: every step still sees the same images.
     Flags that may change (the length, workers, logging) are allowed and reported."""
-    path = out / "checkpoint.pth"
-    snapshots = sorted(out.glob("checkpoint-*.pth"))
+    kind, other = (".dcp", ".pth") if getattr(args, "fsdp", False) else (".pth", ".dcp")
+    if (out / f"checkpoint{other}").exists():
+        raise ValueError(f"{out} holds checkpoint{other}, written {'without' if kind == '.dcp' else 'with'} "
+                         f"--fsdp: resume it as it was written, or use another --out")
+    path = out / f"checkpoint{kind}"
+    if kind == ".dcp" and not path.exists() and (out / "checkpoint.dcp.old").exists():
+        path = out / "checkpoint.dcp.old"  # a save died while swapping the folders
+    snapshots = sorted(out.glob(f"checkpoint-*{kind}"))
     if not path.exists() and not snapshots:
         return None
     if not path.exists():
         path = snapshots[-1]
         if is_main:
-            print(f"{out / 'checkpoint.pth'} is missing: resuming from the newest snapshot, {path}")
+            print(f"{out / ('checkpoint' + kind)} is missing: resuming from the newest snapshot, {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path / "meta.pth" if kind == ".dcp" else path, map_location="cpu", weights_only=True)
     except Exception as error:
         offer = (f"the newest snapshot is {snapshots[-1]}: copy it to {path} to resume from it" if snapshots
                  and snapshots[-1] != path else "move it away to start afresh")
         raise ValueError(f"{path} cannot be read ({str(error).split('.')[0]}); {offer}") from None
-    changed = [f"--{k.replace('_', '-')} {state['args'].get(k)} -> {getattr(args, k)}"
-               for k in resume_flags if state["args"].get(k) != getattr(args, k)]
-    if state["world_size"] != world_size:
-        changed.append(f"processes {state['world_size']} -> {world_size}")
+    saved = state["args"]
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}"
+               for k in resume_flags if saved.get(k) != getattr(args, k)]
+    old_batch, new_batch = (batch * accum * processes for batch, accum, processes in
+                            ((saved["batch_size"], saved["accum"], state["world_size"]),
+                             (args.batch_size, args.accum, world_size)))
+    if old_batch != new_batch:
+        changed.append(f"global batch {old_batch} -> {new_batch} (--batch-size {saved['batch_size']} -> "
+                       f"{args.batch_size}, --accum {saved['accum']} -> {args.accum}, processes "
+                       f"{state['world_size']} -> {world_size})")
     if changed:
         raise ValueError(f"{path} was written by a run with other settings ({'; '.join(changed)}): "
                          f"use another --out, or the same flags to resume")
-    allowed = [f"--{k.replace('_', '-')} {v} -> {getattr(args, k)}" for k, v in state["args"].items()
+    allowed = [f"--{k.replace('_', '-')} {v} -> {getattr(args, k)}" for k, v in saved.items()
                if k not in resume_flags and hasattr(args, k) and getattr(args, k) != v]
+    allowed += [f"processes {state['world_size']} -> {world_size}"] * (state["world_size"] != world_size)
     if allowed and is_main:
         print(f"resuming with changed settings: {'; '.join(allowed)}")
-    return state
+    return dict(state, sharded=path) if kind == ".dcp" else state

@@ -1,0 +1,157 @@
+"""FSDP2 and sharded checkpoints (distill.py --fsdp), on 2 CPU ranks with gloo under real torchrun processes.
+
+What must hold: FSDP, DDP and one process compute the same training for the same global batch; a sharded
+checkpoint written by 2 ranks resumes on 1 and on 2 (resharding) and continues the run it came from; a
+rank killed under `torchrun --max-restarts 1` is recovered by the restarted ranks themselves."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent
+# 64 synthetic images, a global batch of 8: 8 steps per epoch, 16 in all. No drop path, so that runs on
+# different numbers of processes (whose drop-path draws differ) compute the same function.
+MICRO = ["--teacher", "vit_micro_patch8", "--student", "vit_micro_patch8", "--img-size", "32", "--synthetic-images",
+         "64", "--workers", "0", "--log-every", "1", "--amp", "fp32", "--warmup-epochs", "0.5", "--drop-path", "0",
+         "--epochs", "2", "--lr", "0.05"]
+# distill.main under torchrun, with a fault at the Nth loss of the first attempt: every rank raises
+# KeyboardInterrupt ('raise', a crash), or rank 1 alone is SIGKILLed ('kill', a lost machine).
+DRIVER = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import distill, training
+fault, at = os.environ.get("FD_FAULT"), int(os.environ.get("FD_FAULT_AT", 0))
+if fault and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+    real_loss, calls = distill.fd_loss, []
+    def fd_loss(prediction, target):
+        calls.append(1)
+        if len(calls) == at and fault == "raise":
+            raise KeyboardInterrupt
+        if len(calls) == at and fault == "kill" and os.environ.get("RANK") == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_loss(prediction, target)
+    distill.fd_loss = fd_loss
+training.run_cli(distill.main, distill.get_args_parser().parse_args(sys.argv[1:]))
+"""
+
+
+def run(tmp_path, out, *argv, processes=2, fault=None, at=0, restarts=0, check=True):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(repo=str(REPO)))
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                 "--max-restarts", str(restarts)] if processes > 1 else [sys.executable])
+    env = dict(os.environ, OMP_NUM_THREADS="1", FD_FAULT=fault or "", FD_FAULT_AT=str(at))
+    result = subprocess.run([*launcher, str(driver), *MICRO, *argv, "--out", str(out)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, (Path(out) / "log.jsonl").read_text().splitlines())}
+
+
+def student(out):
+    return torch.load(Path(out) / "student.pth", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted FSDP run on 2 ranks, 4 images each."""
+    tmp_path = tmp_path_factory.mktemp("straight")
+    run(tmp_path, tmp_path / "fsdp", "--fsdp", "--batch-size", "4", "--save-every", "4")
+    return tmp_path / "fsdp"
+
+
+def assert_same_training(out, reference, rtol):
+    ours, theirs = losses(out), losses(reference)
+    assert sorted(ours) == list(range(1, 17))
+    for step in ours:
+        assert ours[step] == pytest.approx(theirs[step], rel=rtol), step
+    a, b = student(out), student(reference)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=rtol, msg=key)
+
+
+def test_fsdp_ddp_and_one_process_train_alike(tmp_path, straight):
+    # DDP on 2 ranks with 2 micro-batches of 2; one process with 8: the same global batch of 8.
+    run(tmp_path, tmp_path / "ddp", "--batch-size", "2", "--accum", "2")
+    assert_same_training(tmp_path / "ddp", straight, rtol=1e-4)
+    run(tmp_path, tmp_path / "one", "--batch-size", "8", processes=1)
+    assert_same_training(tmp_path / "one", straight, rtol=1e-4)
+    assert losses(straight)[16] < 0.8 * losses(straight)[1]  # it trained
+    meta = torch.load(straight / "checkpoint.dcp" / "meta.pth", weights_only=True)
+    assert meta["step"] == 16 and meta["world_size"] == 2 and len(meta["rng"]) == 2 and "student" not in meta
+    assert sorted(p.name for p in (straight / "checkpoint.dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_sharded_checkpoint_resumes_on_one_or_two_processes(tmp_path, straight, processes):
+    out = tmp_path / "crashed"
+    result = run(tmp_path, out, "--fsdp", "--batch-size", "4", "--save-every", "4", fault="raise", at=7, check=False)
+    assert result.returncode != 0 and not (out / "student.pth").exists()
+    assert torch.load(out / "checkpoint.dcp" / "meta.pth", weights_only=True)["step"] == 4
+    assert not (out / "checkpoint.dcp.tmp").exists()
+    # The same global batch of 8 on another number of processes: the shards are redistributed.
+    result = run(tmp_path, out, "--fsdp", "--batch-size", str(8 // processes), "--save-every", "4",
+                 processes=processes)
+    assert f"resuming from {out / 'checkpoint.dcp'} at step 4" in result.stdout
+    assert_same_training(out, straight, rtol=1e-4 if processes == 1 else 1e-6)
+
+
+def test_a_killed_rank_is_recovered_by_torchrun_restarts(tmp_path, straight):
+    out = tmp_path / "killed"
+    result = run(tmp_path, out, "--fsdp", "--batch-size", "4", "--save-every", "4", fault="kill", at=10, restarts=1)
+    assert "resuming from" in result.stdout  # the restarted ranks found the checkpoint of step 8 by themselves
+    assert_same_training(out, straight, rtol=1e-6)
+
+
+def test_checkpoints_of_the_other_kind_are_refused(tmp_path, straight):
+    out = tmp_path / "mixed"
+    shutil.copytree(straight, out)
+    (out / ".lock").unlink()
+    result = run(tmp_path, out, "--batch-size", "8", processes=1, check=False)  # no --fsdp
+    assert result.returncode == 2
+    assert f"{out} holds checkpoint.dcp, written with --fsdp: resume it as it was written" in result.stderr
+
+
+def test_finetune_with_fsdp_matches_ddp_and_resumes(tmp_path):
+    argv = ["--recipe", "vit_tiny_patch16", "--model", "vit_micro_patch8", "--img-size", "32", "--synthetic-images",
+            "32", "--synthetic-val-images", "20", "--batch-size", "4", "--workers", "0", "--log-every", "1",
+            "--amp", "fp32", "--epochs", "2", "--lr", "0.05"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(REPO / "finetune.py"), *argv]
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        result = subprocess.run([*launcher, *extra, "--out", str(tmp_path / name)], env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    ddp, fsdp = (losses(tmp_path / name) for name in ("ddp", "fsdp"))  # train lines, and the eval lines' losses
+    assert ddp.keys() == fsdp.keys() and all(fsdp[k] == pytest.approx(ddp[k], rel=1e-4) for k in ddp)
+    best = {name: torch.load(tmp_path / name / "best.pth", weights_only=True) for name in ("ddp", "fsdp")}
+    assert best["fsdp"]["top1"] == best["ddp"]["top1"] and best["fsdp"]["model"].keys() == best["ddp"]["model"].keys()
+    for key, value in best["ddp"]["model"].items():
+        torch.testing.assert_close(best["fsdp"]["model"][key], value, rtol=1e-4, atol=1e-4, msg=key)
+    assert (tmp_path / "fsdp" / "checkpoint.dcp" / "meta.pth").is_file()
+    # The sharded state resumes on one process with the same global batch (and finds nothing left to do).
+    result = subprocess.run([sys.executable, str(REPO / "finetune.py"), *argv, "--batch-size", "8", "--fsdp",
+                             "--out", str(tmp_path / "fsdp")], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {tmp_path / 'fsdp' / 'checkpoint.dcp'} at step 8" in result.stdout
+
+
+def test_bf16_fsdp_gathers_bf16_and_keeps_fp32_weights(tmp_path):
+    # MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): compute as DDP's bf16 autocast does, within
+    # bf16's rounding; the weights written out stay fp32.
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        run(tmp_path, tmp_path / name, "--amp", "bf16", "--epochs", "1", "--batch-size", "4", *extra)
+    ddp, fsdp = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
+    assert all(fsdp[k] == pytest.approx(ddp[k], rel=2e-2) for k in ddp)
+    assert {value.dtype for value in student(tmp_path / "fsdp").values()} == {torch.float32}
