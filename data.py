@@ -1,8 +1,6 @@
-"""Data for Feature Distillation: image folders (`--data`: an ImageFolder, optionally under `train/`, or any
-folder of images, as distillation needs no labels), the built-in SyntheticShapes (used without `--data`: no
-download), the FD transform, seeded per (seed, epoch, image) so that workers and resuming change nothing, and a
-distributed loader that can start mid-epoch. With `--decode-on-device` (the end of this file) the JPEGs are
-decoded and cropped on the training device."""
+"""Data for FD: image folders (`--data`: an ImageFolder, maybe under train/, or any folder of images: distillation
+needs no labels), SyntheticShapes (no download), the FD transform seeded per (seed, epoch, image) so that workers and
+resuming change nothing, a loader that starts mid-epoch, and (--decode-on-device) decoding on the training device."""
 import functools
 import io
 import itertools
@@ -23,10 +21,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 
 
 class SyntheticShapes(Dataset):
-    """`size` labelled RGB images of `image_size` px, drawn on the fly, in 10 classes: a shape (circle, square,
-    triangle, cross, ring) with a fill (solid or striped), preferring one band of the image. Colours, sizes, stripe
-    angles, clutter and a distractor of another shape vary at random, so the task needs real features and random crops
-    can cut the object out (fine-tuning should not reach 100%). Image i of a split never changes; splits share none."""
+    """`size` RGB images of `image_size` px in 10 classes: a shape (circle, square, triangle, cross, ring), solid or
+    striped, preferring a band of the image; colours, sizes, stripe angles, clutter and a distractor vary at random,
+    and crops can cut the object out (fine-tuning should not reach 100%). Image i of a split is fixed; splits differ."""
 
     SHAPES = ("circle", "square", "triangle", "cross", "ring")
     FILLS = ("solid", "striped")
@@ -92,8 +89,7 @@ class UnreadableImage(Exception):
 
 
 def load_rgb(path):
-    """An image file as 8-bit RGB, its EXIF orientation applied, whatever its mode (CMYK, palette, alpha,
-    16/32-bit greyscale scaled down, not clipped). A file that cannot be decoded raises UnreadableImage."""
+    """Any image file as 8-bit RGB, EXIF-rotated (16/32-bit greyscale scaled, not clipped); else UnreadableImage."""
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
@@ -119,28 +115,20 @@ class ImageFiles(Dataset):
         return self.loader(self.files[index]), self.labels[index]
 
 
-def image_files(folder):
-    """Every image file under `folder`, subfolders and symbolic links included, sorted. Hidden files and
-    folders (.ipynb_checkpoints, macOS's ._* copies) are not data."""
-    files = []
-    for parent, folders, names in os.walk(folder, followlinks=True):
-        folders[:] = sorted(name for name in folders if not name.startswith("."))
-        files += [Path(parent, name) for name in sorted(names)
-                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
-    return files
-
-
 def image_dataset(root, split="train", loader=load_rgb, labelled=False):
-    """The untransformed images under `root`, or under `root/<split>/` if it exists. With every image in a
-    class subfolder it is an ImageFolder (labels: the folders' indices in sorted order); otherwise every
-    image under it, unlabelled, which `labelled=True` (fine-tuning) refuses. `loader` reads each file:
-    load_rgb, or read_undecoded (decode on device). `.summary` says what was found."""
+    """The untransformed images under `root`, or `root/<split>/` if it exists: an ImageFolder (labels: the sorted class
+    folders' indices) if every image is in a class folder, else all of them unlabelled, which `labelled=True`
+    (fine-tuning) refuses. `loader` (load_rgb, or read_undecoded) reads each file; `.summary` says what was found."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {root}: no such folder (give an ImageFolder root, a folder "
                                 f"with train/ and val/, or a folder of images)")
     root = root / split if (root / split).is_dir() else root
-    files = image_files(root)
+    files = []  # every image file, sorted, in subfolders and links; hidden ones (.ipynb_checkpoints, ._*) are not data
+    for parent, folders, names in os.walk(root, followlinks=True):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        files += [Path(parent, name) for name in sorted(names)
+                  if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         raise ValueError(f"--data {root}: no images found (expected files ending in {', '.join(IMAGE_EXTENSIONS)}, "
                          f"directly in it or in subfolders)")
@@ -165,8 +153,8 @@ def image_dataset(root, split="train", loader=load_rgb, labelled=False):
 
 
 def fd_transform(img_size, min_scale=0.08):
-    """The distillation augmentation of FD (arXiv 2205.14141; FDTransform in the official code's data/data_fd.py): a
-    random resized crop and a horizontal flip only, for teacher and student alike. In [0, 1]: the models normalise."""
+    """FD's augmentation (arXiv 2205.14141; FDTransform in the official data/data_fd.py), for teacher and student
+    alike: a random resized crop and a horizontal flip only. In [0, 1]: the models normalise."""
     return transforms.Compose([transforms.RandomResizedCrop(img_size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3)),
                                transforms.RandomHorizontalFlip(), transforms.ToTensor()])
 
@@ -178,8 +166,8 @@ def eval_transform(img_size):
 
 
 class SeededTransform(Dataset):
-    """Applies a random transform with the torch RNG seeded by (seed, epoch, index), whatever the workers, ranks, resume
-    point (set `.epoch` before each epoch's iterator). An unreadable image: None, a warning; the collate drops it."""
+    """A random transform with the torch RNG seeded by (seed, epoch, index), whatever the workers, ranks, resume point
+    (set `.epoch` before each epoch's iterator). An unreadable image: None, a warning; the collate drops it."""
 
     def __init__(self, dataset, transform, seed=0):
         self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
@@ -199,9 +187,8 @@ class SeededTransform(Dataset):
 
 
 def skip_unreadable(samples, stack=True):
-    """Collate (image, label) samples into (images, labels, number of unreadable images left out). stack=False
-    (FDCropBox's (data, crop) samples, data of differing sizes) makes images (all the data flattened into one tensor,
-    their shapes, the crops stacked): one tensor, as each a worker sends holds a file descriptor until received."""
+    """(images, labels, number of unreadable images left out); stack=False (FDCropBox's samples, of differing sizes):
+    images = (all the data in one flat tensor, as each tensor a worker sends holds a file descriptor; shapes; crops)."""
     readable = [sample for sample in samples if sample is not None]
     if not readable:
         raise RuntimeError(f"all {len(samples)} images of a batch were unreadable (see the warnings above)")
@@ -215,8 +202,7 @@ def skip_unreadable(samples, stack=True):
 
 
 class ResumableSampler(DistributedSampler):
-    """A DistributedSampler that can skip the first `start` samples of its epoch, so a resumed run
-    continues with exactly the batches it had not yet seen. With one process, a seeded shuffle."""
+    """A DistributedSampler (with one process, a seeded shuffle) that skips the first `start` samples of its epoch."""
 
     start = 0
 
@@ -234,15 +220,13 @@ def train_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, pin_m
         raise ValueError(f"the dataset has {len(dataset)} images: too few for {world_size} process(es) "
                          f"with --batch-size {batch_size}; lower --batch-size or add images")
     # Non-persistent workers see each new epoch's number; the loader's own generator spares the global RNG (drop path).
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
-                        collate_fn=functools.partial(skip_unreadable, stack=stack), pin_memory=pin_memory,
-                        generator=torch.Generator().manual_seed(seed))
-    return loader, sampler
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+                      collate_fn=functools.partial(skip_unreadable, stack=stack), pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed)), sampler
 
 
 def steps_of_batches(loader, sampler, dataset, step, steps_per_epoch, total_steps, accum):
-    """For every optimizer step from `step` to `total_steps`: (epoch, its `accum` micro-batches).
-    A run resumed at `step` starts mid-epoch with exactly the batches it had not yet seen."""
+    """(epoch, its `accum` micro-batches) per optimizer step from `step` (mid-epoch if resumed) to `total_steps`."""
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
@@ -254,14 +238,11 @@ def steps_of_batches(loader, sampler, dataset, step, steps_per_epoch, total_step
             step += 1
 
 
-# ===== GPU extra: decoding on the training device (--decode-on-device), for when the workers cannot keep up:
-# they only read the files and draw each image's crop and flip (read_undecoded, FDCropBox); decode_and_crop
-# then decodes the JPEGs on the training device (nvJPEG on a GPU), crops and resizes them there.
+# ===== GPU extra: --decode-on-device, for when the workers cannot keep up: they only read the files and draw each
+# image's crop and flip (read_undecoded, FDCropBox); decode_and_crop decodes (nvJPEG), crops and resizes on the device.
 def read_undecoded(path):
-    """An image file for FDCropBox. A JPEG the device decoder takes is left undecoded: (its bytes as a
-    1-D uint8 tensor, PIL's lazily opened image: the header alone, for the size). Any other file is
-    decoded here by load_rgb into a PIL image: not a JPEG, CMYK (nvJPEG has no CMYK), an EXIF rotation
-    (nvJPEG ignores it), or bytes that do not end as a JPEG does (truncated: load_rgb reports it)."""
+    """For FDCropBox: a JPEG the device decoder takes as (its bytes, a 1-D uint8 tensor; PIL's lazy header, for the
+    size); others by load_rgb: not JPEG, CMYK (nvJPEG has none), EXIF-rotated (nvJPEG ignores it), or truncated."""
     try:
         data = Path(path).read_bytes()
         if data.startswith(b"\xff\xd8\xff") and data.endswith(b"\xff\xd9"):  # a JPEG's start and end markers
@@ -274,9 +255,8 @@ def read_undecoded(path):
 
 
 class FDCropBox:
-    """fd_transform's random draws without its pixel work: an image from read_undecoded (or a PIL image)
-    becomes (data, [top, left, height, width, flip]), drawn by the same calls in the same order as
-    fd_transform(img_size, min_scale). data: the JPEG's bytes, or decoded uint8 (3, H, W) pixels."""
+    """fd_transform's random draws, by the same calls in the same order, without its pixel work: an image from
+    read_undecoded becomes (data: the JPEG's bytes or uint8 (3, H, W) pixels, [top, left, height, width, flip])."""
 
     def __init__(self, img_size, min_scale=0.08):
         self.crop, self.flip, _ = fd_transform(img_size, min_scale).transforms
@@ -284,34 +264,25 @@ class FDCropBox:
     def __call__(self, image):  # a PIL image, or (the JPEG's bytes, its header) from read_undecoded
         data, image = (transforms.functional.pil_to_tensor(image), image) if isinstance(image, Image.Image) else image
         top, left, height, width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
-        flip = torch.rand(1) < self.flip.p
-        return data, torch.tensor([top, left, height, width, int(flip)])
-
-
-def decode_jpegs(encoded, device):
-    """JPEG bytes to uint8 RGB (3, H, W) tensors on `device`, in one call (nvJPEG decodes a list as a
-    batch); if it fails, each alone on the CPU: one that fails there too is None, with a warning."""
-    try:
-        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        decoded = [None] * len(encoded)
-        for i, data in enumerate(encoded):
-            try:
-                decoded[i] = decode_jpeg(data, mode=ImageReadMode.RGB).to(device)
-            except RuntimeError as error:
-                warnings.warn(f"skipping an image that cannot be decoded: {error}")
-        return decoded
+        return data, torch.tensor([top, left, height, width, int(torch.rand(1) < self.flip.p)])
 
 
 def decode_and_crop(images, img_size, device):
-    """The rest of fd_transform on `device` for FDCropBox's samples, collated by skip_unreadable(stack=False): the JPEGs
-    decoded, each image cropped, resized to img_size x img_size (bilinear, antialiased, as PIL) and flipped. Returns
-    float (B, 3, S, S) in [0, 1], fd_transform's result up to rounding, less undecodable images. On the CPU decode_jpeg
-    decodes exactly as PIL; nvJPEG upsamples 4:2:0 chroma (most JPEGs) more plainly: edges' colours differ a little."""
+    """The rest of fd_transform on `device` for skip_unreadable(stack=False)'s batch: float (B, 3, S, S) in [0, 1] less
+    undecodable images, as fd_transform up to rounding (nvJPEG upsamples 4:2:0 chroma more plainly than PIL)."""
     data, shapes, crops = images
     images = [part.view(shape) for part, shape in zip(data.split([math.prod(s) for s in shapes]), shapes)]
     encoded = [i for i, image in enumerate(images) if image.ndim == 1]  # bytes; the others are pixels
-    for i, image in zip(encoded, decode_jpegs([images[i] for i in encoded], device) if encoded else []):
+    try:  # in one call: nvJPEG decodes a list as a batch
+        decoded = decode_jpeg([images[i] for i in encoded], mode=ImageReadMode.RGB, device=device) if encoded else []
+    except RuntimeError:  # then each alone on the CPU: one that fails there too is left out, with a warning
+        decoded = [None] * len(encoded)
+        for j, i in enumerate(encoded):
+            try:
+                decoded[j] = decode_jpeg(images[i], mode=ImageReadMode.RGB).to(device)
+            except RuntimeError as error:
+                warnings.warn(f"skipping an image that cannot be decoded: {error}")
+    for i, image in zip(encoded, decoded):
         images[i] = image
     out = []
     for image, crop in zip(images, crops):

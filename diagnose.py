@@ -5,9 +5,8 @@ maps and loss landscapes, plus linear CKA between layers and the top Hessian eig
     python diagnose.py --out figures             # the README's figures, regenerated on purpose
     python diagnose.py --model "CLIP=clip" --model "FD-CLIP=out/fd_clip/student.pth" --data /data/imagenet --images 128
 
-A model is `[LABEL=]SPEC`: a model file this project wrote (or a distillation checkpoint.pth: its student) or a teacher
-NAME[:WEIGHTS] (checkpoints.load_pretrained). All see the same images (eval_transform, in [0, 1]; unreadable files are
-skipped) in eval mode and fp32. Each tool writes OUT/<tool>.json and PNGs.
+A model is `[LABEL=]SPEC`: a model file this project wrote (a distillation checkpoint.pth: its student) or a teacher
+NAME[:WEIGHTS]. All see the same images in [0, 1] in eval mode and fp32. Each tool writes OUT/<tool>.json and PNGs.
 """
 import argparse
 import contextlib
@@ -37,10 +36,9 @@ def patch_block(attn, num_prefix=1, renorm=True, eps=1e-32):
     """attn (B, H, P+N, P+N) -> the patch block (B, H, N, N) and the mass patch queries put on the P prefix tokens,
     mean over queries (B, H). `renorm` makes rows (A + eps) / sum(A + eps) as cl-vs-mim does; else that mass is lost."""
     patches = attn[:, :, num_prefix:, num_prefix:].float()
-    prefix_mass = attn[:, :, num_prefix:, :num_prefix].float().sum(-1).mean(-1)
     if renorm:
         patches = (patches + eps) / (patches + eps).sum(-1, keepdim=True)
-    return patches, prefix_mass
+    return patches, attn[:, :, num_prefix:, :num_prefix].float().sum(-1).mean(-1)
 
 
 def token_distances(grid):
@@ -79,15 +77,14 @@ def explained(maps, fit):
 
 
 def diag_score(maps, grid):
-    """How well a function of the (row, column) offset alone explains maps (..., N, N): the diagonal patterns the paper
-    sees in FD students' averaged attention maps; 1 for a map of pure relative position."""
+    """How much of maps (..., N, N) one value per (row, column) offset explains: FD students' diagonal patterns."""
     index = relative_position_index(*grid)[1:, 1:].flatten()  # the offset of every (query, key) pair
     sums = maps.new_zeros(*maps.shape[:-2], int(index.max()) + 1).index_add_(-1, index, maps.flatten(-2))
     return explained(maps, (sums / torch.bincount(index))[..., index].view(maps.shape))  # each pair: its offset's mean
 
 
 def col_score(maps):
-    """How well one key profile shared by every query explains the maps: column patterns."""
+    """How much of the maps one key profile shared by every query explains: column patterns."""
     return explained(maps, maps.mean(-2, keepdim=True).expand(maps.shape))
 
 
@@ -100,15 +97,13 @@ def linear_cka(x, y):
 
 
 def is_excluded(name, param):
-    """Parameters the landscape leaves alone: 1-D ones as loss-landscape's ignore='biasbn'; those without filters (dim 0
-    is 1: class and register tokens, position embeddings); relative-position tables and MLPs, per-head temperatures."""
+    """Left alone by the landscape: 1-D (ignore='biasbn'), filterless tokens, position tables and MLPs, temperatures."""
     return param.ndim <= 1 or name.endswith(("cls_token", "reg_tokens", "pos_embed", "logit_scale")) or any(
         key in name for key in ("relative_position", "rpe_mlp", "cpb_mlp"))
 
 
 def filter_normalized_direction(model, seed):
-    """A Gaussian direction whose every filter (slice along dim 0: a conv filter, a Linear row) has the norm of the
-    same filter of the weights (Li et al. 2018); zero for excluded parameters."""
+    """A Gaussian direction, each filter (dim-0 slice) at its weights' norm (Li et al. 2018); 0 where excluded."""
     generator, direction = torch.Generator().manual_seed(seed), {}
     for name, param in model.named_parameters():
         d = torch.randn(param.shape, generator=generator)  # drawn for all: excluding one changes no other
@@ -121,8 +116,7 @@ def filter_normalized_direction(model, seed):
 
 
 def top_hessian_eigenvalue(loss_fn, params, iters=50, tol=1e-3, seed=0):
-    """The Hessian eigenvalue of largest magnitude and its trace, by power iteration on Hessian-vector products (double
-    backprop): v <- Hv / |Hv|, lambda = v.Hv, until lambda moves less than tol (relative). loss_fn: tensors -> loss."""
+    """Largest-magnitude Hessian eigenvalue of loss_fn(params) and its trace, by power iteration (double backprop)."""
     params = [p.detach().requires_grad_(True) for p in params]
     with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
         grads = torch.autograd.grad(loss_fn(params), params, create_graph=True)
@@ -154,8 +148,7 @@ def flatness(alphas, curves, radii=(0.25, 0.5, 1.0)):
 
 # ----------------------------------------------------------------------------- model plumbing
 def attention_maps(encoder, images):
-    """The encoder's output tokens and every attention layer's probabilities in forward order: (B, heads, T, T) for a
-    ViT, (B * windows, heads, w*w, w*w) for Swin, kept by the layers' explicit path (models.Attention.keep_probs)."""
+    """The encoder's output and every attention layer's probabilities in order (B or B * windows, heads, T, T)."""
     layers = [m for m in encoder.modules() if hasattr(m, "keep_probs")]
     for layer in layers:
         layer.keep_probs = True  # for this one forward
@@ -185,8 +178,8 @@ def load_model(spec, is_file, img_size):
 
 
 def load_models(specs, img_size=None):
-    """([(label, spec, model)] in eval mode and frozen, the image size). Model files load first: the first one's image
-    size is the default, also for the teachers (whose position embeddings are resized to it)."""
+    """([(label, spec, model)] frozen in eval mode, img size). Model files load first: the first one's size is the
+    default, also for the teachers (whose position embeddings are resized to it)."""
     parsed = [s.split("=", 1) if "=" in s else (None, s) for s in specs]
     is_file = [Path(spec).is_file() or (":" not in spec and spec.endswith((".pth", ".pt"))) for _, spec in parsed]
     labels = [label or (Path(spec).with_suffix("").as_posix() if file else spec)  # default: the spec
@@ -207,8 +200,7 @@ def load_models(specs, img_size=None):
 
 
 def load_images(data, count, img_size):
-    """`count` images spread evenly over the dataset (so over the classes of an ImageFolder): (n, 3, img, img) in
-    [0, 1], their labels (-1 in a flat folder) and where they came from; unreadable files skipped and counted."""
+    """`count` images in [0, 1] spread over the dataset (unreadable: the next readable), labels (-1: none), source."""
     dataset = image_dataset(data, split="val") if data else SyntheticShapes(count, split="val")
     n, seen, dataset = len(dataset), {}, SeededTransform(dataset, eval_transform(img_size))  # unreadable: None, warned
     for start in torch.linspace(0, n - 1, min(count, n)).round().long().tolist():
@@ -224,9 +216,8 @@ def load_images(data, count, img_size):
 
 
 def token_layout(attn, batch, num_prefix, img_size):
-    """The square token grid an attention map covers and a token's size in pixels. A ViT attends over its patch grid
-    (B, H, 1+N, 1+N); Swin gives (B * windows, H, w*w, w*w), a map per window of a stage of windows * w*w tokens, so
-    distances are measured inside windows (those between tokens a shifted window wraps are masked, never measured)."""
+    """The square token grid of a map and a token's size in px. Swin's maps (B * windows, H, w*w, w*w) are per window,
+    so distances are measured inside windows (those between tokens a shifted window wraps are masked anyway)."""
     n, windows = attn.shape[-1] - num_prefix, attn.shape[0] // batch
     side = math.isqrt(n)
     if side * side != n or attn.shape[0] % batch:
@@ -235,8 +226,7 @@ def token_layout(attn, batch, num_prefix, img_size):
 
 
 class LinearProbe(nn.Module):
-    """An encoder without a head (a teacher, a distilled student) and a linear readout of its mean output patch token,
-    for a loss to take landscapes and Hessians of. The readout is in buffers: a measuring device, never perturbed."""
+    """A headless encoder and a linear readout of its mean patch token, in buffers: a measuring device, never moved."""
 
     def __init__(self, encoder, head):
         super().__init__()
@@ -249,8 +239,7 @@ class LinearProbe(nn.Module):
 
 
 def fit_linear_head(features, labels, num_classes, weight_decay=1e-3, steps=100):
-    """A Linear head on standardised features by full-batch L-BFGS from zero, cross-entropy plus weight_decay * |W|^2:
-    cheap and deterministic. The standardisation is folded into the head."""
+    """A Linear head by full-batch L-BFGS from zero on standardised features (folded in after): cheap, deterministic."""
     mean, std = features.mean(0), features.std(0) + 1e-6
     z, head = (features - mean) / std, nn.Linear(features.shape[1], num_classes)
     nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
@@ -261,7 +250,6 @@ def fit_linear_head(features, labels, num_classes, weight_decay=1e-3, steps=100)
         loss = F.cross_entropy(head(z), labels) + weight_decay * head.weight.square().sum()
         loss.backward()
         return loss
-
     with torch.enable_grad():
         optimizer.step(closure)
     with torch.no_grad():
@@ -272,15 +260,13 @@ def fit_linear_head(features, labels, num_classes, weight_decay=1e-3, steps=100)
 
 @torch.no_grad()
 def run_attention(model, images, batch_size, renorm, keep_layers, desc=""):
-    """One pass over the images: per layer the means over images (or windows) of the attention statistics; every
-    block's output tokens flattened per image (for CKA); pooled output features."""
+    """Per layer attention statistics averaged over images (windows); each block's output per image; pooled features."""
     encoder = encoder_of(model)
     prefix = encoder.num_prefix_tokens + getattr(encoder, "num_registers", 0)  # DINOv2's registers attend too
     blocks = [m for m in encoder.modules() if hasattr(m, "attn") and hasattr(m, "mlp")]
-    layers = [[] for _ in blocks]
+    layers, sums, features = [[] for _ in blocks], [], []
     hooks = [b.register_forward_hook(lambda m, i, o, l=l: layers[l].append(
         (o[0] if isinstance(o, tuple) else o).flatten(1))) for l, b in enumerate(blocks)] if keep_layers else []
-    sums, features = [], []
     try:
         for x in tqdm(images.split(batch_size), desc=desc, leave=False):
             tokens, attns = attention_maps(encoder, x)
@@ -312,13 +298,11 @@ def landscape(model, images, labels, alphas, seeds, batch_size, plane=None, desc
         outputs = [(functional_call(model, params, (x,)), y) for x, y in batches]  # (logits, labels) per batch
         loss = sum(F.cross_entropy(logits, y, reduction="sum").item() for logits, y in outputs)
         return loss / len(images), sum((logits.argmax(-1) == y).sum().item() for logits, y in outputs) / len(images)
-
-    curves = dict(loss=[], acc=[])
+    rows = []  # [seed][alpha]: (loss, accuracy)
     for seed in seeds:
-        d = filter_normalized_direction(model, seed)
-        loss, acc = zip(*[evaluate((a, d)) for a in tqdm(alphas, desc=f"{desc} seed {seed}", leave=False)])
-        curves["loss"].append(list(loss))
-        curves["acc"].append(list(acc))
+        d = filter_normalized_direction(model, seed)  # one at a time: a direction is as large as the model
+        rows.append([evaluate((a, d)) for a in tqdm(alphas, desc=f"{desc} seed {seed}", leave=False)])
+    curves = {key: [[p[k] for p in row] for row in rows] for k, key in enumerate(("loss", "acc"))}
     if plane:
         d, e = filter_normalized_direction(model, seeds[0]), filter_normalized_direction(model, seeds[0] + 1000)
         grid = [[evaluate((a, d), (b, e)) for b in plane] for a in tqdm(plane, desc=f"{desc} 2-D", leave=False)]
@@ -390,11 +374,10 @@ def get_args_parser():
 
 def main(args):
     start, tools = time.perf_counter(), set(args.tools)
-    if args.model is None and not Path(DEFAULT_MODELS[1].split("=")[1]).is_file():
-        raise ValueError(f"no --model given and {DEFAULT_MODELS[1].split('=')[1]} is missing: run `python distill.py` "
-                         "first, or name the models (python diagnose.py --help)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.model is None and not Path(student := DEFAULT_MODELS[1].split("=")[1]).is_file():
+        raise ValueError(f"no --model given and {student} is missing: run `python distill.py` first, or name the "
+                         "models (python diagnose.py --help)")
+    (out := Path(args.out)).mkdir(parents=True, exist_ok=True)
     models, img_size = load_models(args.model or DEFAULT_MODELS, args.img_size)
     images, labels, source = load_images(args.data, args.images, img_size)
     common = dict(images=source, n_images=len(images), img_size=img_size)

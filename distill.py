@@ -27,7 +27,7 @@ from checkpoints import TEACHERS, load_teacher, sha256sum
 from data import (FDCropBox, SeededTransform, SyntheticShapes, decode_and_crop, fd_transform, image_dataset,
                   load_rgb, read_undecoded, steps_of_batches, train_loader)
 from models import build_student, set_grad_checkpointing
-from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_fsdp_flag, add_run_flags, add_schedule_flags,
+from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_run_flags, add_schedule_flags,
                       autocast_dtype, full_state_dict, git_hash, gradient_sync, load_resume, load_sharded_checkpoint,
                       lock_out, lr_at, number, param_groups, prepare_teacher, refuse_endless_warmup, restore_rng,
                       run_cli, save_atomic, save_checkpoint, save_sharded_checkpoint, schedule, setup_distributed,
@@ -84,7 +84,6 @@ def get_args_parser():
     p.add_argument("--min-crop-scale", type=number(float, 0.0, 1.0, open_low=True), default=None, help="RandomResizedCrop min scale" + FROM_PRESET)
     p.add_argument("--img-size", type=POSITIVE, default=None, help="crop size seen by teacher and student" + FROM_PRESET)
     add_run_flags(p)
-    add_fsdp_flag(p)
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the student's blocks: "
                    "less memory (large students, large batches) for about a third more compute")
     p.add_argument("--decode-on-device", action="store_true", help="decode (nvJPEG on a GPU), crop and resize on "

@@ -34,7 +34,7 @@ from checkpoints import (load_model_file, load_pretrained, read_encoder_file, re
 from data import (SeededTransform, SyntheticShapes, eval_transform, image_dataset, skip_unreadable, steps_of_batches,
                   train_loader)
 from models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, swin_stage_windows
-from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_fsdp_flag, add_run_flags, add_schedule_flags,
+from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_run_flags, add_schedule_flags,
                       autocast_dtype, full_state_dict, git_hash, gradient_sync, load_resume, load_sharded_checkpoint,
                       lock_out, lr_at, number, param_groups, refuse_endless_warmup, restore_rng, run_cli, save_atomic,
                       save_checkpoint, save_sharded_checkpoint, schedule, setup_distributed, wrap_model)
@@ -56,9 +56,8 @@ RECIPES = {
     "paper": PAPER_RECIPE,
     # The built-in default, for the output of distill.py's default: a tiny ViT at 96 px on the synthetic
     # data, about two minutes on a 2-core CPU. A larger lr than the paper's: a few hundred steps, not 100 epochs.
-    "vit_tiny_patch16": dict(model="vit_tiny_patch16", img_size=96, epochs=4, warmup_epochs=0.5, batch_size=32,
-                             lr=4e-3, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05, layer_decay=0.75,
-                             drop_path=0.1),
+    "vit_tiny_patch16": dict(model="vit_tiny_patch16", img_size=96, epochs=4, warmup_epochs=0.5, batch_size=32, lr=4e-3,
+                             min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05, layer_decay=0.75, drop_path=0.1),
 }
 DEFAULT_RECIPE = "vit_tiny_patch16"
 # --linear-probe (MAE's recipe, main_linprobe.py): frozen encoder, BatchNorm without affine before the
@@ -73,40 +72,40 @@ FROM_RECIPE = " (unset: from the recipe)"
 def get_args_parser():
     p = argparse.ArgumentParser("FD fine-tuning", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--init", default=None, help="what to fine-tune: a distilled student.pth or distill checkpoint.pth, "
-                   "a model file this project wrote, or a teacher name (clip, dino, vit_tiny_patch16, ...); "
-                   "from scratch if not given")
-    p.add_argument("--init-weights", default=None, help="weights file for a teacher named by --init")
-    p.add_argument("--recipe", default=None, choices=list(RECIPES), help="fine-tuning recipe [unset: the --init "
-                   f"teacher's, or the teacher the --init file was distilled from, else {DEFAULT_RECIPE}]")
-    p.add_argument("--model", default=None, help="architecture trained from scratch" + FROM_RECIPE)
-    p.add_argument("--data", default=None, help="ImageFolder root with train/ and val/; the built-in synthetic "
-                                                "dataset if not given")
+    p.add_argument("--init", help="what to fine-tune: a distilled student.pth or distill checkpoint.pth, a model "
+                   "file this project wrote, or a teacher name (clip, dino, vit_tiny_patch16, ...); from scratch if "
+                   "not given")
+    p.add_argument("--init-weights", help="weights file for a teacher named by --init")
+    p.add_argument("--recipe", choices=list(RECIPES), help="fine-tuning recipe [unset: the --init teacher's, or the "
+                   f"teacher the --init file was distilled from, else {DEFAULT_RECIPE}]")
+    p.add_argument("--model", help="architecture trained from scratch" + FROM_RECIPE)
+    p.add_argument("--data", help="ImageFolder root with train/ and val/; the built-in synthetic dataset if not given")
     p.add_argument("--synthetic-images", type=POSITIVE, default=2048, help="training images of the built-in dataset")
-    p.add_argument("--synthetic-val-images", type=POSITIVE, default=500, help="validation images of the built-in dataset")
+    p.add_argument("--synthetic-val-images", type=POSITIVE, default=500,
+                   help="validation images of the built-in dataset")
     p.add_argument("--out", default="out/finetune", help="output folder; rerunning in it resumes")
     add_schedule_flags(p, FROM_RECIPE)
-    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=None, help="AdamW weight decay (not on biases, norms, "
-                   "LayerScale, class token, position tables)" + FROM_RECIPE)
-    p.add_argument("--layer-decay", type=number(float, 0.0, 1.0, open_low=True), default=None, help="layer-wise lr decay: block i of L gets "
-                   "decay^(L-i), the patch embedding decay^(L+1)" + FROM_RECIPE)
-    p.add_argument("--drop-path", type=number(float, 0.0, 1.0, open_high=True), default=None, help="drop path rate" + FROM_RECIPE)
-    p.add_argument("--clip-grad", type=number(float, 0.0, open_low=True), default=5.0, help="max gradient norm (the official config.py default)")
-    p.add_argument("--img-size", type=POSITIVE, default=None, help="training and evaluation crop; position tables are "
-                   "resized to it" + FROM_RECIPE)
-    p.add_argument("--smoothing", type=number(float, 0.0, 1.0, open_high=True), default=None, help="label smoothing [0.1; 0 with --linear-probe]")
-    p.add_argument("--mixup", type=NON_NEGATIVE, default=None, help="mixup alpha, 0 = off [0.8; 0 with --linear-probe]")
-    p.add_argument("--cutmix", type=NON_NEGATIVE, default=None, help="cutmix alpha, 0 = off; with mixup, one of the two "
-                   "per batch with probability 0.5 [1.0; 0 with --linear-probe]")
-    p.add_argument("--randaug-ops", type=number(int, 0), default=None, help="RandAugment ops per image (magnitude 9), 0 = off "
-                   "[2; 0 with --linear-probe]")
-    p.add_argument("--reprob", type=number(float, 0.0, 1.0), default=None, help="random erasing probability [0.25; 0 with "
-                   "--linear-probe]")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, help="AdamW weight decay (not on biases, norms, LayerScale, "
+                   "class token, position tables)" + FROM_RECIPE)
+    p.add_argument("--layer-decay", type=number(float, 0.0, 1.0, open_low=True), help="layer-wise lr decay: block i of "
+                   "L gets decay^(L-i), the patch embedding decay^(L+1)" + FROM_RECIPE)
+    p.add_argument("--drop-path", type=number(float, 0.0, 1.0, open_high=True), help="drop path rate" + FROM_RECIPE)
+    p.add_argument("--clip-grad", type=number(float, 0.0, open_low=True), default=5.0,
+                   help="max gradient norm (the official config.py default)")
+    p.add_argument("--img-size", type=POSITIVE, help="training and evaluation crop; position tables are resized to "
+                   "it" + FROM_RECIPE)
+    for flag, kind, text in (
+            ("--smoothing", number(float, 0.0, 1.0, open_high=True), "label smoothing"),
+            ("--mixup", NON_NEGATIVE, "mixup alpha, 0 = off"),
+            ("--cutmix", NON_NEGATIVE, "cutmix alpha, 0 = off; with mixup, one of the two per batch (p = 0.5)"),
+            ("--randaug-ops", number(int, 0), "RandAugment ops per image (magnitude 9), 0 = off"),
+            ("--reprob", number(float, 0.0, 1.0), "random erasing probability")):
+        default = AUGMENTATION[flag[2:].replace("-", "_")]  # as the recipes set it
+        p.add_argument(flag, type=kind, help=f"{text} [{default}; 0 with --linear-probe]")
     p.add_argument("--linear-probe", action="store_true", help="train only a BatchNorm + linear head on the frozen "
                    "encoder (SGD, see LINEAR_PROBE)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the classifier file given by --init and exit")
     add_run_flags(p)
-    add_fsdp_flag(p)
     p.add_argument("--seed", type=int, default=0, help="seeds the head's init, the data order and augmentation")
     return p
 
@@ -115,15 +114,15 @@ def recipe_of(init):
     """The recipe for an --init: a teacher's own, or that of the teacher a file was distilled from."""
     if init is None or init in RECIPES:
         return init or DEFAULT_RECIPE
-    if Path(init).is_file():  # mmap: reads the few plain-data keys, not the weights
-        try:
-            state = torch.load(init, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # read_init reports what is wrong with the file
-            return "paper"
-        teacher = state.get("teacher") or state.get("args", {}).get("teacher")  # a dict in distill's files
-        name = state.get("recipe") or (teacher.get("name") if isinstance(teacher, dict) else teacher)
-        return name if name in RECIPES else "paper"
-    return "paper"
+    if not Path(init).is_file():
+        return "paper"
+    try:  # mmap: reads the few plain-data keys, not the weights
+        state = torch.load(init, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # read_init reports what is wrong with the file
+        return "paper"
+    teacher = state.get("teacher") or state.get("args", {}).get("teacher")  # a dict in distill's files
+    name = state.get("recipe") or (teacher.get("name") if isinstance(teacher, dict) else teacher)
+    return name if name in RECIPES else "paper"
 
 
 def apply_recipe(args):
@@ -137,20 +136,17 @@ def apply_recipe(args):
 
 
 # ----------------------------------------------------------------------------- loading an encoder
-# Pure state_dict -> state_dict conversions, from the encoder as distilled (or pretrained) to the
-# encoder as fine-tuned.
+# Pure state_dict -> state_dict conversions, from the encoder as distilled (or pretrained) to the encoder as fine-tuned.
 def resize_rel_pos_table(table, old_grid, new_grid):
-    """A BEiT table ((2h-1)(2w-1) + 3, heads) for a grid of patches h x w, resampled to another grid:
-    the offsets form a (2h-1) x (2w-1) grid of their own; the 3 class-token rows are kept. The official
-    code (utils.remap_pretrained_keys_vit) instead places the old offsets on a geometric progression and
-    resamples with scipy's interp2d; we use the project's one bicubic resampler on a uniform grid."""
+    """A BEiT table ((2h-1)(2w-1) + 3, heads) for h x w patches, resampled to another grid: the offsets form a
+    (2h-1) x (2w-1) grid of their own; the 3 class-token rows are kept. The official utils.remap_pretrained_keys_vit
+    puts the old offsets on a geometric progression for scipy's interp2d; we use our one bicubic resampler."""
     offsets = [(2 * h - 1, 2 * w - 1) for h, w in (old_grid, new_grid)]
     return torch.cat([resize_grid(table[:-3], *offsets), table[-3:]])
 
 
 def finetuning_arch(arch, img_size, drop_path):
-    """The encoder's arch as fine-tuned: at img_size, with the recipe's drop path and a position
-    bias of its own in every block."""
+    """The encoder's arch as fine-tuned: at img_size, with the recipe's drop path, a position bias in every block."""
     if "depths" in arch:  # Swin; V2 keeps the offset scale of the windows it was trained with
         windows = arch.get("pretrained_windows") or swin_stage_windows(arch)
         return dict(arch, img_size=img_size, drop_path=drop_path, position_bias="per_block",
@@ -159,25 +155,20 @@ def finetuning_arch(arch, img_size, drop_path):
 
 
 def encoder_for_finetuning(state, arch, img_size):
-    """Encoder weights of an `arch` model made ready for Classifier(finetuning_arch(...)) at img_size:
-    per-block relative position tables, position tables resized to the new grid; a ViT loses its
-    final norm (its classifier pools before it), a Swin keeps it (its classifier pools after it). A Swin's position bias follows its windows: SwinV2's per-stage
-    MLP (a function of the offset) is copied into the blocks; Swin V1's tables are resized where a
-    stage's window changes, as it does where the window was clipped to a small map."""
-    if "depths" not in arch:
+    """Encoder weights of an `arch` model made ready for Classifier(finetuning_arch(...)) at img_size: per-block
+    relative position tables (SwinV2's per-stage MLP, a function of the offset, is copied into the blocks), resized
+    to the new grid, or for Swin V1 where a stage's window changes (as where it was clipped to a small map). A ViT
+    loses its final norm (its classifier pools before it), a Swin keeps it (its classifier pools after it)."""
+    swin = "depths" in arch
+    if not swin:
         state = {k: v for k, v in state.items() if k not in ("norm.weight", "norm.bias")}
     state = shared_bias_to_per_block(state)
-    if "depths" in arch:  # Swin V1's tables, per stage
-        old_windows, new_windows = swin_stage_windows(arch), swin_stage_windows(arch, img_size)
-        for key in state:
-            if key.endswith("relative_position_bias_table"):
-                old, new = old_windows[int(key.split(".")[1])], new_windows[int(key.split(".")[1])]
-                state[key] = resize_grid(state[key], (2 * old - 1,) * 2, (2 * new - 1,) * 2)
-        return state
-    old_grid = (arch["img_size"] // arch["patch_size"],) * 2
-    new_grid = (img_size // arch["patch_size"],) * 2
-    for key in state:
-        if key.endswith("relative_position_bias_table"):
+    old_grid, new_grid = (arch["img_size"] // arch["patch_size"],) * 2, (img_size // arch["patch_size"],) * 2
+    for key in [k for k in state if k.endswith("relative_position_bias_table")]:
+        if swin:  # layers.STAGE.blocks...: the window of that stage, before and after
+            old, new = (swin_stage_windows(arch, size)[int(key.split(".")[1])] for size in (None, img_size))
+            state[key] = resize_grid(state[key], (2 * old - 1,) * 2, (2 * new - 1,) * 2)
+        else:
             state[key] = resize_rel_pos_table(state[key], old_grid, new_grid)
     if "pos_embed" in state:
         state["pos_embed"] = resize_pos_embed(state["pos_embed"], old_grid, new_grid)
@@ -199,21 +190,17 @@ def read_init(init, init_weights, img_size):
 def build_classifier(args, num_classes, verbose=True):
     """The classifier to fine-tune, with the --init encoder loaded into it. Loading is strict except
     for what the recipe replaces, and says what it loaded and replaced."""
-    if args.init is None:
-        # The FD student's architecture and initialisation, with per-block tables as after distillation.
+    if args.init is None:  # the FD student's architecture and initialisation, per-block tables as after distillation
         arch = build_student(args.model, args.img_size, args.drop_path).arch
-        encoder = build_from_arch(finetuning_arch(arch, args.img_size, args.drop_path))
-        if verbose:
-            print(f"init: none, a random {args.model} (from scratch)")
-        return Classifier(encoder, num_classes, args.linear_probe)
-    arch, source, description = read_init(args.init, args.init_weights, args.img_size)
-    state = encoder_for_finetuning(source, arch, args.img_size)
-    tables = sum(k.endswith("relative_position_bias_table") for k in state)
-    resized = [f"{tables} relative position tables"] * bool(tables) + ["pos_embed"] * ("pos_embed" in state)
-    resized = f"resized from {arch['img_size']} to {args.img_size} px: {', '.join(resized) or 'nothing'}" if (
-        arch["img_size"] != args.img_size) else f"no resizing (at {args.img_size} px already)"
+    else:
+        arch, source, description = read_init(args.init, args.init_weights, args.img_size)
+        state = encoder_for_finetuning(source, arch, args.img_size)
     model = Classifier(build_from_arch(finetuning_arch(arch, args.img_size, args.drop_path)), num_classes,
                        args.linear_probe)
+    if args.init is None:
+        if verbose:
+            print(f"init: none, a random {args.model} (from scratch)")
+        return model
     result = model.load_state_dict({"encoder." + k: v for k, v in state.items()}, strict=False)
     new = [k for k in result.missing_keys if k.startswith(("fc_norm.", "head."))]
     missing = [k for k in result.missing_keys if k not in new]
@@ -221,6 +208,10 @@ def build_classifier(args, num_classes, verbose=True):
         raise ValueError(f"--init {args.init}: {description} does not fit the classifier built from its arch; "
                          f"missing keys: {missing or 'none'}; unexpected keys: {result.unexpected_keys or 'none'}")
     if verbose:
+        tables = sum(k.endswith("relative_position_bias_table") for k in state)
+        resized = [f"{tables} relative position tables"] * bool(tables) + ["pos_embed"] * ("pos_embed" in state)
+        resized = (f"resized from {arch['img_size']} to {args.img_size} px: {', '.join(resized) or 'nothing'}"
+                   if arch["img_size"] != args.img_size else f"no resizing (at {args.img_size} px already)")
         print(f"init: {description}: loaded {len(state)} encoder tensors, all the classifier needs but its head")
         print(f"  replaced by the recipe: removed {sorted(set(source) - set(state)) or 'nothing'}; "
               f"added {len(set(state) - set(source))} per-block relative position tables; {resized}; "
@@ -243,9 +234,9 @@ def train_transform(args):
     steps.append(transforms.ToTensor())
     if args.reprob:
         # timm erases with per-pixel normal noise in normalised space: erase between a normalise and its inverse.
-        inverse_mean, inverse_std = [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], [1 / s for s in IMAGENET_STD]
+        inverse = [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)], [1 / s for s in IMAGENET_STD]
         steps += [transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-                  transforms.RandomErasing(args.reprob, value="random"), transforms.Normalize(inverse_mean, inverse_std)]
+                  transforms.RandomErasing(args.reprob, value="random"), transforms.Normalize(*inverse)]
     return transforms.Compose(steps)
 
 
@@ -257,16 +248,15 @@ def labelled_splits(args):
         raise FileNotFoundError(f"--data {args.data}: no val/ folder (fine-tuning needs train/ and val/)")
     train, val = image_dataset(args.data, "train", labelled=True), image_dataset(args.data, "val", labelled=True)
     if train.classes != val.classes:
-        only_train = sorted(set(train.classes) - set(val.classes))
-        only_val = sorted(set(val.classes) - set(train.classes))
-        raise ValueError(f"--data {args.data}: train/ and val/ have different classes (only in train/: "
-                         f"{only_train or 'none'}; only in val/: {only_val or 'none'})")
+        only = [sorted(set(a.classes) - set(b.classes)) or "none" for a, b in ((train, val), (val, train))]
+        raise ValueError(f"--data {args.data}: train/ and val/ have different classes (only in train/: {only[0]}; "
+                         f"only in val/: {only[1]})")
     return train, val
 
 
 def mixup_cutmix(args, num_classes):
-    """Mixup (alpha 0.8) or CutMix (alpha 1.0), one of the two per batch with probability 0.5, as timm's
-    Mixup with the official settings; None when both are off."""
+    """Mixup or CutMix, one of the two per batch with probability 0.5 (timm's Mixup as the official code sets it);
+    None when both are off."""
     mixers = ([v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup else []) + (
         [v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix else [])
     return v2.RandomChoice(mixers) if mixers else None
@@ -275,10 +265,7 @@ def mixup_cutmix(args, num_classes):
 def soft_targets(images, labels, num_classes, mixer, smoothing):
     """Images (B, 3, H, W) and labels (B,) -> mixed images and target distributions (B, classes),
     each summing to 1: one-hot or mixed, then label-smoothed (smoothing commutes with mixing)."""
-    if mixer is not None:
-        images, targets = mixer(images, labels)
-    else:
-        targets = F.one_hot(labels, num_classes).float()
+    images, targets = mixer(images, labels) if mixer is not None else (images, F.one_hot(labels, num_classes).float())
     return images, targets * (1.0 - smoothing) + smoothing / num_classes
 
 
@@ -300,9 +287,8 @@ def layer_decay_scale(arch, decay):
             return 0
         if parts[0] == "blocks":
             return int(parts[1]) + 1
-        if parts[0] == "layers":
-            stage = int(parts[1])
-            before = sum(depths[:stage])
+        if parts[0] == "layers":  # layers.STAGE.blocks.BLOCK or layers.STAGE.downsample
+            stage, before = int(parts[1]), sum(depths[:int(parts[1])])
             return before + int(parts[3]) + 1 if parts[2] == "blocks" else before + depths[stage]
         return depth + 1
     return lambda name: decay ** (depth + 1 - layer_id(name))
@@ -311,8 +297,7 @@ def layer_decay_scale(arch, decay):
 # ----------------------------------------------------------------------------- evaluation
 def topk_correct(logits, labels, ks=(1, 5)):
     """How many of the labels are among the top-k logits, for each k: a float64 tensor (len(ks),)."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (B, kmax)
-    hits = top == labels[:, None]
+    hits = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices == labels[:, None]  # (B, kmax)
     return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks]).double()
 
 
@@ -371,11 +356,11 @@ def main(args):
     if is_main:
         print("data: " + "; ".join(getattr(split, "summary", f"{len(split)} synthetic images")
                                    for split in (train_images, val_images)))
+    model = load_classifier(args.init, num_classes) if args.eval_only else None
+    img_size = model.arch["encoder"]["img_size"] if args.eval_only else args.img_size  # a classifier's own resolution
+    val = val_loader(SeededTransform(val_images, eval_transform(img_size)), args.batch_size, args.workers, rank,
+                     world_size)
     if args.eval_only:
-        model = load_classifier(args.init, num_classes)
-        img_size = model.arch["encoder"]["img_size"]  # the classifier's own resolution
-        val = val_loader(SeededTransform(val_images, eval_transform(img_size)), args.batch_size, args.workers,
-                         rank, world_size)
         metrics = evaluate(model.to(device), val, device, autocast, world_size)
         if is_main:
             print(f"{args.init} at {img_size} px: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
@@ -404,17 +389,13 @@ def main(args):
     dataset = SeededTransform(train_images, train_transform(args), args.seed)
     loader, sampler = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
                                    pin_memory=device.type == "cuda")
-    val = val_loader(SeededTransform(val_images, eval_transform(args.img_size)), args.batch_size, args.workers,
-                     rank, world_size)
     steps_per_epoch, total_steps, warmup_steps, global_batch, lrs = schedule(args, len(loader), world_size)
 
     train_model = wrap_model(model, device, world_size, args.fsdp, dtype)  # DDP, FSDP2, or the model itself
     lr_scale = layer_decay_scale(model.encoder.arch, args.layer_decay) if args.layer_decay != 1 else None
     groups = param_groups(model, args.weight_decay, lr_scale)
-    if args.linear_probe:
-        optimizer = torch.optim.SGD(groups, lr=lrs["lr"], momentum=0.9)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=lrs["lr"], betas=(0.9, 0.999), fused=device.type == "cuda")
+    optimizer = (torch.optim.SGD(groups, lr=lrs["lr"], momentum=0.9) if args.linear_probe else
+                 torch.optim.AdamW(groups, lr=lrs["lr"], betas=(0.9, 0.999), fused=device.type == "cuda"))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     step, best = 0, dict(top1=-1.0, epoch=-1)
@@ -435,10 +416,7 @@ def main(args):
     if args.compile:
         train_model = torch.compile(train_model)
     mixer = mixup_cutmix(args, num_classes)
-
-    commit = git_hash()
-    model_file = dict(arch=model.arch, recipe=args.recipe, init=args.init, git=commit)
-
+    model_file = dict(arch=model.arch, recipe=args.recipe, init=args.init, git=git_hash())
     if is_main:
         print(f"{world_size} process(es) x {args.batch_size} images x {args.accum} micro-steps = {global_batch} "
               f"images per step; lr {lrs['lr']:.3g} (= {args.lr:g} x {global_batch}/512); "

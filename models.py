@@ -1,12 +1,12 @@
 """Models for Feature Distillation (Wei et al., 2022, arXiv 2205.14141).
 
-Reading order: the ViT student, with one relative position bias shared by all its blocks (this
-first section needs only torch and einops: it runs when copied alone into a notebook); Swin V1 and
-V2; the published ViTs that serve as teachers and the frozen teacher wrapper; the classifier of
-fine-tuning; named sizes and builders. Reading published checkpoint files is checkpoints.py's job.
+Reading order: the ViT student, with one relative position bias shared by all its blocks (this first section
+needs only torch and einops: it runs when copied alone into a notebook); Swin V1 and V2; the published ViTs that
+serve as teachers and the frozen teacher wrapper; the classifier of fine-tuning; named sizes and builders.
+Reading published checkpoint files is checkpoints.py's job.
 
-Every model takes images in [0, 1] and normalises them itself, so that each teacher brings its own
-input statistics (CLIP's differ from ImageNet's) while the data pipeline stays the same.
+Every model takes images in [0, 1] and normalises them itself, so that each teacher brings its own input
+statistics (CLIP's differ from ImageNet's) while the data pipeline stays the same.
 """
 import math
 import re
@@ -68,7 +68,6 @@ class RelativePositionBias(nn.Module):
 
     def __init__(self, grid, num_heads):
         super().__init__()
-        self.grid = tuple(grid)
         num_rows = (2 * grid[0] - 1) * (2 * grid[1] - 1) + 3
         self.relative_position_bias_table = nn.Parameter(torch.zeros(num_rows, num_heads))
         # Derived from the grid, so it never enters a checkpoint.
@@ -226,8 +225,7 @@ class VisionTransformer(nn.Module):
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, C)
 
     def forward_features(self, images):
-        """images (B, 3, H, W) in [0, 1] -> tokens before the final norm (B, 1+N, C), which
-        fine-tuning pools."""
+        """images (B, 3, H, W) in [0, 1] -> tokens before the final norm (B, 1+N, C), which fine-tuning pools."""
         x = self.embed(images)
         # The shared bias is gathered from its table once per forward, not once per block.
         bias = self.rel_pos_bias() if self.rel_pos_bias is not None else None
@@ -240,21 +238,19 @@ class VisionTransformer(nn.Module):
 
 
 # ============================================================================= Swin
-# Swin Transformer: V1 is the EsViT teacher, V2 the FD student distilled from it (FD-EsViT).
-#
-# Both cut feature maps (B, H, W, C) into windows of w x w tokens; every other block shifts them by
-# w/2 so that information crosses window borders; stages halve the map and double the width.
+# Swin Transformer: V1 is the EsViT teacher, V2 the FD student distilled from it (FD-EsViT). Both cut feature maps
+# (B, H, W, C) into windows of w x w tokens; every other block shifts them by w/2 so that information crosses window
+# borders; stages halve the map and double the width.
 #   V1 (Liu et al. 2021): pre-norm, scaled dot-product attention, a learned bias table per block.
-#   V2 (Liu et al. 2022): residual post-norm, cosine attention with a learned temperature, and a
-#       continuous position bias, an MLP of the log-spaced offset, in every block (or shared per stage).
-# Names follow the official code, so an EsViT checkpoint loads strictly (checkpoints.esvit_to_swin),
-# except V2's per-block bias MLP: `layers.i.blocks.j.rel_pos_bias.rpe_mlp` (official: `attn.rpe_mlp`),
-# mirroring the shared `layers.i.rel_pos_bias.rpe_mlp` as the ViT's per-block tables mirror its own.
+#   V2 (Liu et al. 2022): residual post-norm, cosine attention with a learned temperature, and a continuous
+#       position bias, an MLP of the log-spaced offset, in every block (or shared per stage).
+# Names follow the official code, so an EsViT checkpoint loads strictly (checkpoints.esvit_to_swin), except V2's
+# per-block bias MLP: `layers.i.blocks.j.rel_pos_bias.rpe_mlp` (official: `attn.rpe_mlp`), mirroring the shared
+# `layers.i.rel_pos_bias.rpe_mlp` as the ViT's per-block tables mirror its own.
 
 
 def window_partition(x, window):
-    """(B, H, W, C) -> (B * num_windows, window * window, C); windows in raster order, so the
-    windows of one image are consecutive."""
+    """(B, H, W, C) -> (B * num_windows, window * window, C), the windows of an image consecutive, in raster order."""
     return rearrange(x, "b (h wh) (w ww) c -> (b h w) (wh ww) c", wh=window, ww=window)
 
 
@@ -270,11 +266,10 @@ def cyclic_shift(x, shift):
 
 
 def shifted_window_mask(height, width, window, shift):
-    """Additive mask (num_windows, w*w, w*w) for the shifted windows: after the cyclic shift, the
-    windows along the bottom and right edges hold tokens that were far apart in the image. Label
-    the up to 3 x 3 regions that were contiguous before the roll; tokens of different regions must
-    not see each other. -inf (not the official -100) so that their probabilities are exactly 0:
-    V2's logits can differ by up to 2 x 100 + 16, which -100 would not hide."""
+    """Additive mask (num_windows, w*w, w*w) for the shifted windows: after the cyclic shift, the windows along the
+    bottom and right edges hold tokens that were far apart in the image. Label the up to 3 x 3 regions that were
+    contiguous before the roll; tokens of different regions must not see each other. -inf, not the official -100,
+    so that their probabilities are exactly 0: V2's logits can differ by 2 x 100 + 16, which -100 would not hide."""
     labels = torch.zeros(1, height, width, 1)
     bands = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     for i, rows in enumerate(bands):
@@ -286,16 +281,14 @@ def shifted_window_mask(height, width, window, shift):
 
 
 def window_position_index(window):
-    """(w*w, w*w) index into a table of the (2w-1)^2 offsets inside a window, row offset major:
-    the ViT's index without its class-token rows (the same layout as Swin's)."""
+    """(w*w, w*w) index into a table of the (2w-1)^2 offsets in a window: the ViT's, without the class token."""
     return relative_position_index(window, window)[1:, 1:]
 
 
 def log_spaced_offsets(window, scale_window=None):
-    """((2w-1)^2, 2) input of V2's position-bias MLP, rows in the order of window_position_index:
-    each (row, column) offset scaled to [-8, 8], then sign(x) * log2(1 + |x|) / 3, so that a
-    model can move to larger windows with little extrapolation (SwinV2 §3.3, 'norm8_log').
-    A model moved to larger windows keeps the scale of the window it was trained with
+    """((2w-1)^2, 2) input of V2's position-bias MLP, rows in the order of window_position_index: each (row, column)
+    offset scaled to [-8, 8], then sign(x) * log2(1 + |x|) / 3, so that a model can move to larger windows with
+    little extrapolation (SwinV2 §3.3, 'norm8_log'). Moved, it keeps the scale of the window it was trained with
     (`scale_window`, the official `pretrained_window_size`): the same offset, the same input."""
     steps = torch.arange(-(window - 1), window, dtype=torch.float32) * 8 / max((scale_window or window) - 1, 1)
     offsets = torch.stack(torch.meshgrid(steps, steps, indexing="ij"), dim=-1).reshape(-1, 2)
@@ -319,28 +312,20 @@ class ContinuousPositionBias(nn.Module):
         return 16 * torch.sigmoid(table[self.relative_position_index].permute(2, 0, 1))  # (heads, N, N)
 
 
-class WindowAttention(nn.Module):
+class WindowAttention(Attention):
     """Multi-head self-attention inside each window, plus a relative position bias.
     V1 (`cosine=False`): softmax(q k^T / sqrt(d) + bias) with a qkv bias and its own bias table.
-    V2 (`cosine=True`): softmax(cos(q, k) * temperature + bias), the temperature learned per head
-    and capped at 100; q and v biases only (a k bias cancels in the softmax); the caller brings
-    the bias. `keep_probs` as for Attention."""
-    keep_probs = False
+    V2 (`cosine=True`): softmax(cos(q, k) * temperature + bias), the temperature learned per head and capped at
+    100; q and v biases as the student's Attention; the caller brings the bias. `keep_probs` as for Attention."""
 
     def __init__(self, dim, num_heads, window, cosine):
-        super().__init__()
-        self.num_heads = num_heads
+        super().__init__(dim, num_heads, qv_bias=cosine)
         if cosine:
-            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-            self.q_bias = nn.Parameter(torch.zeros(dim))
-            self.v_bias = nn.Parameter(torch.zeros(dim))
             self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
         else:
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
             self.register_buffer("relative_position_index", window_position_index(window), persistent=False)
-            self.qkv = nn.Linear(dim, 3 * dim)
-            self.q_bias = self.v_bias = self.logit_scale = None
-        self.proj = nn.Linear(dim, dim)
+            self.logit_scale = None
 
     def forward(self, x, bias=None, mask=None):
         """x (B*nW, N, C): the N = w*w tokens of each window; bias (heads, N, N) for V2; mask
@@ -351,8 +336,7 @@ class WindowAttention(nn.Module):
         if self.keep_probs:  # diagnosis: the explicit path works in fp32 throughout
             q, k, v = q.float(), k.float(), v.float()
         scale = q.shape[-1] ** -0.5
-        if self.logit_scale is not None:
-            # Temperature times unit vectors: then it is ordinary attention with scale 1.
+        if self.logit_scale is not None:  # temperature times unit vectors: then it is ordinary attention, scale 1
             temperature = self.logit_scale.clamp(max=math.log(100.0)).exp()  # (heads, 1, 1)
             q = F.normalize(q, dim=-1) * temperature.to(q.dtype)
             k = F.normalize(k, dim=-1)
@@ -415,9 +399,8 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(2 * dim if self.norm_after else 4 * dim, eps=norm_eps)
 
     def forward(self, x):
-        # The official order: (even row, even col), (odd, even), (even, odd), (odd, odd).
+        # (B, H/2, W/2, 4C) in the official order: (even row, even col), (odd, even), (even, odd), (odd, odd).
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        # (B, H/2, W/2, 4C)
         return self.norm(self.reduction(x)) if self.norm_after else self.reduction(self.norm(x))
 
 
@@ -434,9 +417,8 @@ class PatchEmbed(nn.Module):
 
 
 class SwinStage(nn.Module):
-    """`depth` blocks at one resolution, every second one with shifted windows, then the patch
-    merging (official layout: the downsample ends stages 0-2). A window as large as the map
-    covers everything: nothing is shifted."""
+    """`depth` blocks at one resolution, every second one with shifted windows (none where a window covers the map),
+    then the patch merging (official layout: the downsample ends stages 0-2)."""
     grad_checkpointing = False  # see set_grad_checkpointing
 
     def __init__(self, dim, depth, num_heads, resolution, window, version, drop_rates, norm_eps,
@@ -444,13 +426,11 @@ class SwinStage(nn.Module):
         super().__init__()
         shift = 0 if window == min(resolution) else window // 2
         if resolution[0] % window or resolution[1] % window:
-            raise ValueError(f"a {resolution[0]}x{resolution[1]} map does not split into "
-                             f"{window}x{window} windows")
+            raise ValueError(f"a {resolution[0]}x{resolution[1]} map does not split into {window}x{window} windows")
         self.window = window
         self.blocks = nn.ModuleList([
-            SwinBlock(dim, num_heads, resolution, window, shift if j % 2 else 0, version, drop_rates[j],
-                      norm_eps, own_position_bias=version == 2 and position_bias == "per_block",
-                      scale_window=scale_window)
+            SwinBlock(dim, num_heads, resolution, window, shift if j % 2 else 0, version, drop_rates[j], norm_eps,
+                      own_position_bias=version == 2 and position_bias == "per_block", scale_window=scale_window)
             for j in range(depth)])
         self.downsample = PatchMerging(dim, version, norm_eps) if downsample else None
         shared = version == 2 and position_bias == "shared"
@@ -465,13 +445,11 @@ class SwinStage(nn.Module):
 
 
 class SwinTransformer(nn.Module):
-    """Swin V1 (`version=1`, the EsViT teacher) or V2 (`version=2`, the FD student): images in
-    [0, 1] (B, 3, H, W) -> the last stage's tokens after the final norm (B, N, C), no class token.
-
-    `position_bias`: V2 gives every block its own bias MLP ('per_block', the official FD-EsViT
-    student and fine-tuning) or shares one per stage ('shared', the paper's shared bias applied to
-    Swin; fine-tuning copies it into the blocks, checkpoints.shared_bias_to_per_block). V1 always
-    has a table per block ('per_block')."""
+    """Swin V1 (`version=1`, the EsViT teacher) or V2 (`version=2`, the FD student): images in [0, 1] (B, 3, H, W)
+    -> the last stage's tokens after the final norm (B, N, C), no class token. `position_bias`: V2 gives every
+    block its own bias MLP ('per_block', the official FD-EsViT student and fine-tuning) or shares one per stage
+    ('shared', the paper's shared bias applied to Swin; fine-tuning copies it into the blocks,
+    checkpoints.shared_bias_to_per_block). V1 always has a table per block ('per_block')."""
 
     def __init__(self, version=2, img_size=224, patch_size=4, embed_dim=128, depths=(2, 2, 18, 2),
                  num_heads=(4, 8, 16, 32), window_size=14, position_bias="per_block", drop_path=0.0,
@@ -480,8 +458,7 @@ class SwinTransformer(nn.Module):
         if version not in (1, 2):
             raise ValueError(f"Swin version must be 1 or 2, not {version!r}")
         if position_bias not in ("shared", "per_block") or (version == 1 and position_bias == "shared"):
-            raise ValueError(f"position_bias {position_bias!r}: V2 takes 'shared' or 'per_block', "
-                             f"V1 only 'per_block'")
+            raise ValueError(f"position_bias {position_bias!r}: V2 takes 'shared' or 'per_block', V1 only 'per_block'")
         num_stages = len(depths)
         if img_size % (patch_size * 2 ** (num_stages - 1)):
             raise ValueError(f"image size {img_size} does not halve {num_stages - 1} times after "
@@ -492,21 +469,18 @@ class SwinTransformer(nn.Module):
                          mean=list(mean), std=list(std), pretrained_windows=pretrained_windows)
         self.img_size = img_size
         self.embed_dim = embed_dim * 2 ** (num_stages - 1)  # the width of the output tokens
-        side = img_size // patch_size // 2 ** (num_stages - 1)
-        self.grid = (side, side)
+        self.grid = (img_size // patch_size // 2 ** (num_stages - 1),) * 2
         self.num_prefix_tokens = 0
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
         self.patch_embed = PatchEmbed(patch_size, embed_dim, norm_eps)
         drop_rates = [drop_path * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # deeper blocks drop more
-        self.layers = nn.ModuleList()
-        windows = swin_stage_windows(self.arch)
+        self.layers, windows = nn.ModuleList(), swin_stage_windows(self.arch)
         for i, depth in enumerate(depths):
-            resolution = (img_size // patch_size // 2 ** i,) * 2
             first = sum(depths[:i])
             self.layers.append(SwinStage(
-                embed_dim * 2 ** i, depth, num_heads[i], resolution, windows[i], version,
+                embed_dim * 2 ** i, depth, num_heads[i], (img_size // patch_size // 2 ** i,) * 2, windows[i], version,
                 drop_rates[first:first + depth], norm_eps, position_bias, downsample=i < num_stages - 1,
                 scale_window=pretrained_windows[i] if pretrained_windows else None))
         self.norm = nn.LayerNorm(self.embed_dim, eps=norm_eps)
@@ -530,8 +504,7 @@ class SwinTransformer(nn.Module):
             # block begins near the identity, like LayerScale. It also divides the output projections
             # of block i (counted from 1 across stages) by sqrt(2 i) (`fix_init`): the forward barely
             # changes behind the post-norm, but AdamW's steps are larger relative to smaller weights.
-            blocks = [block for stage in self.layers for block in stage.blocks]
-            for i, block in enumerate(blocks, start=1):
+            for i, block in enumerate((block for stage in self.layers for block in stage.blocks), start=1):
                 nn.init.constant_(block.norm1.weight, 1e-5)
                 nn.init.constant_(block.norm2.weight, 1e-5)
                 block.attn.proj.weight.data.div_(math.sqrt(2 * i))
@@ -540,8 +513,7 @@ class SwinTransformer(nn.Module):
     def forward_features(self, images):
         """images (B, 3, H, W) in [0, 1] -> the last stage's tokens before the final norm (B, N, C)."""
         if tuple(images.shape[-2:]) != (self.img_size, self.img_size):
-            raise ValueError(f"this model was built for {self.img_size} px images, "
-                             f"got {tuple(images.shape[-2:])}")
+            raise ValueError(f"this model was built for {self.img_size} px images, got {tuple(images.shape[-2:])}")
         x = self.patch_embed((images - self.mean) / self.std)  # (B, H/4, W/4, C)
         for stage in self.layers:
             x = stage(x)  # (B, H/8, W/8, 2C), ... (B, H/32, W/32, 8C)
@@ -560,11 +532,10 @@ class QuickGELU(nn.Module):
 
 
 class PretrainedViT(VisionTransformer):
-    """The ViT of published models (CLIP, SigLIP, DINO, DeiT, DINOv2, torchvision): the student with
-    their options. An absolute position embedding (`abs_pos`), one bias for q, k and v (`qv_bias=False`),
-    OpenAI CLIP's QuickGELU or SigLIP's tanh GELU (`act`), LayerNorm before the blocks (`norm_pre`) and
-    bias-free patch embedding, SigLIP's lack of a class token (`class_token=False`), DINOv2's register
-    tokens (dropped from the output), their own LayerNorm eps and statistics."""
+    """The ViT of published models (CLIP, SigLIP, DINO, DeiT, DINOv2, torchvision): the student with their options.
+    An absolute position embedding (`abs_pos`), one bias for q, k and v (`qv_bias=False`), OpenAI CLIP's QuickGELU
+    or SigLIP's tanh GELU (`act`), LayerNorm before the blocks (`norm_pre`), bias-free patch embedding, no class token
+    (SigLIP), DINOv2's register tokens (dropped from the output), their own LayerNorm eps and statistics."""
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  rel_pos=None, abs_pos=True, qv_bias=False, layer_scale=None, drop_path=0.0, norm_eps=1e-6,
@@ -591,8 +562,7 @@ class PretrainedViT(VisionTransformer):
                 block.mlp.act = QuickGELU() if act == "quick_gelu" else nn.GELU(approximate="tanh")
         if not patch_bias:
             self.patch_embed.bias = None
-        num_patches = self.grid[0] * self.grid[1]
-        num_positions = self.num_prefix_tokens + num_patches
+        num_positions = self.num_prefix_tokens + self.grid[0] * self.grid[1]
         self.pos_embed = nn.Parameter(torch.zeros(1, num_positions, embed_dim)) if abs_pos else None
         self.reg_tokens = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
         self.norm_pre = nn.LayerNorm(embed_dim) if norm_pre else None
@@ -621,9 +591,9 @@ class PretrainedViT(VisionTransformer):
 
 
 class Teacher(nn.Module):
-    """A frozen teacher: images in [0, 1] (B, 3, H, W) -> its output tokens after its own final
-    norm (B, 1+N, C), class token included (Swin has none), before whitening. Images are resized
-    to the teacher's input size when it differs (a teacher with patch 14 for a student with patch 16)."""
+    """A frozen teacher: images in [0, 1] (B, 3, H, W) -> its output tokens after its own final norm (B, 1+N, C),
+    class token included (Swin has none), before whitening. Images are resized to the teacher's input size when it
+    differs (a teacher with patch 14 for a student with patch 16)."""
 
     def __init__(self, encoder, source="random weights"):
         super().__init__()
@@ -645,14 +615,11 @@ class Teacher(nn.Module):
 
 # ============================================================================= fine-tuning
 class Classifier(nn.Module):
-    """An encoder with a classification head, for fine-tuning, pooled as the official code pools:
-    - a ViT (main_finetune.py, BEiT-style): the mean of the patch tokens before the encoder's final
-      norm, then a fresh `fc_norm` (the final norm has no use and is removed);
-    - a Swin (models/swin_transformer_v2.py, forward_features): the encoder's own final norm, kept
-      from the checkpoint, on every token, then the mean.
-    The head is a Linear initialised small. `linear_probe=True` puts a BatchNorm without affine
-    parameters before the head (MAE's linear probe). `pooling` is recorded so that files of earlier
-    versions, whose Swin classifiers pooled as the ViT, rebuild as they were trained."""
+    """An encoder with a linear classification head, for fine-tuning, pooled as the official code pools:
+    - a ViT (main_finetune.py, BEiT-style): the patch tokens' mean before the final norm (removed), a fresh `fc_norm`;
+    - a Swin (models/swin_transformer_v2.py, forward_features): the mean after its own final norm, kept.
+    `linear_probe=True` puts a BatchNorm without affine parameters before the head (MAE's linear probe). `pooling`
+    is recorded so that files of earlier versions, whose Swin classifiers pooled as the ViT, rebuild as trained."""
 
     def __init__(self, encoder, num_classes, linear_probe=False, pooling=None):
         super().__init__()
@@ -684,6 +651,8 @@ VIT_SIZES = {"micro": (32, 2, 2), "tiny": (192, 12, 3), "small": (384, 12, 6), "
              "large": (1024, 24, 16), "huge": (1280, 32, 16), "giant": (1408, 40, 16, 48 / 11)}
 SWIN_SIZES = {"micro": (32, (2, 2), (2, 4)), "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
               "base": (128, (2, 2, 18, 2), (4, 8, 16, 32)), "giant": (512, (2, 2, 42, 4), (16, 32, 64, 128))}
+VIT_OPTIONS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "rel_pos", "layer_scale",
+               "drop_path")  # the arguments of the student, VisionTransformer
 
 
 def parse_vit_name(name):
@@ -696,10 +665,9 @@ def parse_vit_name(name):
 
 
 def swin_arch(name, img_size=224, drop_path=0.0):
-    """The arch of a named Swin: 'swinv2_base_window14', the FD-EsViT student (V2 with a position-bias
-    MLP in every block, as the official recipe: its config leaves MODEL.SWIN.USE_SHARED_RPB False);
-    'swinv2_base_window14_shared', the paper's shared bias applied to SwinV2 (one MLP per stage);
-    or 'swin_base_window14', the EsViT teacher (V1)."""
+    """The arch of a named Swin: 'swinv2_base_window14', the FD-EsViT student (V2 with a position-bias MLP in every
+    block, as the official recipe: its config leaves MODEL.SWIN.USE_SHARED_RPB False); 'swinv2_base_window14_shared',
+    the paper's shared bias applied to SwinV2 (one MLP per stage); or 'swin_base_window14', the EsViT teacher (V1)."""
     match = re.fullmatch(r"(swin|swinv2)_(\w+?)_window(\d+)(_shared)?", name)
     if not match or match[2] not in SWIN_SIZES or (match[4] and match[1] == "swin"):
         sizes = ", ".join(f"swinv2_{s}_window7" for s in SWIN_SIZES)
@@ -707,8 +675,8 @@ def swin_arch(name, img_size=224, drop_path=0.0):
                          f"end for one position-bias MLP per stage, or 'swin_' in front for version 1")
     embed_dim, depths, num_heads = SWIN_SIZES[match[2]]
     version = 2 if match[1] == "swinv2" else 1
-    # EsViT trained its V1 with LayerNorm eps 1e-6 (FD's rebuild keeps the 1e-5 default, a
-    # negligible difference); the official V2 uses 1e-5.
+    # EsViT trained its V1 with LayerNorm eps 1e-6 (FD's rebuild keeps the 1e-5 default, a negligible difference);
+    # the official V2 uses 1e-5.
     return dict(version=version, img_size=img_size, patch_size=4, embed_dim=embed_dim, depths=list(depths),
                 num_heads=list(num_heads), window_size=int(match[3]),
                 position_bias="shared" if match[4] else "per_block", drop_path=drop_path,
@@ -716,25 +684,18 @@ def swin_arch(name, img_size=224, drop_path=0.0):
 
 
 def swin_stage_windows(arch, img_size=None):
-    """The window of every stage of a Swin `arch` at img_size (its own by default): the arch's
-    window, shrunk to a stage's map when the map is smaller (one window then covers the map)."""
+    """The window of every stage of a Swin `arch` at img_size (its own by default), shrunk to a smaller map."""
     side = (img_size or arch["img_size"]) // arch["patch_size"]
     return [min(arch["window_size"], side // 2 ** i) for i in range(len(arch["depths"]))]
 
 
 def build_student(name, img_size, drop_path=0.0):
-    """A randomly initialised FD student, e.g. build_student('vit_base_patch16', 224, 0.2) or
-    build_student('swinv2_base_window14', 224, 0.3)."""
+    """A randomly initialised FD student, e.g. ('vit_base_patch16', 224, 0.2) or ('swinv2_base_window14', 224, 0.3)."""
     if name.startswith("swin"):
         return SwinTransformer(**swin_arch(name, img_size, drop_path))
     size, patch_size = parse_vit_name(name)
     embed_dim, depth, num_heads, mlp_ratio = (*VIT_SIZES[size], 4.0)[:4]
-    return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                             num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path=drop_path)
-
-
-VIT_OPTIONS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "rel_pos", "layer_scale",
-               "drop_path")
+    return VisionTransformer(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, drop_path=drop_path)
 
 
 def build_from_arch(arch):

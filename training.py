@@ -1,8 +1,6 @@
-"""What distill.py and finetune.py share: a small library for a training run. Its flags (length,
-batch, learning rate, loading, checkpoints, precision), the distributed setup from torchrun's
-environment, autocast, AdamW parameter groups, the learning-rate schedule as a pure function of the
-step, atomic checkpoints and resuming, and the JSON-lines training log.
-"""
+"""What distill.py and finetune.py share: their common flags, the distributed setup from torchrun's
+environment, autocast, AdamW parameter groups, the learning rate as a pure function of the step, DDP or
+FSDP2, atomic checkpoints and resuming, and the JSON-lines training log."""
 import argparse
 import atexit
 import fcntl
@@ -28,8 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 # ----------------------------------------------------------------------------- flags
 def number(kind, low=None, high=None, open_low=False, open_high=False):
-    """An argparse type: a `kind` (int or float) between low and high, each end included unless open,
-    so that a bad value stops the run at once with the flag and the valid range in the message."""
+    """An argparse type: a `kind` (int or float) in [low, high], ends open if asked; bad values stop the run at once."""
     def parse(text):
         try:
             value = kind(text)
@@ -48,8 +45,8 @@ POSITIVE, NON_NEGATIVE = number(int, 1), number(float, 0.0)
 
 
 def run_cli(main, args):
-    """Run an entry point. A user's error (a bad file, folder or value: ValueError, OSError) prints one
-    line, on rank 0 only, and exits with status 2; FD_TRACEBACK=1 shows the whole traceback."""
+    """Run an entry point. A user's error (ValueError, OSError, FloatingPointError) prints one line, on rank
+    0 only, and exits with status 2; FD_TRACEBACK=1 shows the whole traceback."""
     try:
         return main(args)
     except (ValueError, OSError, FloatingPointError) as error:
@@ -61,24 +58,22 @@ def run_cli(main, args):
 
 
 def add_schedule_flags(p, unset):
-    """The length, batch and learning-rate flags of distill.py and finetune.py; `unset` says where
-    a flag left unset takes its value from."""
+    """The length, batch and learning-rate flags; `unset` says where an unset flag takes its value from."""
     p.add_argument("--epochs", type=POSITIVE, default=None, help="training length" + unset)
     p.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=None, help="linear warmup length, shorter than "
                    "the run" + unset)
     p.add_argument("--batch-size", type=POSITIVE, default=None, help="images per process per micro-step" + unset)
     p.add_argument("--accum", type=POSITIVE, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--lr", type=NON_NEGATIVE, default=None, help="peak learning rate per 512 images" + unset)
-    p.add_argument("--min-lr", type=NON_NEGATIVE, default=None, help="final learning rate per 512 images" + unset)
-    p.add_argument("--warmup-lr", type=NON_NEGATIVE, default=None, help="initial learning rate per 512 images" + unset)
+    for flag, which in (("--lr", "peak"), ("--min-lr", "final"), ("--warmup-lr", "initial")):
+        p.add_argument(flag, type=NON_NEGATIVE, default=None, help=f"{which} learning rate per 512 images" + unset)
 
 
 def add_run_flags(p):
-    """How a run of distill.py or finetune.py is carried out: data loading, checkpoints, logging,
-    precision, compilation, and when to give up."""
-    p.add_argument("--workers", type=number(int, 0), default=default_workers(),
-                   help="data-loading processes per training process (this machine's CPU cores shared among its "
-                        "training processes, at most 12)")
+    """Data loading, checkpoints, logging, precision, compilation, and when to give up."""
+    # At most 12: a worker decodes and crops 230-330 img/s (NOTES.md), an H100's compiled ViT-B/16 step takes 1,900.
+    workers = min(12, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    p.add_argument("--workers", type=number(int, 0), default=workers, help="data-loading processes per training "
+                   "process (this machine's CPU cores shared among its training processes, at most 12)")
     p.add_argument("--save-every", type=POSITIVE, default=None, help="checkpoint every N optimizer steps (fine-"
                    "tuning: also after every epoch) [1000, or a tenth of the run if that is fewer]")
     p.add_argument("--keep", type=number(int, 0), default=0, help="also keep the last N checkpoints as "
@@ -87,25 +82,25 @@ def add_run_flags(p):
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the trained model (and the teacher)")
+    p.add_argument("--fsdp", action="store_true", help="shard the trained model, its gradients and optimizer state "
+                   "over the processes (FSDP2) instead of replicating them (DDP): for models too large for DDP; "
+                   "checkpoints become sharded folders (OUT/checkpoint.dcp) that resume on any number of processes")
     p.add_argument("--max-nonfinite", type=POSITIVE, default=20, help="stop after this many optimizer steps in a row "
                    "skipped for a non-finite loss or gradient")
-    p.add_argument("--max-bad-frac", type=number(float, 0.0, 1.0), default=0.01, help="stop when more than this fraction of an "
-                   "epoch's images are unreadable (they are skipped with a warning naming the file)")
+    p.add_argument("--max-bad-frac", type=number(float, 0.0, 1.0), default=0.01, help="stop when more than this "
+                   "fraction of an epoch's images are unreadable (they are skipped with a warning naming the file)")
 
 
 # ----------------------------------------------------------------------------- setup
 def setup_distributed():
-    """(rank, world_size, device) from torchrun's environment variables; without torchrun, one
-    process on the GPU if there is one, else on the CPU."""
+    """(rank, world_size, device) from torchrun's environment; without torchrun one process, on the GPU if any."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
+    local_rank, cuda = int(os.environ["LOCAL_RANK"]), torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
     # torchrun's store outlives a restart (--max-restarts) and still holds the dead attempt's addresses,
     # which gloo would try to connect to: every attempt gets keys of its own.
     rank, attempt = int(os.environ["RANK"]), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -113,32 +108,21 @@ def setup_distributed():
                           is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
                           timeout=timedelta(minutes=30))
     # A dead rank should end the job with an error, not hang it forever.
-    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
                             world_size=world_size, timeout=timedelta(minutes=30))
     atexit.register(dist.destroy_process_group)
     return dist.get_rank(), world_size, device
 
 
-def default_workers():
-    """Data-loading processes per training process: this machine's CPU cores shared among its
-    training processes, at most 12. A worker decodes and crops 230-330 img/s (NOTES.md)
-    and a compiled ViT-B/16 step on one H100 takes about 1,900 img/s: 8 workers would starve it."""
-    return min(12, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-
-
-def cpu_has_native_bf16():
-    """True on CPUs with bf16 instructions (AMX or AVX512-BF16), where bf16 autocast makes an FD step
-    1.6-1.8x faster than fp32 (NOTES.md); elsewhere bf16 is emulated and slower."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def autocast_dtype(amp, device):
-    """The autocast dtype for --amp, or None for fp32."""
-    if amp == "auto":
-        fast = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
-        amp = "bf16" if fast else "fp32"
+    """The autocast dtype for --amp, or None for fp32. auto: bf16 on CUDA and on CPUs with bf16 instructions
+    (AMX, AVX512-BF16), where it makes an FD step 1.6-1.8x faster than fp32 (NOTES.md); elsewhere it is emulated."""
+    if amp == "auto" and device.type == "cuda":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    elif amp == "auto":
+        cpuinfo = Path("/proc/cpuinfo")
+        flags = cpuinfo.read_text() if cpuinfo.is_file() else ""
+        amp = "bf16" if "amx_bf16" in flags or "avx512_bf16" in flags else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
 
 
@@ -147,9 +131,8 @@ NO_WEIGHT_DECAY = ("cls_token", "pos_embed", "reg_tokens", "relative_position_bi
 
 
 def param_groups(model, weight_decay, lr_scale=None):
-    """AdamW parameter groups: no weight decay for 1-D tensors (biases, norms, LayerScale) and
-    NO_WEIGHT_DECAY; `lr_scale(name)`, a per-parameter lr multiplier (layer-wise decay), is stored
-    as the group's 'lr_scale'."""
+    """AdamW parameter groups: no weight decay for 1-D tensors (biases, norms, LayerScale) and NO_WEIGHT_DECAY;
+    `lr_scale(name)`, a per-parameter lr multiplier (layer-wise decay), becomes the group's 'lr_scale'."""
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -163,8 +146,7 @@ def param_groups(model, weight_decay, lr_scale=None):
 
 
 def schedule(args, batches_per_epoch, world_size):
-    """(steps per epoch, total steps, warmup steps, global batch, lrs): the learning rates per 512
-    images of args scaled linearly to the global batch."""
+    """(steps per epoch, total steps, warmup steps, global batch, lrs: args' per 512 images, scaled to the batch)."""
     steps_per_epoch = batches_per_epoch // args.accum
     if steps_per_epoch == 0:
         raise ValueError(f"one epoch has {batches_per_epoch} batches per process, fewer than --accum {args.accum}: "
@@ -177,6 +159,13 @@ def schedule(args, batches_per_epoch, world_size):
     return steps_per_epoch, total_steps, warmup_steps, global_batch, lrs
 
 
+def refuse_endless_warmup(args):
+    """A new run's warmup must be shorter than the run (a run under way keeps the schedule it started with)."""
+    if args.warmup_epochs >= args.epochs:
+        raise ValueError(f"--warmup-epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the lr "
+                         f"would never reach its peak; shorten the warmup or lengthen the run")
+
+
 def lr_at(step, total_steps, warmup_steps, lr, min_lr, warmup_lr):
     """Linear warmup from warmup_lr to lr, then cosine decay to min_lr: a pure function of the step."""
     if step < warmup_steps:
@@ -186,9 +175,8 @@ def lr_at(step, total_steps, warmup_steps, lr, min_lr, warmup_lr):
 
 
 def prepare_teacher(teacher, dtype):
-    """Store the frozen teacher's linear and convolution weights in the autocast dtype. Autocast
-    caches its casts only for weights that require grad, so it would cast a frozen teacher's
-    weights again at every step; the result is the same bit for bit, norms stay in fp32."""
+    """Store the frozen teacher's linear and convolution weights in the autocast dtype (norms stay fp32): autocast
+    caches only the casts of weights that require grad and would cast them again every step, to the same bits."""
     if dtype is not None:
         for module in teacher.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -198,19 +186,10 @@ def prepare_teacher(teacher, dtype):
 
 
 # ----------------------------------------------------------------------------- DDP or FSDP2
-def add_fsdp_flag(p):
-    p.add_argument("--fsdp", action="store_true", help="shard the trained model, its gradients and optimizer "
-                   "state over the processes (FSDP2) instead of replicating them (DDP): for models too large for "
-                   "DDP; checkpoints become sharded folders (OUT/checkpoint.dcp) that resume on any number of "
-                   "processes")
-
-
 def wrap_model(model, device, world_size, fsdp, dtype):
-    """The module to train. Under torchrun, DDP (every rank holds the whole model) or, with `fsdp`, FSDP2:
-    every transformer block (the modules of a ModuleList named `blocks`), then the rest, sharded over
-    the ranks; a block's parameters are gathered for its forward and backward in the autocast dtype
-    (fp32 master weights), gradients reduce-scattered in fp32 (a MixedPrecisionPolicy). One process
-    trains `model` itself."""
+    """The module to train: `model` itself in one process; under torchrun DDP or, with `fsdp`, FSDP2: each
+    transformer block (of a ModuleList named `blocks`), then the rest, sharded over the ranks, gathered in the
+    autocast dtype for forward and backward (fp32 master weights), gradients reduce-scattered in fp32."""
     if fsdp and world_size > 1:
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         for name, module in model.named_modules():
@@ -234,8 +213,7 @@ def gradient_sync(train_model, enabled):
 
 
 def full_state_dict(model):
-    """`model`'s weights as plain tensors on the CPU; under FSDP2 gathered from every rank (a collective:
-    all ranks call it) and returned whole on rank 0 only."""
+    """`model`'s weights as plain CPU tensors; under FSDP2 gathered (a collective), whole on rank 0 only."""
     if any(isinstance(module, FSDPModule) for module in model.modules()):
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         dist.barrier()  # no rank leaves while another still gathers (gloo aborts a process torn down mid-use)
@@ -244,10 +222,9 @@ def full_state_dict(model):
 
 
 def save_sharded_checkpoint(model, optimizer, meta, out, keep, world_size, is_main):
-    """OUT/checkpoint.dcp, a folder in which every rank writes its shards of the model and optimizer
-    (torch.distributed.checkpoint), with `meta` (step, arguments, RNG states of every rank) in meta.pth;
-    a collective. Written beside as checkpoint.dcp.tmp and swapped in whole once every rank has
-    finished: a crash mid-save leaves the previous checkpoint (or, mid-swap, checkpoint.dcp.old)."""
+    """OUT/checkpoint.dcp, a folder of every rank's shards of the model and optimizer (a collective), `meta`
+    and the RNG states in its meta.pth; written as checkpoint.dcp.tmp and swapped in whole: a crash mid-save
+    leaves the previous checkpoint (or, mid-swap, checkpoint.dcp.old). `keep` as in save_checkpoint."""
     tmp, final, old = (out / f"checkpoint.dcp{suffix}" for suffix in (".tmp", "", ".old"))
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -269,8 +246,7 @@ def save_sharded_checkpoint(model, optimizer, meta, out, keep, world_size, is_ma
 
 
 def load_sharded_checkpoint(folder, model, optimizer):
-    """Load OUT/checkpoint.dcp into `model` and `optimizer`, sharded as this run shards them: on any
-    number of processes, the checkpoint's shards are redistributed (resharding)."""
+    """Load OUT/checkpoint.dcp into `model` and `optimizer` as this run shards them, on any number of processes."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=folder)
@@ -279,8 +255,7 @@ def load_sharded_checkpoint(folder, model, optimizer):
 
 # ----------------------------------------------------------------------------- checkpoints and log
 def save_atomic(obj, path):
-    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash or a full
-    disk during the save leaves the previous file intact."""
+    """torch.save to a flushed temporary file renamed over `path`: a crash or a full disk leaves the old file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -300,8 +275,8 @@ def save_atomic(obj, path):
 
 
 def save_checkpoint(state, out, keep, world_size, is_main):
-    """OUT/checkpoint.pth, the state to resume from, with every rank's RNG states (a collective: all
-    ranks call it); with `keep` > 0 also a snapshot OUT/checkpoint-STEP.pth, the newest `keep` kept."""
+    """OUT/checkpoint.pth, the state to resume from, with every rank's RNG states (a collective); with `keep` > 0
+    also a snapshot OUT/checkpoint-STEP.pth, the newest `keep` kept."""
     state = dict(state, rng=rng_states(world_size), world_size=world_size)
     if not is_main:
         return
@@ -313,9 +288,8 @@ def save_checkpoint(state, out, keep, world_size, is_main):
 
 
 def rng_states(world_size):
-    """The RNG states something draws from during training, gathered from every rank (a collective
-    when distributed): the CPU generator and the GPU's (drop path, mixup). Data augmentation is
-    seeded per image (data.SeededTransform) and needs none."""
+    """Every rank's states of the RNGs training draws from (a collective): the CPU's and the GPU's (drop path,
+    mixup). Data augmentation is seeded per image (data.SeededTransform) and needs none."""
     state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     if world_size == 1:
         return [state]
@@ -336,18 +310,14 @@ def restore_rng(states, rank, world_size, fresh_seed):
 
 
 class TrainingLog:
-    """OUT/log.jsonl, written by rank 0: every --log-every steps the loss averaged over the interval
-    and the ranks, the lr, images/s, the steps skipped for a non-finite gradient and the unreadable
-    images left out. Skipped steps change no weight; `max_nonfinite` of them in a row stop the run,
-    the last checkpoint intact. More than `max_bad_frac` unreadable images in an epoch stop it too.
-    A run that starts at `start_step` (0, or where it resumes) moves the lines of later steps, which it
-    will write again, to OUT/log.discarded.jsonl: each step is logged once."""
+    """OUT/log.jsonl (rank 0): every --log-every steps the loss (averaged over the interval and ranks), lr, images/s,
+    steps skipped for a non-finite gradient (`max_nonfinite` in a row stop the run) and unreadable images (over
+    `max_bad_frac` of an epoch stop it). Lines after `start_step`, written again, move to OUT/log.discarded.jsonl."""
 
     def __init__(self, out, args, images_per_epoch, device, world_size, is_main, start_step=0):
         self.path, self.checkpoint, self.images_per_epoch = out / "log.jsonl", out / "checkpoint.pth", images_per_epoch
-        self.max_nonfinite, self.max_bad_frac = args.max_nonfinite, args.max_bad_frac
-        self.device, self.world_size, self.is_main = device, world_size, is_main
-        self.in_a_row, self.epoch, self.epoch_bad = 0, None, 0
+        self.max_nonfinite, self.max_bad_frac, self.device = args.max_nonfinite, args.max_bad_frac, device
+        self.world_size, self.is_main, self.in_a_row, self.epoch, self.epoch_bad = world_size, is_main, 0, None, 0
         self.reset()
         if is_main and self.path.exists():
             kept, later = [], []
@@ -374,28 +344,26 @@ class TrainingLog:
         if self.is_main:
             print(f"step {step}: non-finite loss or gradient, step skipped ({self.in_a_row} in a row)")
         if self.in_a_row >= self.max_nonfinite:
-            kept = f"{self.checkpoint} holds the last good state" if self.checkpoint.exists() else "no checkpoint was written"
+            kept = (f"{self.checkpoint} holds the last good state" if self.checkpoint.exists() else
+                    "no checkpoint was written")
             raise FloatingPointError(f"step {step}: {self.in_a_row} steps in a row had a non-finite loss or gradient "
                                      f"(--max-nonfinite {self.max_nonfinite}); {kept}. Try --amp bf16 or fp32, or a "
                                      f"lower --lr")
 
     def write(self, images_per_step, epoch, **fields):
         """Log the interval that ends now; returns the record (on every rank)."""
-        loss = torch.as_tensor(self.loss / max(self.steps, 1), dtype=torch.float64, device=self.device)
-        totals = torch.stack([loss, torch.tensor(float(self.bad), dtype=torch.float64, device=self.device)])
+        totals = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=self.device)
+                              for value in (self.loss / max(self.steps, 1), float(self.bad))])
         if self.world_size > 1:  # the decision to skip is the same on every rank: so is self.steps
             dist.all_reduce(totals)
         loss, bad = totals[0].item() / self.world_size, int(totals[1].item())
-        seen = (self.steps + self.skipped) * images_per_step
-        if epoch != self.epoch:
-            self.epoch, self.epoch_bad = epoch, 0
-        self.epoch_bad += bad
+        self.epoch_bad, self.epoch = (self.epoch_bad if epoch == self.epoch else 0) + bad, epoch
         if self.epoch_bad > self.max_bad_frac * self.images_per_epoch:
             raise ValueError(f"epoch {epoch}: {self.epoch_bad} of its {self.images_per_epoch} images were unreadable, "
-                               f"more than --max-bad-frac {self.max_bad_frac}: the warnings name them; fix or remove "
-                               f"them")
+                             f"more than --max-bad-frac {self.max_bad_frac}: the warnings name them; fix or remove "
+                             f"them")
         record = dict(fields, epoch=epoch, loss=loss if self.steps else None, skipped=self.skipped, bad_images=bad,
-                      img_per_s=seen / (time.perf_counter() - self.start))
+                      img_per_s=(self.steps + self.skipped) * images_per_step / (time.perf_counter() - self.start))
         if self.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -411,19 +379,14 @@ def git_hash():
         return None
 
 
-def refuse_endless_warmup(args):
-    """A new run whose warmup is not shorter than the run would never reach its peak lr. (A run
-    already under way keeps the schedule it started with.)"""
-    if args.warmup_epochs >= args.epochs:
-        raise ValueError(f"--warmup-epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the lr "
-                         f"would never reach its peak; shorten the warmup or lengthen the run")
+_HELD_LOCKS = {}  # OUT folder -> its open lock file, held for this process's lifetime
 
 
 def lock_out(out):
-    """Hold an exclusive lock on OUT for this process's lifetime (rank 0): a second run writing the same
-    folder would interleave its log and race for the checkpoint. The OS drops the lock when the process
-    ends, however it ends, so a crashed run leaves nothing to clean up."""
-    if str(out.resolve()) in _HELD_LOCKS:  # this process already holds it (a run started again in-process)
+    """Hold an exclusive lock on OUT (rank 0): a second run writing the same folder would interleave its log and race
+    for the checkpoint. The OS drops the lock when the process ends, however it ends: a crash leaves nothing behind."""
+    key = str(out.resolve())
+    if key in _HELD_LOCKS:  # this process already holds it (a run started again in-process)
         return
     lock = open(out / ".lock", "a+")
     try:
@@ -435,19 +398,14 @@ def lock_out(out):
     lock.truncate(0)
     lock.write(f"pid {os.getpid()} on {os.uname().nodename}")
     lock.flush()
-    _HELD_LOCKS[str(out.resolve())] = lock
-
-
-_HELD_LOCKS = {}
+    _HELD_LOCKS[key] = lock
 
 
 def load_resume(out, args, resume_flags, world_size, is_main=True):
-    """The state to resume from, or None to start afresh: OUT/checkpoint.pth (or with --fsdp the meta.pth
-    of OUT/checkpoint.dcp, its "sharded" entry naming the folder), or when it is missing the newest
-    snapshot OUT/checkpoint-STEP.* (--keep). A checkpoint written with another model, global batch or
-    seed is refused: the step count would then mean another place in the data and the schedule. The
-    number of processes may change with the same global batch: every step still sees the same images.
-    Flags that may change (the length, workers, logging) are allowed and reported."""
+    """The state to resume from, or None: OUT/checkpoint.pth (with --fsdp OUT/checkpoint.dcp's meta.pth, its "sharded"
+    entry naming the folder), else the newest snapshot (--keep). Another model, global batch or seed is refused: the
+    step would mean another place in the data and the schedule. The number of processes may change with the global
+    batch (every step still sees the same images); other flags (the length, workers, logging) are reported."""
     kind, other = (".dcp", ".pth") if getattr(args, "fsdp", False) else (".pth", ".dcp")
     if (out / f"checkpoint{other}").exists():
         raise ValueError(f"{out} holds checkpoint{other}, written {'without' if kind == '.dcp' else 'with'} "
@@ -456,34 +414,32 @@ def load_resume(out, args, resume_flags, world_size, is_main=True):
     if kind == ".dcp" and not path.exists() and (out / "checkpoint.dcp.old").exists():
         path = out / "checkpoint.dcp.old"  # a save died while swapping the folders
     snapshots = sorted(out.glob(f"checkpoint-*{kind}"))
-    if not path.exists() and not snapshots:
-        return None
     if not path.exists():
-        path = snapshots[-1]
+        if not snapshots:
+            return None
         if is_main:
-            print(f"{out / ('checkpoint' + kind)} is missing: resuming from the newest snapshot, {path}")
+            print(f"{out / ('checkpoint' + kind)} is missing: resuming from the newest snapshot, {snapshots[-1]}")
+        path = snapshots[-1]
     try:
         state = torch.load(path / "meta.pth" if kind == ".dcp" else path, map_location="cpu", weights_only=True)
     except Exception as error:
         offer = (f"the newest snapshot is {snapshots[-1]}: copy it to {path} to resume from it" if snapshots
                  and snapshots[-1] != path else "move it away to start afresh")
         raise ValueError(f"{path} cannot be read ({str(error).split('.')[0]}); {offer}") from None
-    saved = state["args"]
+    saved, processes = state["args"], state["world_size"]
     changed = [f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(args, k)}"
                for k in resume_flags if saved.get(k) != getattr(args, k)]
-    old_batch, new_batch = (batch * accum * processes for batch, accum, processes in
-                            ((saved["batch_size"], saved["accum"], state["world_size"]),
-                             (args.batch_size, args.accum, world_size)))
+    old_batch, new_batch = saved["batch_size"] * saved["accum"] * processes, args.batch_size * args.accum * world_size
     if old_batch != new_batch:
         changed.append(f"global batch {old_batch} -> {new_batch} (--batch-size {saved['batch_size']} -> "
-                       f"{args.batch_size}, --accum {saved['accum']} -> {args.accum}, processes "
-                       f"{state['world_size']} -> {world_size})")
+                       f"{args.batch_size}, --accum {saved['accum']} -> {args.accum}, processes {processes} -> "
+                       f"{world_size})")
     if changed:
         raise ValueError(f"{path} was written by a run with other settings ({'; '.join(changed)}): "
                          f"use another --out, or the same flags to resume")
     allowed = [f"--{k.replace('_', '-')} {v} -> {getattr(args, k)}" for k, v in saved.items()
                if k not in resume_flags and hasattr(args, k) and getattr(args, k) != v]
-    allowed += [f"processes {state['world_size']} -> {world_size}"] * (state["world_size"] != world_size)
+    allowed += [f"processes {processes} -> {world_size}"] * (processes != world_size)
     if allowed and is_main:
         print(f"resuming with changed settings: {'; '.join(allowed)}")
     return dict(state, sharded=path) if kind == ".dcp" else state

@@ -1,4 +1,4 @@
-"""FSDP2 and sharded checkpoints (distill.py --fsdp), on 2 CPU ranks with gloo under real torchrun processes.
+"""FSDP2 and sharded checkpoints of training.py (distill.py, finetune.py --fsdp): 2 CPU ranks, gloo, real torchrun.
 
 What must hold: FSDP, DDP and one process compute the same training for the same global batch; a sharded
 checkpoint written by 2 ranks resumes on 1 and on 2 (resharding) and continues the run it came from; a
