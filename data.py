@@ -125,7 +125,13 @@ def image_dataset(root, split="train", loader=load_rgb, labelled=False):
                                 f"with train/ and val/, or a folder of images)")
     root = root / split if (root / split).is_dir() else root
     files = []  # every image file, sorted, in subfolders and links; hidden ones (.ipynb_checkpoints, ._*) are not data
+    visited = set()  # folders seen, by device and inode: a symbolic link back up the tree is followed once
     for parent, folders, names in os.walk(root, followlinks=True):
+        folder = os.stat(parent)
+        if (folder.st_dev, folder.st_ino) in visited:
+            folders[:] = []
+            continue
+        visited.add((folder.st_dev, folder.st_ino))
         folders[:] = sorted(name for name in folders if not name.startswith("."))
         files += [Path(parent, name) for name in sorted(names)
                   if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]

@@ -210,6 +210,12 @@ def main(args):
     step = 0
     state = load_resume(out, args, RESUME_FLAGS, world_size, is_main)
     if state is not None:
+        old_arch = state["arch"]  # e.g. a SwinV2 distilled when one bias MLP per stage was the default ('_shared')
+        changed = [f"{k} {old_arch[k]} -> {student.arch[k]}" for k in sorted(set(old_arch) & set(student.arch))
+                   if k != "drop_path" and old_arch[k] != student.arch[k]]  # older files hold more keys, same values
+        if changed:
+            raise ValueError(f"{out} holds a student of another architecture ({'; '.join(changed)}): use another "
+                             f"--out, or the --student it was distilled with")
         old_teacher = state.get("teacher") or teacher_info
         if is_main and old_teacher["sha256"] != teacher_info["sha256"]:
             raise ValueError(f"{out} was distilled from teacher weights {old_teacher['weights']} (sha256 "

@@ -314,12 +314,18 @@ def evaluate(model, loader, device, autocast, world_size):
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, summed loss, images
+    batches = torch.tensor(len(loader), device=device)
+    if world_size > 1:  # under FSDP every forward is a collective: a rank with a batch less runs an empty one
+        dist.all_reduce(batches, op=dist.ReduceOp.MAX)
     for images, labels, _ in loader:  # unreadable images are left out, with a warning
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast:
             logits = model(images).float()
         loss = F.cross_entropy(logits, labels, reduction="sum").double()
         totals += torch.cat([topk_correct(logits, labels), torch.stack([loss, loss.new_tensor(len(labels))])])
+    for _ in range(int(batches) - len(loader)):
+        with autocast:
+            model(torch.zeros(1, 3, *(model.arch["encoder"]["img_size"],) * 2, device=device))
     model.train(was_training)
     if world_size > 1:  # float64 counts are exact: every image counted once, on one rank
         dist.all_reduce(totals)

@@ -312,20 +312,28 @@ class ContinuousPositionBias(nn.Module):
         return 16 * torch.sigmoid(table[self.relative_position_index].permute(2, 0, 1))  # (heads, N, N)
 
 
-class WindowAttention(Attention):
+class WindowAttention(nn.Module):
     """Multi-head self-attention inside each window, plus a relative position bias.
     V1 (`cosine=False`): softmax(q k^T / sqrt(d) + bias) with a qkv bias and its own bias table.
     V2 (`cosine=True`): softmax(cos(q, k) * temperature + bias), the temperature learned per head and capped at
-    100; q and v biases as the student's Attention; the caller brings the bias. `keep_probs` as for Attention."""
+    100; q and v biases only (a k bias cancels in the softmax); the caller brings the bias. `keep_probs` as for
+    Attention. (Parameters in the official order, which optimizer states saved earlier rely on.)"""
+    keep_probs = False
 
     def __init__(self, dim, num_heads, window, cosine):
-        super().__init__(dim, num_heads, qv_bias=cosine)
+        super().__init__()
+        self.num_heads = num_heads
         if cosine:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+            self.q_bias = nn.Parameter(torch.zeros(dim))
+            self.v_bias = nn.Parameter(torch.zeros(dim))
             self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
         else:
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
             self.register_buffer("relative_position_index", window_position_index(window), persistent=False)
-            self.logit_scale = None
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.q_bias = self.v_bias = self.logit_scale = None
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, bias=None, mask=None):
         """x (B*nW, N, C): the N = w*w tokens of each window; bias (heads, N, N) for V2; mask
@@ -625,13 +633,13 @@ class Classifier(nn.Module):
         super().__init__()
         pooling = pooling or ("norm_then_mean" if "depths" in encoder.arch else "mean_then_fc_norm")
         self.arch = dict(encoder=encoder.arch, num_classes=num_classes, linear_probe=linear_probe, pooling=pooling)
+        self.encoder = encoder  # registered first: the parameter order, hence the optimizer's state, as ever
         self.fc_norm = nn.Identity()
         if pooling == "mean_then_fc_norm":
             self.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=encoder.norm.eps)
             encoder.norm = nn.Identity()
         if linear_probe:
             self.fc_norm = nn.BatchNorm1d(encoder.embed_dim, affine=False, eps=1e-6)
-        self.encoder = encoder
         self.head = nn.Linear(encoder.embed_dim, num_classes)
         with torch.no_grad():  # the ViT's head starts 1000 times smaller (init_scale), the official Swin's does not
             nn.init.trunc_normal_(self.head.weight, std=0.02)

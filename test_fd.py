@@ -1248,6 +1248,7 @@ def test_folders_as_people_have_them(tmp_path):
     write_images(photos / "edited", 2)
     write_images(tmp_path / "elsewhere", 4)
     (photos / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (photos / "edited" / "up").symlink_to(photos, target_is_directory=True)  # a loop: followed once, not forever
     (photos / ".ipynb_checkpoints").mkdir()
     (photos / "._img0.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     write_images(photos / ".thumbnails", 2)
@@ -1449,7 +1450,8 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_and_corrupt_files_are
     ("distill", "--drop-path", "1.5", "[0.0, 1.0)"), ("distill", "--min-crop-scale", "2", "(0.0, 1.0]"),
     ("distill", "--img-size", "0", "[1, inf)"), ("distill", "--lr", "-1", "-1 is out of range"),
     ("finetune", "--synthetic-val-images", "0", "[1, inf)"), ("finetune", "--mixup", "-1", "[0.0, inf)"),
-    ("distill", "--batch-size", "two", "'two' is not an integer"), ("bench", "--steps", "0", "[1, inf)")])
+    ("distill", "--batch-size", "two", "'two' is not an integer"), ("bench", "--steps", "0", "[1, inf)"),
+    ("distill", "--clip-grad", "nan", "nan is out of range")])
 def test_flag_values_are_checked_when_parsed(script, flag, value, expected, capsys):
     parser = {"distill": distill, "finetune": finetune, "bench": bench}[script].get_args_parser()
     with pytest.raises(SystemExit):
@@ -1497,6 +1499,17 @@ def test_a_second_run_on_the_same_out_is_refused(tmp_path):
         holder.wait()
     distill.main(parse(*MICRO, "--epochs", "1", "--out", str(out)))  # the lock went with its process
     assert (out / "student.pth").is_file()
+
+
+def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    training.lock_out(tmp_path)
+    assert f"warning: cannot lock {tmp_path} ([Errno 37] No locks available)" in capsys.readouterr().out
 
 
 def test_resume_compares_the_teacher_by_checksum_and_keeps_the_seed(tmp_path, capsys):
@@ -1929,6 +1942,19 @@ def test_swin_v1_tables_follow_a_window_that_grows_with_the_image():
                        teacher.state_dict()["layers.0.blocks.0.attn.relative_position_bias_table"])
 
 
+def test_resuming_with_a_student_of_another_architecture_is_refused(tmp_path):
+    # A SwinV2 run from when one bias MLP per stage was the default: the same name now means one per block.
+    argv = [*MICRO, "--student", "swinv2_micro_window4_shared", "--epochs", "1", "--out", str(tmp_path / "run")]
+    distill.main(parse(*argv))
+    state = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    state["args"]["student"] = "swinv2_micro_window4"  # the name it had then
+    torch.save(state, tmp_path / "run" / "checkpoint.pth")
+    argv[argv.index("swinv2_micro_window4_shared")] = "swinv2_micro_window4"
+    with pytest.raises(ValueError, match=r"run holds a student of another architecture \(position_bias shared -> "
+                                         r"per_block\): use another --out, or the --student it was distilled with"):
+        distill.main(parse(*argv, "--epochs", "2"))
+
+
 def test_swinv2_keeps_its_offset_scale_when_its_window_grows():
     student = build_student("swinv2_micro_window8_shared", 32)  # stage windows 8 and 4 (clipped to the 4x4 map)
     arch = finetune.finetuning_arch(student.arch, 64, 0.0)  # at 64 px: windows 8 and 8
@@ -2291,7 +2317,10 @@ def test_files_written_by_an_earlier_version_still_load_and_resume(tmp_path):
     images = expected["images"]
     with torch.no_grad():
         for name, file in [("student", "student.pth"), ("best", "best.pth"), ("swinv2_student", "swinv2_student.pth")]:
-            torch.testing.assert_close(load_model_file(data / file).eval()(images), expected[name], rtol=0, atol=0)
+            model = load_model_file(data / file).eval()
+            torch.testing.assert_close(model(images), expected[name], rtol=0, atol=0)
+            # The same parameters in the same order: an optimizer state saved then loads by position.
+            assert list(model.state_dict()) == list(torch.load(data / file, weights_only=True)["model"]), file
         teacher = load_teacher("mine", data / "checkpoint.pth", grid=4)  # the student of the checkpoint
         torch.testing.assert_close(teacher(images), expected["checkpoint_student"], rtol=0, atol=0)
     out = tmp_path / "resumed"

@@ -123,8 +123,9 @@ def test_checkpoints_of_the_other_kind_are_refused(tmp_path, straight):
 
 
 def test_finetune_with_fsdp_matches_ddp_and_resumes(tmp_path):
+    # 17 validation images: 3 batches on rank 0, 2 on rank 1, whose FSDP forwards must still pair up.
     argv = ["--recipe", "vit_tiny_patch16", "--model", "vit_micro_patch8", "--img-size", "32", "--synthetic-images",
-            "32", "--synthetic-val-images", "20", "--batch-size", "4", "--workers", "0", "--log-every", "1",
+            "32", "--synthetic-val-images", "17", "--batch-size", "4", "--workers", "0", "--log-every", "1",
             "--amp", "fp32", "--epochs", "2", "--lr", "0.05"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -155,3 +156,30 @@ def test_bf16_fsdp_gathers_bf16_and_keeps_fp32_weights(tmp_path):
     ddp, fsdp = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
     assert all(fsdp[k] == pytest.approx(ddp[k], rel=2e-2) for k in ddp)
     assert {value.dtype for value in student(tmp_path / "fsdp").values()} == {torch.float32}
+
+
+def test_a_folder_left_by_a_save_killed_mid_swap_does_not_block_the_next(tmp_path):
+    sys.path.insert(0, str(REPO))
+    import distill
+    argv = [*MICRO, "--fsdp", "--batch-size", "8", "--save-every", "4", "--out", str(tmp_path / "run")]
+    distill.main(distill.get_args_parser().parse_args([*argv, "--epochs", "1"]))  # one process: DCP without sharding
+    (tmp_path / "run" / "checkpoint.dcp.old").mkdir()
+    (tmp_path / "run" / "checkpoint.dcp.old" / "__0_0.distcp").write_bytes(b"left over")
+    distill.main(distill.get_args_parser().parse_args(argv))
+    assert torch.load(tmp_path / "run" / "checkpoint.dcp" / "meta.pth", weights_only=True)["step"] == 16
+    assert not (tmp_path / "run" / "checkpoint.dcp.old").exists()
+
+
+def test_gradient_sync_reaches_ddp_through_torch_compile(tmp_path):
+    import torch.distributed as dist
+    sys.path.insert(0, str(REPO))
+    import training
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        for train_model in (ddp, torch.compile(ddp)):
+            with training.gradient_sync(train_model, enabled=False):
+                assert not ddp.require_backward_grad_sync  # no all-reduce on this micro-batch
+            assert ddp.require_backward_grad_sync
+    finally:
+        dist.destroy_process_group()

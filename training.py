@@ -33,7 +33,7 @@ def number(kind, low=None, high=None, open_low=False, open_high=False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         below = low is not None and (value <= low if open_low else value < low)
-        if below or (high is not None and (value >= high if open_high else value > high)):
+        if value != value or below or (high is not None and (value >= high if open_high else value > high)):
             bounds = (f"{'(' if open_low else '['}{low}, {high if high is not None else 'inf'}"
                       f"{')' if open_high or high is None else ']'}")
             raise argparse.ArgumentTypeError(f"{text} is out of range: expected a value in {bounds}")
@@ -206,6 +206,7 @@ def wrap_model(model, device, world_size, fsdp, dtype):
 @contextmanager
 def gradient_sync(train_model, enabled):
     """Gradient accumulation: no all-reduce (DDP) or reduce-scatter (FSDP2) but on the last micro-batch."""
+    train_model = getattr(train_model, "_orig_mod", train_model)  # under torch.compile, the module it wraps
     if isinstance(train_model, FSDPModule):
         train_model.set_requires_gradient_sync(enabled)
     with train_model.no_sync() if isinstance(train_model, DistributedDataParallel) and not enabled else nullcontext():
@@ -233,6 +234,7 @@ def save_sharded_checkpoint(model, optimizer, meta, out, keep, world_size, is_ma
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
     if is_main:
         save_atomic(meta, tmp / "meta.pth")
+        shutil.rmtree(old, ignore_errors=True)  # left by a run killed while it swapped the folders
         if final.exists():
             final.rename(old)
         tmp.rename(final)
@@ -315,7 +317,8 @@ class TrainingLog:
     `max_bad_frac` of an epoch stop it). Lines after `start_step`, written again, move to OUT/log.discarded.jsonl."""
 
     def __init__(self, out, args, images_per_epoch, device, world_size, is_main, start_step=0):
-        self.path, self.checkpoint, self.images_per_epoch = out / "log.jsonl", out / "checkpoint.pth", images_per_epoch
+        self.path, self.images_per_epoch = out / "log.jsonl", images_per_epoch
+        self.checkpoint = out / ("checkpoint.dcp" if getattr(args, "fsdp", False) else "checkpoint.pth")
         self.max_nonfinite, self.max_bad_frac, self.device = args.max_nonfinite, args.max_bad_frac, device
         self.world_size, self.is_main, self.in_a_row, self.epoch, self.epoch_bad = world_size, is_main, 0, None, 0
         self.reset()
@@ -391,7 +394,10 @@ def lock_out(out):
     lock = open(out / ".lock", "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError as error:
+        if not isinstance(error, BlockingIOError):  # a file system without locks (some NFS, Lustre): run unguarded
+            print(f"warning: cannot lock {out} ({error}): a second run in it would not be noticed")
+            return
         lock.seek(0)
         raise ValueError(f"--out {out}: another run is writing to it ({lock.read().strip() or 'a running process'}); "
                          f"wait for it to end, or use another --out") from None
@@ -437,8 +443,8 @@ def load_resume(out, args, resume_flags, world_size, is_main=True):
     if changed:
         raise ValueError(f"{path} was written by a run with other settings ({'; '.join(changed)}): "
                          f"use another --out, or the same flags to resume")
-    allowed = [f"--{k.replace('_', '-')} {v} -> {getattr(args, k)}" for k, v in saved.items()
-               if k not in resume_flags and hasattr(args, k) and getattr(args, k) != v]
+    allowed = [f"--{k.replace('_', '-')} {v} -> {getattr(args, k)}" for k, v in saved.items()  # None: not yet set
+               if k not in resume_flags and getattr(args, k, None) not in (None, v)]
     allowed += [f"processes {processes} -> {world_size}"] * (processes != world_size)
     if allowed and is_main:
         print(f"resuming with changed settings: {'; '.join(allowed)}")
