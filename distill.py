@@ -26,7 +26,7 @@ from tqdm import tqdm
 from checkpoints import TEACHERS, load_teacher, sha256sum
 from data import (FDCropBox, SeededTransform, SyntheticShapes, decode_and_crop, fd_transform, image_dataset,
                   load_rgb, read_undecoded, steps_of_batches, train_loader)
-from models import build_student, set_grad_checkpointing
+from models import build_student, parse_vit_name, set_grad_checkpointing
 from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_run_flags, add_schedule_flags,
                       autocast_dtype, full_state_dict, git_hash, gradient_sync, load_resume, load_sharded_checkpoint,
                       lock_out, lr_at, number, param_groups, prepare_teacher, refuse_endless_warmup, restore_rng,
@@ -80,9 +80,12 @@ def get_args_parser():
     p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.05, help="AdamW weight decay (not on biases, norms, "
                    "LayerScale, class token, position tables)")
     p.add_argument("--clip-grad", type=number(float, 0.0, open_low=True), default=3.0, help="max gradient norm")
-    p.add_argument("--drop-path", type=number(float, 0.0, 1.0, open_high=True), default=None, help="student drop path rate" + FROM_PRESET)
-    p.add_argument("--min-crop-scale", type=number(float, 0.0, 1.0, open_low=True), default=None, help="RandomResizedCrop min scale" + FROM_PRESET)
-    p.add_argument("--img-size", type=POSITIVE, default=None, help="crop size seen by teacher and student" + FROM_PRESET)
+    p.add_argument("--drop-path", type=number(float, 0.0, 1.0, open_high=True), default=None,
+                   help="student drop path rate" + FROM_PRESET)
+    p.add_argument("--min-crop-scale", type=number(float, 0.0, 1.0, open_low=True), default=None,
+                   help="RandomResizedCrop min scale" + FROM_PRESET)
+    p.add_argument("--img-size", type=POSITIVE, default=None, help="crop size seen by teacher and student" +
+                   FROM_PRESET)
     add_run_flags(p)
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the student's blocks: "
                    "less memory (large students, large batches) for about a third more compute")
@@ -102,7 +105,7 @@ def apply_preset(args):
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    patch = int(args.student.split("patch")[1]) if "_patch" in args.student else 1  # Swin's checks its own stages
+    patch = parse_vit_name(args.student)[1] if args.student.startswith("vit_") else 1  # Swin checks its own stages
     if args.img_size % patch:
         raise ValueError(f"--img-size {args.img_size} is not a multiple of the student's patch size {patch}")
     return args
@@ -181,7 +184,8 @@ def main(args):
         if values is not None:
             buffer.copy_(torch.tensor(values).view(1, 3, 1, 1))
     is_file = is_main and Path(teacher.source).is_file()  # recorded with the student, for reproducibility
-    teacher_info = dict(name=args.teacher, weights=teacher.source, sha256=sha256sum(teacher.source) if is_file else None,
+    teacher_info = dict(name=args.teacher, weights=teacher.source,
+                        sha256=sha256sum(teacher.source) if is_file else None,
                         mean=teacher.encoder.mean.flatten().tolist(), std=teacher.encoder.std.flatten().tolist())
     model = FDStudent(student, teacher.embed_dim).to(device)
     with_cls = student.num_prefix_tokens > 0 and teacher.num_prefix_tokens > 0  # Swin has no class token
@@ -199,8 +203,6 @@ def main(args):
     steps_per_epoch, total_steps, warmup_steps, global_batch, lrs = schedule(args, len(loader), world_size)
 
     dtype = autocast_dtype(args.amp, device)
-    if args.fsdp and dtype == torch.float16:
-        raise ValueError("--fsdp runs with --amp bf16 or fp32 (fp16's GradScaler does not take sharded gradients)")
     train_model = wrap_model(model, device, world_size, args.fsdp, dtype)  # DDP, FSDP2, or the model itself
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lrs["lr"], betas=(0.9, 0.999),
                                   fused=device.type == "cuda")  # after sharding: FSDP2's parameters are the shards

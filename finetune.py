@@ -377,8 +377,8 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     if is_main:
         lock_out(out)
-    if args.fsdp and (dtype == torch.float16 or args.linear_probe):
-        raise ValueError("--fsdp fine-tunes with --amp bf16 or fp32 and without --linear-probe")
+    if args.fsdp and args.linear_probe:
+        raise ValueError("--fsdp fine-tunes the whole classifier: it does not take --linear-probe")
     torch.manual_seed(args.seed)  # the same head initialisation on every rank
     state = load_resume(out, args, RESUME_FLAGS, world_size, is_main)
     checkpoint = state.get("sharded", out / "checkpoint.pth") if state else out / "checkpoint.pth"

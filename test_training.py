@@ -183,3 +183,10 @@ def test_gradient_sync_reaches_ddp_through_torch_compile(tmp_path):
             assert ddp.require_backward_grad_sync
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_refuses_fp16_wherever_it_is_asked_for():
+    sys.path.insert(0, str(REPO))
+    import training
+    with pytest.raises(ValueError, match=r"--fsdp runs with --amp bf16 or fp32"):
+        training.wrap_model(torch.nn.Linear(2, 2), torch.device("cpu"), 1, fsdp=True, dtype=torch.float16)

@@ -190,6 +190,8 @@ def wrap_model(model, device, world_size, fsdp, dtype):
     """The module to train: `model` itself in one process; under torchrun DDP or, with `fsdp`, FSDP2: each
     transformer block (of a ModuleList named `blocks`), then the rest, sharded over the ranks, gathered in the
     autocast dtype for forward and backward (fp32 master weights), gradients reduce-scattered in fp32."""
+    if fsdp and dtype == torch.float16:
+        raise ValueError("--fsdp runs with --amp bf16 or fp32 (fp16's GradScaler does not take sharded gradients)")
     if fsdp and world_size > 1:
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         for name, module in model.named_modules():
