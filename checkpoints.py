@@ -608,15 +608,16 @@ def timm_create_model(encoder, num_classes, rel_pos, stats):
     size = encoder["img_size"]
     overlay = dict(stats, input_size=[3, size, size], crop_pct=0.875, interpolation="bicubic")  # data.eval_transform
     common = dict(pretrained=False, img_size=size, patch_size=encoder["patch_size"], embed_dim=encoder["embed_dim"],
-                  num_heads=encoder["num_heads"], num_classes=num_classes, global_pool="avg")
+                  num_heads=encoder["num_heads"], num_classes=num_classes)
     if "depths" in encoder:
-        return dict(model_name="swinv2_base_window8_256", **common, depths=encoder["depths"],
+        return dict(model_name="swinv2_base_window8_256", **common, global_pool="avg", depths=encoder["depths"],
                     window_size=encoder["window_size"], pretrained_window_sizes=encoder["pretrained_windows"],
                     pretrained_cfg_overlay=overlay)
-    # Students (num_classes 0) keep their final norm on every token; classifiers pool first, then fc_norm.
-    return dict(model_name="beit_base_patch16_224", **common, depth=encoder["depth"], mlp_ratio=encoder["mlp_ratio"],
-                use_abs_pos_emb=False, use_rel_pos_bias=rel_pos == "per_block",
-                use_shared_rel_pos_bias=rel_pos == "shared", use_fc_norm=num_classes > 0,
+    # Students (num_classes 0, no pooling) keep their final norm on every token; classifiers pool, then fc_norm.
+    # timm's Beit derives its fc_norm from the pooling (before timm 1.0.31 it takes no use_fc_norm).
+    return dict(model_name="beit_base_patch16_224", **common, global_pool="avg" if num_classes else "",
+                depth=encoder["depth"], mlp_ratio=encoder["mlp_ratio"], use_abs_pos_emb=False,
+                use_rel_pos_bias=rel_pos == "per_block", use_shared_rel_pos_bias=rel_pos == "shared",
                 init_values=encoder["layer_scale"] or 0.0,  # create_model drops None: beit_base's 0.1 would stay
                 pretrained_cfg_overlay=overlay)
 

@@ -168,7 +168,7 @@ RESUME_FLAGS = ("teacher", "teacher_mean", "teacher_std", "student", "img_size",
 
 def main(args):
     args = apply_preset(args)
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = setup_distributed(args.device)
     is_main = rank == 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

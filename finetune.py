@@ -352,7 +352,7 @@ RESUME_FLAGS = ("init", "init_weights", "recipe", "model", "img_size", "linear_p
 def main(args):
     """Fine-tune (or with --eval-only, evaluate); returns (classifier, the last evaluation)."""
     args = apply_recipe(args)
-    rank, world_size, device = setup_distributed()
+    rank, world_size, device = setup_distributed(args.device)
     is_main = rank == 0
     dtype = autocast_dtype(args.amp, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()

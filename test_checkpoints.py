@@ -171,9 +171,11 @@ CASES = {"clip_vision": ("clip", False, 0, True, CLIP_STATS, CLIP_STATS),
          "dinov2_reg4": ("dinov2", False, 4, False, None, IMAGENET_STATS)}
 
 
-def write_model(folder, case, seed=0):
-    """A transformers model folder: config.json, model.safetensors, maybe preprocessor_config.json. -> raw tensors."""
-    family, full, registers, published_names, stats, _ = CASES[case]
+def write_model(folder, case, seed=0, published_names=None):
+    """A transformers model folder: config.json, model.safetensors, maybe preprocessor_config.json. -> raw tensors.
+    `published_names` overrides the case's choice of DINOv2 names."""
+    family, full, registers, case_names, stats, _ = CASES[case]
+    published_names = case_names if published_names is None else published_names
     folder.mkdir(parents=True, exist_ok=True)
     shapes = (dinov2_layout(registers, published_names) if family == "dinov2" else clip_like_layout(family, full))
     sd = fill(shapes, seed)
@@ -285,7 +287,8 @@ def test_hf_teacher_matches_transformers(tmp_path, case):
     layout) and gives the same tokens: CLIP's last_hidden_state after post_layernorm, SigLIP's and DINOv2's
     last_hidden_state (without DINOv2's registers)."""
     transformers = pytest.importorskip("transformers")
-    write_model(tmp_path / case, case)
+    # The hub's names, which every transformers 5 loads (5.17, for one, knows no q_proj names for DINOv2).
+    write_model(tmp_path / case, case, published_names=True)
     family, _, registers, _, _, (mean, std) = CASES[case]
     model, info = getattr(transformers, TRANSFORMERS_MODELS[case]).from_pretrained(
         tmp_path / case, output_loading_info=True, attn_implementation="eager")
@@ -388,7 +391,7 @@ def test_distill_with_an_hf_teacher_folder(tmp_path, case):
     args = distill.get_args_parser().parse_args([
         "--teacher", "hf", "--teacher-weights", str(tmp_path / case), "--student", "vit_micro_patch8",
         "--img-size", "16", "--synthetic-images", "16", "--batch-size", "8", "--workers", "0", "--log-every", "1",
-        "--amp", "fp32", "--epochs", "1", "--warmup-epochs", "0", "--out", str(tmp_path / "run")])
+        "--amp", "fp32", "--epochs", "1", "--warmup-epochs", "0", "--device", "cpu", "--out", str(tmp_path / "run")])
     distill.main(args)
     saved = torch.load(tmp_path / "run" / "student.pth", weights_only=True)
     weights = tmp_path / case / "model.safetensors"
@@ -575,7 +578,7 @@ def test_export_command_on_a_distilled_student(tmp_path):
     distill.main(distill.get_args_parser().parse_args(
         ["--teacher", "vit_micro_patch8", "--student", "vit_micro_patch8", "--img-size", "32", "--synthetic-images",
          "16", "--batch-size", "8", "--workers", "0", "--amp", "fp32", "--epochs", "1", "--warmup-epochs", "0",
-         "--out", str(run)]))
+         "--device", "cpu", "--out", str(run)]))
     done = export_command(run / "student.pth", "--out", tmp_path / "x")
     assert done.returncode == 0, done.stderr
     assert "timm.create_model(model_name='beit_base_patch16_224'" in done.stdout and "BeitModel" in done.stdout

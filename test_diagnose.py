@@ -18,7 +18,8 @@ import distill
 
 HERE = Path(__file__).parent
 MICRO = ["--teacher", "vit_micro_patch8", "--student", "vit_micro_patch8", "--img-size", "32", "--synthetic-images",
-         "8", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0", "--amp", "fp32"]
+         "8", "--batch-size", "8", "--epochs", "1", "--warmup-epochs", "0", "--workers", "0", "--amp", "fp32",
+         "--device", "cpu"]
 
 
 def parse(*argv):

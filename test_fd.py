@@ -14,6 +14,7 @@ import math
 import os
 import pathlib
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -40,9 +41,12 @@ from models import (Attention, Classifier, SWIN_SIZES, SwinTransformer, VisionTr
                     window_position_index, window_reverse)
 
 REPO = Path(__file__).resolve().parent
+# The micro runs train on the CPU, also on a GPU machine: they are compared with CPU computations here.
 MICRO = ["--teacher", "vit_micro_patch8", "--student", "vit_micro_patch8", "--img-size", "32",
          "--synthetic-images", "64", "--batch-size", "8", "--workers", "0", "--log-every", "1", "--amp", "fp32",
-         "--warmup-epochs", "0.5"]
+         "--warmup-epochs", "0.5", "--device", "cpu"]
+# The GPU tier: tests of the paths only a GPU takes (at the end of this file), skipped elsewhere.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU tier: needs a CUDA GPU")
 
 
 def parse(*argv):
@@ -1632,7 +1636,7 @@ def test_a_rank_that_dies_takes_the_job_down_instead_of_hanging(tmp_path):
 # ----------------------------------------------------------------------------- finetune.py
 FT_MICRO = ["--recipe", "vit_tiny_patch16", "--model", "vit_micro_patch8", "--img-size", "32", "--synthetic-images",
             "64", "--synthetic-val-images", "25", "--batch-size", "8", "--workers", "0", "--log-every", "1",
-            "--amp", "fp32"]
+            "--amp", "fp32", "--device", "cpu"]
 TABLE = "rel_pos_bias.relative_position_bias_table"
 
 
@@ -2280,7 +2284,8 @@ def corrupt_huffman_table(jpeg):
     return jpeg[:counts] + b"\xff" * 16 + jpeg[counts + 16:]
 
 
-def test_distill_decode_on_device_logs_the_losses_of_the_cpu_pipeline(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])  # on a GPU: nvJPEG
+def test_distill_decode_on_device_logs_the_losses_of_the_cpu_pipeline(tmp_path, device):
     # JPEGs without chroma subsampling, so that on a GPU nvJPEG decodes them exactly as PIL does:
     # it upsamples 4:2:0 chroma more plainly, which moves the colours of these noise images by 0.05.
     folder = tmp_path / "flat"
@@ -2292,7 +2297,8 @@ def test_distill_decode_on_device_logs_the_losses_of_the_cpu_pipeline(tmp_path):
     (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # caught by the workers
     (folder / "bad_table.jpg").write_bytes(corrupt_huffman_table(jpeg))  # caught by the decoder
     # 18 images in 3 batches of 6: every image drawn in each of the 2 epochs.
-    argv = [*MICRO, "--data", str(folder), "--batch-size", "6", "--epochs", "2", "--max-bad-frac", "0.5"]
+    argv = [*MICRO, "--data", str(folder), "--batch-size", "6", "--epochs", "2", "--max-bad-frac", "0.5",
+            "--device", device]
     with pytest.warns(UserWarning, match="skipping an unreadable image"):
         distill.main(parse(*argv, "--out", str(tmp_path / "cpu")))
     # Two workers, so that the collated batches cross from the worker processes; their warning about
@@ -2407,3 +2413,111 @@ def test_a_model_file_with_a_missing_and_an_extra_key_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="norm.bias") as error:
         load_model_file(tmp_path / "bad.pth")
     assert "extra.weight" in str(error.value)
+
+
+# ----------------------------------------------------------------------------- GPU only
+# Comparisons with the CPU turn TF32 off: cuDNN's convolutions (the patch embedding) use it by default.
+@pytest.fixture
+def exact_cuda(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+@needs_cuda
+def test_gpu_run_trains_as_the_cpu_run_with_fused_adamw_and_pinned_workers(tmp_path, monkeypatch, exact_cuda):
+    fused, adamw = [], torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **kw: fused.append(kw.get("fused")) or adamw(*a, **kw))
+    argv = [*MICRO, "--epochs", "1", "--drop-path", "0"]  # no drop path: the GPU draws from another generator
+    cpu = distill.main(parse(*argv, "--out", str(tmp_path / "cpu")))
+    gpu = distill.main(parse(*argv, "--device", "cuda", "--workers", "2", "--out", str(tmp_path / "gpu")))
+    assert fused == [False, True]  # AdamW's fused CUDA kernel on the GPU only
+    assert [r["loss"] for r in read_log(tmp_path / "gpu")] == pytest.approx(
+        [r["loss"] for r in read_log(tmp_path / "cpu")], rel=1e-4)
+    for (name, a), b in zip(cpu.named_parameters(), gpu.parameters(), strict=True):
+        assert b.is_cuda
+        torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@needs_cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_gpu_autocast_tracks_fp32_and_only_fp16_runs_the_grad_scaler(tmp_path, amp):
+    argv = [*MICRO, "--device", "cuda", "--epochs", "1", "--drop-path", "0"]
+    distill.main(parse(*argv, "--out", str(tmp_path / "fp32")))
+    distill.main(parse(*argv, "--amp", amp, "--out", str(tmp_path / amp)))
+    fp32, low = ([r["loss"] for r in read_log(tmp_path / name)] for name in ("fp32", amp))
+    assert low[0] == pytest.approx(fp32[0], rel=2e-2)  # the same weights: 8 (bf16) or 11 (fp16) bits of mantissa
+    assert low[-1] is not None and low[-1] == pytest.approx(fp32[-1], rel=0.1)  # and the run trains alike
+    scaler = torch.load(tmp_path / amp / "checkpoint.pth", weights_only=True)["scaler"]
+    assert ("scale" in scaler) == (amp == "fp16")  # bf16 needs no loss scaling; fp16's scale is saved
+
+
+@needs_cuda
+def test_gpu_compiled_run_matches_eager(tmp_path, exact_cuda):
+    argv = [*MICRO, "--device", "cuda", "--epochs", "1", "--drop-path", "0"]
+    distill.main(parse(*argv, "--out", str(tmp_path / "eager")))
+    distill.main(parse(*argv, "--compile", "--out", str(tmp_path / "compiled")))
+    assert [r["loss"] for r in read_log(tmp_path / "compiled")] == pytest.approx(
+        [r["loss"] for r in read_log(tmp_path / "eager")], rel=1e-3)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["EFFICIENT_ATTENTION", "CUDNN_ATTENTION"])
+def test_gpu_fused_attention_takes_the_learned_bias_in_bf16(backend):
+    # The student's bias requires grad, and the float mask rules out FlashAttention: the memory-efficient kernel
+    # must take it (cuDNN's may refuse a bias that needs a gradient).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    model = build_student("vit_small_patch16", 64).cuda()  # 64-wide heads, as the real students have
+    with torch.no_grad():
+        model.rel_pos_bias.relative_position_bias_table.normal_()
+    images = torch.rand(4, 3, 64, 64, device="cuda")
+    explicit, _ = attention_maps(model, images)  # fp32, the probabilities' path
+    explicit.square().mean().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    try:
+        with sdpa_kernel(getattr(SDPBackend, backend)), torch.autocast("cuda", dtype=torch.bfloat16):
+            fused = model(images).float()
+            fused.square().mean().backward()
+    except RuntimeError as error:
+        if backend == "EFFICIENT_ATTENTION":
+            raise
+        pytest.skip(f"{backend} takes no learned bias on this GPU: {str(error)[:80]}")
+    torch.testing.assert_close(fused, explicit, rtol=5e-2, atol=5e-2)
+    for n, p in model.named_parameters():  # bf16 gradients point where fp32's do
+        assert F.cosine_similarity(p.grad.flatten(), expected[n].flatten(), dim=0) > 0.99, n
+
+
+@needs_cuda
+def test_gpu_files_load_on_a_machine_without_one(tmp_path):
+    out = tmp_path / "gpu"
+    distill.main(parse(*MICRO, "--device", "cuda", "--epochs", "1", "--out", str(out)))
+    saved = torch.load(out / "student.pth", weights_only=True)  # no map_location: as a user on a laptop would
+    assert all(value.device.type == "cpu" for value in saved["model"].values())
+    # The run goes on, on the CPU, in a process that sees no GPU (in a copy: this process holds the folder's lock);
+    # then fine-tunes on the GPU, evaluated on the CPU.
+    moved = tmp_path / "cpu"
+    shutil.copytree(out, moved, ignore=shutil.ignore_patterns(".lock"))
+    cpu_only = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(REPO / "distill.py"), *MICRO, "--epochs", "2", "--out", str(moved)],
+                          env=cpu_only, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "resuming from" in done.stdout, done.stderr[-2000:]
+    assert [r["step"] for r in read_log(moved)] == list(range(1, 17))
+    _, metrics = finetune.main(ft_parse(*FT_MICRO, "--init", str(out / "student.pth"), "--device", "cuda",
+                                        "--epochs", "1", "--out", str(tmp_path / "ft")))
+    done = subprocess.run([sys.executable, str(REPO / "finetune.py"), *FT_MICRO, "--eval-only", "--init",
+                           str(tmp_path / "ft" / "best.pth")], env=cpu_only, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"top-1 {metrics['top1']:.2f}" in done.stdout, (metrics, done.stdout[-500:])
+
+
+@needs_cuda
+def test_gpu_bench_finds_the_largest_batch_and_reports_mfu(capsys):
+    argv = ["--student", "vit_micro_patch8", "--teacher", "vit_micro_patch8", "--img-size", "32", "--batch-size", "8",
+            "--max-batch", "96", "--steps", "2", "--warmup", "1", "--amp", "bf16"]
+    bench.main(bench.get_args_parser().parse_args(argv))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "batch 96," in lines[-2]  # a micro step fits at the limit: doubled from 8 up to it
+    last = dict(field.split("=") for field in lines[-1].split()[1:])
+    assert float(last["img/s"]) > 0 and float(last["peak_mem_mb"]) > 0
+    assert last["mfu"] == "n/a" or 0 < float(last["mfu"]) < 1

@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU tier: needs a CUDA GPU")
+
 REPO = Path(__file__).resolve().parent
 # 64 synthetic images, a global batch of 8: 8 steps per epoch, 16 in all. No drop path, so that runs on
 # different numbers of processes (whose drop-path draws differ) compute the same function.
 MICRO = ["--teacher", "vit_micro_patch8", "--student", "vit_micro_patch8", "--img-size", "32", "--synthetic-images",
          "64", "--workers", "0", "--log-every", "1", "--amp", "fp32", "--warmup-epochs", "0.5", "--drop-path", "0",
-         "--epochs", "2", "--lr", "0.05"]
+         "--epochs", "2", "--lr", "0.05", "--device", "cpu"]  # gloo ranks on the CPU, also on a GPU machine
 # distill.main under torchrun, with a fault at the Nth loss of the first attempt: every rank raises
 # KeyboardInterrupt ('raise', a crash), or rank 1 alone is SIGKILLed ('kill', a lost machine).
 DRIVER = """
@@ -40,12 +42,12 @@ training.run_cli(distill.main, distill.get_args_parser().parse_args(sys.argv[1:]
 """
 
 
-def run(tmp_path, out, *argv, processes=2, fault=None, at=0, restarts=0, check=True):
+def run(tmp_path, out, *argv, processes=2, fault=None, at=0, restarts=0, check=True, torchrun=None, env=()):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(repo=str(REPO)))
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-                 "--max-restarts", str(restarts)] if processes > 1 else [sys.executable])
-    env = dict(os.environ, OMP_NUM_THREADS="1", FD_FAULT=fault or "", FD_FAULT_AT=str(at))
+                 "--max-restarts", str(restarts)] if torchrun or processes > 1 else [sys.executable])
+    env = dict(os.environ, OMP_NUM_THREADS="1", FD_FAULT=fault or "", FD_FAULT_AT=str(at), **dict(env))
     result = subprocess.run([*launcher, str(driver), *MICRO, *argv, "--out", str(out)], env=env,
                             capture_output=True, text=True, timeout=300)
     if check:
@@ -126,7 +128,7 @@ def test_finetune_with_fsdp_matches_ddp_and_resumes(tmp_path):
     # 17 validation images: 3 batches on rank 0, 2 on rank 1, whose FSDP forwards must still pair up.
     argv = ["--recipe", "vit_tiny_patch16", "--model", "vit_micro_patch8", "--img-size", "32", "--synthetic-images",
             "32", "--synthetic-val-images", "17", "--batch-size", "4", "--workers", "0", "--log-every", "1",
-            "--amp", "fp32", "--epochs", "2", "--lr", "0.05"]
+            "--amp", "fp32", "--epochs", "2", "--lr", "0.05", "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 str(REPO / "finetune.py"), *argv]
@@ -190,3 +192,29 @@ def test_fsdp_refuses_fp16_wherever_it_is_asked_for():
     import training
     with pytest.raises(ValueError, match=r"--fsdp runs with --amp bf16 or fp32"):
         training.wrap_model(torch.nn.Linear(2, 2), torch.device("cpu"), 1, fsdp=True, dtype=torch.float16)
+
+
+# ----------------------------------------------------------------------------- GPU only
+EXACT_GPU = dict(NVIDIA_TF32_OVERRIDE="0")  # no TF32 in cuDNN and cuBLAS: the GPU computes the CPU's function
+
+
+@needs_cuda
+def test_gpu_sharded_checkpoint_resumes_on_the_cpu_and_back(tmp_path, straight):
+    # torchrun's one process on the GPU writes checkpoint.dcp (step 4); a process that sees no GPU resumes it and
+    # writes step 8; the GPU resumes that and ends the run that 2 CPU ranks ran straight.
+    out = tmp_path / "moved"
+    for device, fault, env in (("cuda", "raise", EXACT_GPU), ("cpu", "raise", dict(CUDA_VISIBLE_DEVICES="")),
+                               ("cuda", None, EXACT_GPU)):
+        result = run(tmp_path, out, "--fsdp", "--batch-size", "8", "--save-every", "4", "--device", device,
+                     processes=1, torchrun=device == "cuda", fault=fault, at=6, check=fault is None, env=env)
+        assert fault is None or torch.load(out / "checkpoint.dcp" / "meta.pth", weights_only=True)["step"] in (4, 8)
+    assert "resuming from" in result.stdout and "on cuda" in result.stdout
+    assert_same_training(out, straight, rtol=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the GPU tier: NCCL between ranks needs 2 CUDA GPUs")
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]])
+def test_gpu_two_ranks_over_nccl_train_as_the_cpu_ranks(tmp_path, straight, sharding):
+    run(tmp_path, tmp_path / "nccl", *sharding, "--batch-size", "4", "--save-every", "4", "--device", "cuda",
+        env=EXACT_GPU)
+    assert_same_training(tmp_path / "nccl", straight, rtol=1e-3)

@@ -44,6 +44,14 @@ def number(kind, low=None, high=None, open_low=False, open_high=False):
 POSITIVE, NON_NEGATIVE = number(int, 1), number(float, 0.0)
 
 
+def device_name(text):
+    """An argparse type: a torch device name (cpu, cuda, cuda:1)."""
+    try:
+        return str(torch.device(text))
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu, cuda or cuda:N") from None
+
+
 def run_cli(main, args):
     """Run an entry point. A user's error (ValueError, OSError, FloatingPointError) prints one line, on rank
     0 only, and exits with status 2; FD_TRACEBACK=1 shows the whole traceback."""
@@ -79,6 +87,8 @@ def add_run_flags(p):
     p.add_argument("--keep", type=number(int, 0), default=0, help="also keep the last N checkpoints as "
                    "OUT/checkpoint-STEP.pth")
     p.add_argument("--log-every", type=POSITIVE, default=10, help="log every N optimizer steps")
+    p.add_argument("--device", type=device_name, default=None, help="where to train: cpu, cuda, cuda:N [this "
+                   "process's GPU (cuda:LOCAL_RANK under torchrun) if there is one, else cpu]")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
                    help="autocast dtype; auto = bf16 on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the trained model (and the teacher)")
@@ -92,15 +102,21 @@ def add_run_flags(p):
 
 
 # ----------------------------------------------------------------------------- setup
-def setup_distributed():
-    """(rank, world_size, device) from torchrun's environment; without torchrun one process, on the GPU if any."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+def setup_distributed(device=None):
+    """(rank, world_size, device) from torchrun's environment and --device: unset, this process's GPU (cuda:LOCAL_RANK)
+    if there is one, else the CPU. The backend follows the device: nccl for GPUs, gloo for CPUs (--device cpu runs
+    torchrun's ranks on the CPU of a GPU machine, e.g. to debug)."""
+    world_size, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if device.index is None:  # --device cuda: under torchrun each process its own GPU
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                             f"use --device cpu, or a GPU it has")
+        torch.cuda.set_device(device)  # fused kernels, the GPU's RNG and NCCL use the current device
     if world_size == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank, cuda = int(os.environ["LOCAL_RANK"]), torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(local_rank)
+        return 0, 1, device
     # torchrun's store outlives a restart (--max-restarts) and still holds the dead attempt's addresses,
     # which gloo would try to connect to: every attempt gets keys of its own.
     rank, attempt = int(os.environ["RANK"]), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -108,7 +124,8 @@ def setup_distributed():
                           is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
                           timeout=timedelta(minutes=30))
     # A dead rank should end the job with an error, not hang it forever.
-    dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
                             world_size=world_size, timeout=timedelta(minutes=30))
     atexit.register(dist.destroy_process_group)
     return dist.get_rank(), world_size, device
@@ -221,7 +238,7 @@ def full_state_dict(model):
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         dist.barrier()  # no rank leaves while another still gathers (gloo aborts a process torn down mid-use)
         return weights
-    return model.state_dict()
+    return {key: value.cpu() for key, value in model.state_dict().items()}  # a GPU's file loads on a laptop too
 
 
 def save_sharded_checkpoint(model, optimizer, meta, out, keep, world_size, is_main):
@@ -294,7 +311,8 @@ def save_checkpoint(state, out, keep, world_size, is_main):
 def rng_states(world_size):
     """Every rank's states of the RNGs training draws from (a collective): the CPU's and the GPU's (drop path,
     mixup). Data augmentation is seeded per image (data.SeededTransform) and needs none."""
-    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    gpu = torch.cuda.is_initialized()  # a run on the CPU of a GPU machine leaves the GPU alone
+    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if gpu else None}
     if world_size == 1:
         return [state]
     states = [None] * world_size
@@ -309,7 +327,7 @@ def restore_rng(states, rank, world_size, fresh_seed):
         torch.manual_seed(fresh_seed)
         return
     torch.set_rng_state(states[rank]["torch"])
-    if states[rank]["cuda"] is not None and torch.cuda.is_available():
+    if states[rank]["cuda"] is not None and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(states[rank]["cuda"])
 
 
