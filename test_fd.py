@@ -2399,6 +2399,24 @@ def test_training_transforms_flip_both_ways():
         assert orientations == {True, False}
 
 
+def test_randaugment_has_the_strength_of_timms_rand_m9(monkeypatch):
+    # The official fine-tuning recipe's 'rand-m9' is timm's RandAugment at magnitude 9 of _LEVEL_DENOM 10 (timm's
+    # auto_augment.py): rotate by 30 * 9/10 = 27 degrees, shear by 0.3 * 9/10 = 0.27, either sign.
+    from torchvision.transforms import autoaugment
+    applied, real = collections.defaultdict(set), autoaugment._apply_op
+
+    def record(image, op, magnitude, *args, **kwargs):
+        applied[op].add(round(abs(magnitude), 4))
+        return real(image, op, magnitude, *args, **kwargs)
+    monkeypatch.setattr(autoaugment, "_apply_op", record)
+    transform = finetune.train_transform(finetune.apply_recipe(ft_parse(*FT_MICRO, "--reprob", "0")))
+    image = Image.new("RGB", (32, 32), (120, 60, 200))
+    torch.manual_seed(0)
+    for _ in range(100):
+        transform(image)
+    assert applied["Rotate"] == {27.0} and applied["ShearX"] == {0.27}
+
+
 def test_a_model_file_with_a_missing_and_an_extra_key_is_refused(tmp_path):
     state = torch.load(REPO / "testdata" / "student.pth", weights_only=True)
     del state["model"]["norm.bias"]
