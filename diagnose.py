@@ -171,7 +171,9 @@ def load_model(spec, is_file, img_size):
             with contextlib.suppress(ValueError):  # else a checkpoint.pth: load_pretrained reads its student
                 return load_model_file(spec)
         return load_pretrained(name, weights or None, img_size)
-    except (ValueError, RuntimeError) as error:  # checkpoints.py names distill.py's flags: give diagnose's spec form
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError) as error:  # checkpoints.py names distill.py's flags: give diagnose's spec form
         message = str(error).replace("with --teacher-weights FILE", f"as --model {name}:FILE").replace(
             f"--teacher {name}", f"--model {spec}").replace("with --teacher (", "as --model NAME:FILE, NAME one of (")
         raise ValueError(message if "--model" in message else f"--model {spec}: {message}") from error

@@ -532,7 +532,7 @@ def test_bad_teacher_files_give_clear_errors_and_run_no_code(tmp_path, monkeypat
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     path = tmp_path / "cache" / "hub" / "checkpoints" / "dino_vitbase16_pretrain.pth"
-    with pytest.raises(RuntimeError, match=f"Fetch https://dl.fbaipublicfiles.com/dino/.*pth yourself and put it at {path}"):
+    with pytest.raises(OSError, match=f"fetch https://dl.fbaipublicfiles.com/dino/.*pth yourself and put it at {path}"):
         load_teacher("dino")
 
 
