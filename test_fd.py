@@ -14,6 +14,7 @@ import math
 import os
 import pathlib
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -1312,8 +1313,27 @@ def test_odd_images_load_and_unreadable_ones_are_skipped_counted_and_bounded(tmp
     with pytest.warns(UserWarning, match="skipping an unreadable image: .*(truncated|empty|notes)"):
         distill.main(parse(*argv, "--max-bad-frac", "0.5", "--out", str(tmp_path / "run")))
     assert sum(r["bad_images"] for r in read_log(tmp_path / "run")) == 3  # 5 batches of 4: every file drawn
-    with pytest.raises(ValueError, match=r"epoch 0: 3 of its 20 images were unreadable, more than --max-bad-frac 0.1"):
-        distill.main(parse(*argv, "--max-bad-frac", "0.1", "--out", str(tmp_path / "strict")))
+    # Past the bound (one image of 20 is more than 0.01): the run stops in that step, before its checkpoint, the
+    # message on a line of its own after the progress bar. Each step is saved (--save-every: a tenth of 5 steps).
+    strict = tmp_path / "strict"
+    done = subprocess.run([sys.executable, str(REPO / "distill.py"), *argv, "--max-bad-frac", "0.01", "--out",
+                           str(strict)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.rstrip().split("\n")[-1].startswith("distill.py: error: epoch 0: 1 of its 20 images were "
+                                                            "unreadable, more than --max-bad-frac 0.01")
+    assert torch.load(strict / "checkpoint.pth", weights_only=True)["step"] < 5  # not the epoch's end: stopped early
+    # A folder of nothing but unreadable files, read by a worker process: one line naming one of them.
+    (tmp_path / "bad").mkdir()
+    for name in ("notes.png", "empty.jpg", "truncated.jpg"):
+        for i in range(3):
+            (tmp_path / "bad" / f"{i}{name}").write_bytes((folder / name).read_bytes())
+    done = subprocess.run([sys.executable, str(REPO / "distill.py"), *argv, "--workers", "1", "--data",
+                           str(tmp_path / "bad"), "--out", str(tmp_path / "bad_run")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert re.fullmatch(rf"distill.py: error: all 4 images of a batch are unreadable, as {tmp_path / 'bad'}/\S+: .*"
+                        rf"is --data the folder you meant\? Fix or remove the files the warnings name .*",
+                        done.stderr.rstrip().split("\n")[-1])
 
 
 def test_distill_on_image_folder_writes_checkpoint_student_and_log(tmp_path):
@@ -1413,16 +1433,29 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_and_corrupt_files_are
     argv = [*MICRO, "--epochs", "1", "--save-every", "2", "--keep", "2", "--out", str(out)]
     real_save, saves = torch.save, []
 
-    def disk_full_on_the_third_save(obj, f):
+    class FullDisk:  # a file whose writes fail past its first 1000 bytes, as on a full disk
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            if self.f.tell() + len(data) > 1000:
+                raise OSError(28, "No space left on device")
+            return self.f.write(data)
+
+    def disk_full_on_the_third_save(obj, f):  # torch's writer then fails too, with 'unexpected pos'
         saves.append(1)
-        if len(saves) == 3:
-            f.write(b"partial")
-            raise OSError(28, "No space left on device")
-        real_save(obj, f)
+        real_save(obj, FullDisk(f) if len(saves) == 3 else f)
 
     monkeypatch.setattr(torch, "save", disk_full_on_the_third_save)
-    with pytest.raises(OSError, match="No space left"):
-        distill.main(parse(*argv))
+    monkeypatch.setattr(sys, "argv", ["distill.py"])
+    with pytest.raises(SystemExit) as status:
+        training.run_cli(distill.main, parse(*argv))
+    printed = capsys.readouterr()
+    assert status.value.code == 2 and "Traceback" not in printed.err and "8 steps (1 epoch of 8)" in printed.out
+    assert printed.err.rstrip().split("\n")[-1] == (
+        f"distill.py: error: cannot write {out / 'checkpoint.pth'} ([Errno 28] No space left on device); "
+        f"nothing was replaced: free some space on its disk (or use another --out), then run the same command again "
+        f"(FD_TRACEBACK=1 shows where)")
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 2  # the previous one, whole
     assert not list(out.glob("*.tmp"))
@@ -1444,8 +1477,8 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_and_corrupt_files_are
 
 
 @pytest.mark.parametrize("script, flag, value, expected", [
-    ("distill", "--epochs", "0", "expected a value in [1, inf)"),
-    ("finetune", "--epochs", "-1", "expected a value in [1, inf)"),
+    ("distill", "--epochs", "0", "expected a value in (0, inf)"),
+    ("finetune", "--epochs", "-1", "expected a value in (0, inf)"), ("distill", "--epochs", "inf", "'inf' is not a number"),
     ("distill", "--save-every", "0", "[1, inf)"), ("distill", "--log-every", "0", "[1, inf)"),
     ("distill", "--drop-path", "1.5", "[0.0, 1.0)"), ("distill", "--min-crop-scale", "2", "(0.0, 1.0]"),
     ("distill", "--img-size", "0", "[1, inf)"), ("distill", "--lr", "-1", "-1 is out of range"),
@@ -1457,7 +1490,7 @@ def test_flag_values_are_checked_when_parsed(script, flag, value, expected, caps
     with pytest.raises(SystemExit):
         parser.parse_args([flag, value])
     error = capsys.readouterr().err
-    assert f"argument {flag}: " in error and expected in error
+    assert f"{script}.py: error: argument {flag}: " in error and expected in error  # the README's words
 
 
 def test_run_length_and_sizes_are_checked_before_training(tmp_path, capsys):
@@ -1826,6 +1859,32 @@ def test_init_from_distilled_student_checkpoint_and_teacher(distilled, tmp_path,
     assert len([r for r in ft_log(tmp_path / "teacher") if "top1" in r]) == 1
 
 
+def test_init_from_a_timm_file_of_another_resolution_says_it_was_resized(tmp_path, capsys):
+    # As a DINOv2 file (518 px) fine-tuned at 112 px: here a 64 px file (8x8 patches of 8) fine-tuned at 32 px.
+    torch.save(scaled(timm_layout(64, 1, 8, 8)), tmp_path / "timm.pth")
+    args = finetune.apply_recipe(ft_parse(*FT_MICRO, "--init", "timm", "--init-weights", str(tmp_path / "timm.pth")))
+    model = finetune.build_classifier(args, num_classes=10)
+    assert "; resized from 64 to 32 px: pos_embed;" in capsys.readouterr().out
+    assert model.encoder.pos_embed.shape == (1, 1 + 4 * 4, 64)
+
+
+def test_finetuning_on_one_class_is_refused(tmp_path):
+    for split in ("train", "val"):  # every image right: top-1 100% and a loss of 0, for nothing learnt
+        write_images(tmp_path / "data" / split / "cats", 4)
+    with pytest.raises(ValueError, match=r"one class folder \(cats\); fine-tuning a classifier needs two classes"):
+        finetune.main(ft_parse(*FT_MICRO, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")))
+
+
+def test_a_fraction_of_an_epoch_distils_and_finetunes(tmp_path, capsys):
+    # 64 images in batches of 8: half an epoch is 4 steps; fine-tuning evaluates at the run's end.
+    distill.main(parse(*MICRO, "--epochs", "0.5", "--warmup-epochs", "0.25", "--out", str(tmp_path / "fd")))
+    assert [r["step"] for r in read_log(tmp_path / "fd")] == [1, 2, 3, 4]
+    assert "4 steps (0.5 epochs of 8)" in capsys.readouterr().out
+    finetune.main(ft_parse(*FT_MICRO, "--epochs", "0.5", "--warmup-epochs", "0.25", "--out", str(tmp_path / "ft")))
+    assert [r["step"] for r in ft_log(tmp_path / "ft") if "top1" in r] == [4]
+    assert torch.load(tmp_path / "ft" / "best.pth", weights_only=True)["step"] == 4
+
+
 def test_loading_errors_list_missing_and_unexpected_keys(distilled, tmp_path):
     state = torch.load(distilled / "student.pth", weights_only=True)
     del state["model"]["blocks.1.mlp.fc2.weight"]
@@ -1912,7 +1971,7 @@ def test_torchrun_two_ranks_evaluate_an_uneven_val_set_like_one_process(tmp_path
            str(REPO / "finetune.py"), *FT_MICRO, "--batch-size", "4", "--epochs", "1", "--out", str(out)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es) x 4 images x 1 micro-steps = 8 images per step" in result.stdout
+    assert "2 process(es) x 4 images x 1 micro-step = 8 images per step" in result.stdout
     logged = [r for r in ft_log(out) if "top1" in r]
     assert len(logged) == 1 and logged[0]["images"] == 25  # 13 + 12 images: none dropped or repeated
     # Independent count in this one process, over the whole val set.
