@@ -1478,7 +1478,8 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_and_corrupt_files_are
 
 @pytest.mark.parametrize("script, flag, value, expected", [
     ("distill", "--epochs", "0", "expected a value in (0, inf)"),
-    ("finetune", "--epochs", "-1", "expected a value in (0, inf)"), ("distill", "--epochs", "inf", "'inf' is not a number"),
+    ("finetune", "--epochs", "-1", "expected a value in (0, inf)"),
+    ("distill", "--epochs", "inf", "'inf' is not a number"),
     ("distill", "--save-every", "0", "[1, inf)"), ("distill", "--log-every", "0", "[1, inf)"),
     ("distill", "--drop-path", "1.5", "[0.0, 1.0)"), ("distill", "--min-crop-scale", "2", "(0.0, 1.0]"),
     ("distill", "--img-size", "0", "[1, inf)"), ("distill", "--lr", "-1", "-1 is out of range"),
