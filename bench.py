@@ -41,7 +41,7 @@ BACKENDS = {"auto": None, "math": SDPBackend.MATH, "efficient": SDPBackend.EFFIC
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("FD benchmark", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser("bench.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--step", choices=["distill", "finetune"], default="distill",
                    help="the step timed: distill.py's (teacher + student) or finetune.py's (classifier)")

@@ -47,8 +47,11 @@ def read_checkpoint(path):
                 return read_torchscript(archive)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        globals_ = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except pickle.UnpicklingError as error:
+        try:
+            globals_ = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except ValueError:  # not a pickle at all: text, an HTML page saved under the file's name
+            raise not_a_checkpoint(path, error) from None
         refused = sorted(g for g in globals_ if g not in DATA_ONLY_GLOBALS)
         if refused:
             raise ValueError(f"{path}: refused: unpickling it would call {', '.join(refused)}, which can run code. "
@@ -56,9 +59,14 @@ def read_checkpoint(path):
                              f"state dict") from None
         with torch.serialization.safe_globals([DATA_ONLY_GLOBALS[g] for g in globals_]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError) as error:  # OSError: the zip reader's 'Invalid argument' on a cut file
-        raise ValueError(f"{path}: not a readable checkpoint, probably truncated ({str(error).split('.')[0]}): "
-                         f"download or copy it again") from None
+    # OSError: the zip reader's 'Invalid argument' on a cut file; KeyError, IndexError: other bytes read as a pickle
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError) as error:
+        raise not_a_checkpoint(path, error) from None
+
+
+def not_a_checkpoint(path, error):
+    return ValueError(f"{path}: not a readable checkpoint, probably truncated or not written by torch.save "
+                      f"({type(error).__name__}: {str(error).split('.')[0]}): download or copy it again")
 
 
 # Each dtype's names: a TorchScript archive's storage class (torch.FloatStorage, ...), a safetensors header's.
@@ -145,8 +153,9 @@ def unwrap_state_dict(checkpoint, path, prefer=WRAPPER_KEYS):
     return state
 
 
-def load_strict(model, state, source):
-    """load_state_dict, naming every missing, unexpected or misshapen key: a silently half-loaded teacher ruins runs."""
+def load_strict(model, state, source, check_only=False):
+    """load_state_dict, naming every missing, unexpected or misshapen key: a silently half-loaded teacher ruins runs.
+    `check_only`: the checks alone (a model on the meta device, which holds no values to load into)."""
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(expected[k].shape)})" for k in expected
@@ -157,7 +166,8 @@ def load_strict(model, state, source):
                     if keys]
         raise ValueError(f"{source} does not fit this model ({'; '.join(problems)}). Is it the file of another "
                          f"model? Check --teacher / --init and the weights file")
-    model.load_state_dict(state)  # casts fp16 weights (OpenAI CLIP) to the model's dtype
+    if not check_only:
+        model.load_state_dict(state)  # casts fp16 weights (OpenAI CLIP) to the model's dtype
 
 
 def sha256sum(path):
@@ -179,9 +189,9 @@ def teacher_weights_file(name):
         print(f"downloading the {name} teacher from {url} to {path}")
         try:  # writes to a temporary file, checks the hash prefix, then renames
             torch.hub.download_url_to_file(url, str(path), hash_prefix=TEACHERS[name].get("sha256"))
-        except Exception as error:
-            raise RuntimeError(f"could not download the {name} teacher ({error}). Fetch {url} yourself and put it at "
-                               f"{path}, or pass it with --teacher-weights FILE") from None
+        except Exception as error:  # offline, a proxy, a changed file: the machine's error, in one line
+            raise OSError(f"could not download the {name} teacher ({error}): fetch {url} yourself and put it at "
+                          f"{path}, or pass it with --teacher-weights FILE") from None
     return path
 
 
@@ -437,6 +447,13 @@ def read_hf_model(path):
 
 
 # ============================================================================= building teachers
+def sizes(arch):
+    """What the name of an architecture fixes, in words."""
+    if "depths" in arch:
+        return f"a Swin of width {arch['embed_dim']}, depths {list(arch['depths'])}, window {arch['window_size']}"
+    return f"a ViT of width {arch['embed_dim']}, depth {arch['depth']}, patch {arch['patch_size']}"
+
+
 def load_pretrained(name, weights=None, img_size=None, grid=None):
     """A pretrained encoder (trainable, in train mode) that maps images in [0, 1] to its tokens:
     - a teacher of TEACHERS, from `weights` (a file in its published layout; for 'hf' a transformers model folder),
@@ -465,6 +482,13 @@ def load_pretrained(name, weights=None, img_size=None, grid=None):
                              f"{error.args[0]}; the file has {', '.join(list(state)[:8])}, ...)") from None
     elif weights not in (None, "random"):
         (arch, state, _), source = read_encoder_file(weights), str(weights)
+        try:  # the name of an architecture (vit_base_patch16) must be the file's; other names are labels
+            named = sizes(swin_arch(name) if name.startswith("swin") else teacher_arch(*parse_vit_name(name)))
+        except ValueError:
+            named = sizes(arch)
+        if named != sizes(arch):
+            raise ValueError(f"{weights} holds {sizes(arch)}, but the name it is given with, {name}, is {named}: give "
+                             f"the file's architecture as the name, or another file")
         final_norm = any(k.startswith("norm.") for k in state)  # a fine-tuned classifier pools before any
     else:  # a plain ViT of a named size, random weights
         try:
@@ -482,7 +506,7 @@ def load_pretrained(name, weights=None, img_size=None, grid=None):
                 with torch.device("meta"):  # the file must fit the architecture at its own size before any resizing
                     native = build_from_arch(arch)
                     native.norm = native.norm if final_norm else nn.Identity()
-                load_strict(native, state, source)
+                load_strict(native, state, source, check_only=True)
                 old_grid, new_grid = (arch["img_size"] // patch,) * 2, (img_size // patch,) * 2
                 state["pos_embed"] = resize_pos_embed(state["pos_embed"], old_grid, new_grid)
             arch["img_size"] = img_size

@@ -152,9 +152,12 @@ def image_dataset(root, split="train", loader=load_rgb, labelled=False):
             raise ValueError(f"--data {root}: no images in the class folders {', '.join(empty)}; remove them or "
                              f"add images")
         classes = [c for c in classes if c not in empty]
+        if labelled and len(classes) == 1:  # one class: trivially 100% correct, a loss of 0, and nothing learnt
+            raise ValueError(f"--data {root}: one class folder ({classes[0]}); fine-tuning a classifier needs two "
+                             f"classes or more, each in a folder of its own")
         dataset = ImageFiles(files, [classes.index(folder) for folder in folder_of], classes, loader)
-    dataset.summary = (f"{len(files)} images in {root}" + (f", {len(classes)} classes" if dataset.classes else
-                                                           " (no class folders: unlabelled)"))
+    dataset.summary = f"{len(files)} images in {root}" + (f", {len(classes)} class{'es' * (len(classes) != 1)}"
+                                                          if dataset.classes else " (no class folders: unlabelled)")
     return dataset
 
 
@@ -173,7 +176,8 @@ def eval_transform(img_size):
 
 class SeededTransform(Dataset):
     """A random transform with the torch RNG seeded by (seed, epoch, index), whatever the workers, ranks, resume point
-    (set `.epoch` before each epoch's iterator). An unreadable image: None, a warning; the collate drops it."""
+    (set `.epoch` before each epoch's iterator). An unreadable image: its UnreadableImage, a warning; the collate
+    drops it."""
 
     def __init__(self, dataset, transform, seed=0):
         self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
@@ -186,7 +190,7 @@ class SeededTransform(Dataset):
             image, label = self.dataset[index]
         except UnreadableImage as error:
             warnings.warn(f"skipping an unreadable image: {error}")
-            return None
+            return error
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
             return self.transform(image), label
@@ -195,9 +199,10 @@ class SeededTransform(Dataset):
 def skip_unreadable(samples, stack=True):
     """(images, labels, number of unreadable images left out); stack=False (FDCropBox's samples, of differing sizes):
     images = (all the data in one flat tensor, as each tensor a worker sends holds a file descriptor; shapes; crops)."""
-    readable = [sample for sample in samples if sample is not None]
-    if not readable:
-        raise RuntimeError(f"all {len(samples)} images of a batch were unreadable (see the warnings above)")
+    readable = [sample for sample in samples if not isinstance(sample, UnreadableImage)]
+    if not readable:  # nothing to train on: most likely all of --data is
+        raise ValueError(f"all {len(samples)} images of a batch are unreadable, as {samples[0]}: is --data the "
+                         f"folder you meant? Fix or remove the files the warnings name")
     if stack:
         images, labels = default_collate(readable)
     else:
@@ -239,7 +244,7 @@ def steps_of_batches(loader, sampler, dataset, step, steps_per_epoch, total_step
         sampler.start = skip * accum * loader.batch_size
         dataset.epoch = epoch
         batches = iter(loader)
-        for _ in range(skip, steps_per_epoch):
+        for _ in range(skip, min(steps_per_epoch, skip + total_steps - step)):  # the last epoch may be cut short
             yield epoch, [next(batches) for _ in range(accum)]
             step += 1
 

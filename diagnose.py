@@ -171,7 +171,9 @@ def load_model(spec, is_file, img_size):
             with contextlib.suppress(ValueError):  # else a checkpoint.pth: load_pretrained reads its student
                 return load_model_file(spec)
         return load_pretrained(name, weights or None, img_size)
-    except (ValueError, RuntimeError) as error:  # checkpoints.py names distill.py's flags: give diagnose's spec form
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError) as error:  # checkpoints.py names distill.py's flags: give diagnose's spec form
         message = str(error).replace("with --teacher-weights FILE", f"as --model {name}:FILE").replace(
             f"--teacher {name}", f"--model {spec}").replace("with --teacher (", "as --model NAME:FILE, NAME one of (")
         raise ValueError(message if "--model" in message else f"--model {spec}: {message}") from error
@@ -202,12 +204,12 @@ def load_models(specs, img_size=None):
 def load_images(data, count, img_size):
     """`count` images in [0, 1] spread over the dataset (unreadable: the next readable), labels (-1: none), source."""
     dataset = image_dataset(data, split="val") if data else SyntheticShapes(count, split="val")
-    n, seen, dataset = len(dataset), {}, SeededTransform(dataset, eval_transform(img_size))  # unreadable: None, warned
+    n, seen, dataset = len(dataset), {}, SeededTransform(dataset, eval_transform(img_size))  # unreadable: warned
     for start in torch.linspace(0, n - 1, min(count, n)).round().long().tolist():
         for i in (j % n for j in range(start, start + n)):  # this spread point, else the next readable image
-            if i not in seen and seen.setdefault(i, dataset[i]) is not None:
+            if i not in seen and isinstance(seen.setdefault(i, dataset[i]), tuple):
                 break
-    indices = sorted(i for i, sample in seen.items() if sample is not None)
+    indices = sorted(i for i, sample in seen.items() if isinstance(sample, tuple))
     if len(indices) < count:
         raise ValueError(f"--data {data}: {len(indices)} readable images ({len(seen) - len(indices)} unreadable, named "
                          f"in the warnings), fewer than --images {count}: lower --images or add images")
@@ -347,7 +349,7 @@ def tool_list(text):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("FD diagnosis", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser("diagnose.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", action="append", help="[LABEL=]SPEC, repeatable: a model file (student.pth, "
                    f"checkpoint.pth, a fine-tuned classifier) or a teacher NAME[:WEIGHTS] [{' '.join(DEFAULT_MODELS)}]")

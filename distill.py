@@ -27,11 +27,10 @@ from checkpoints import TEACHERS, load_teacher, sha256sum
 from data import (FDCropBox, SeededTransform, SyntheticShapes, decode_and_crop, fd_transform, image_dataset,
                   load_rgb, read_undecoded, steps_of_batches, train_loader)
 from models import build_student, parse_vit_name, set_grad_checkpointing
-from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_run_flags, add_schedule_flags,
-                      autocast_dtype, full_state_dict, git_hash, gradient_sync, load_resume, load_sharded_checkpoint,
-                      lock_out, lr_at, number, param_groups, prepare_teacher, refuse_endless_warmup, restore_rng,
-                      run_cli, save_atomic, save_checkpoint, save_sharded_checkpoint, schedule, setup_distributed,
-                      wrap_model)
+from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, count,
+                      full_state_dict, git_hash, gradient_sync, load_resume, load_sharded_checkpoint, lock_out, lr_at,
+                      number, param_groups, prepare_teacher, refuse_endless_warmup, restore_rng, run_cli, save_atomic,
+                      save_checkpoint, save_sharded_checkpoint, schedule, setup_distributed, wrap_model)
 
 # ----------------------------------------------------------------------------- presets
 # The official distillation recipes (the official configs/pretrain/*.yaml); every value can be overridden by its flag.
@@ -58,7 +57,7 @@ FROM_PRESET = " (unset: from the --teacher preset)"
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("Feature Distillation", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser("distill.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--teacher", default=DEFAULT_TEACHER,
                    help=f"a published teacher ({', '.join(TEACHERS)}; the paper's bring their recipe for the flags "
@@ -244,17 +243,17 @@ def main(args):
     commit = git_hash()  # recorded in every checkpoint, for reproducibility
 
     if is_main:
-        print(f"{world_size} process(es) x {args.batch_size} images x {args.accum} micro-steps = {global_batch} "
-              f"images per step; lr {lrs['lr']:.3g} (= {args.lr:g} x {global_batch}/512); "
-              f"{total_steps} steps ({args.epochs} epochs of {steps_per_epoch}); autocast {dtype or 'off (fp32)'} "
-              f"on {device}")
+        print(f"{world_size} process(es) x {args.batch_size} images x {count(args.accum, 'micro-step')} = "
+              f"{global_batch} images per step; lr {lrs['lr']:.3g} (= {args.lr:g} x {global_batch}/512); "
+              f"{count(total_steps, 'step')} ({count(args.epochs, 'epoch')} of {steps_per_epoch}); autocast "
+              f"{dtype or 'off (fp32)'} on {device}")
         print(f"data: {data_summary}")
         weights = f"{teacher.source} (sha256 {teacher_info['sha256']})" if teacher_info["sha256"] else "random weights"
         stats = "input mean {} std {}".format(*(" ".join(f"{v:.4g}" for v in teacher_info[k]) for k in ("mean", "std")))
         print(f"teacher {args.teacher}: {weights}, {teacher.encoder.grid[0]}x{teacher.encoder.grid[1]} tokens at "
               f"{teacher.input_size} px, {stats} (--teacher-mean, --teacher-std)")
         print(f"student {args.student} at {args.img_size} px, "
-              f"drop path {args.drop_path}, {args.epochs} epochs ({args.warmup_epochs} warmup), crop scale "
+              f"drop path {args.drop_path}, {count(args.epochs, 'epoch')} ({args.warmup_epochs} warmup), crop scale "
               f"{args.min_crop_scale}-1, lr/512 {args.lr:g} (min {args.min_lr:g}, warmup {args.warmup_lr:g})")
     if step >= total_steps and is_main:
         print(f"{out} holds step {step} of {total_steps} already: nothing to train "
@@ -292,7 +291,7 @@ def main(args):
 
         # The images left out: unreadable files (by the loader), and those decode_and_crop cannot decode.
         bad_images = sum(int(bad) + len(labels) - len(inputs) for (_, labels, bad), inputs in zip(batch, micro_batches))
-        log.add(loss, finite, step, bad_images=bad_images)
+        log.add(loss, finite, step, epoch, bad_images)
         progress.update()
         if step % args.log_every == 0 or step == total_steps:
             record = log.write(global_batch, step=step, epoch=epoch, lr=lr)

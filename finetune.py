@@ -34,10 +34,10 @@ from checkpoints import (load_model_file, load_pretrained, read_encoder_file, re
 from data import (SeededTransform, SyntheticShapes, eval_transform, image_dataset, skip_unreadable, steps_of_batches,
                   train_loader)
 from models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, swin_stage_windows
-from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_run_flags, add_schedule_flags,
-                      autocast_dtype, full_state_dict, git_hash, gradient_sync, load_resume, load_sharded_checkpoint,
-                      lock_out, lr_at, number, param_groups, refuse_endless_warmup, restore_rng, run_cli, save_atomic,
-                      save_checkpoint, save_sharded_checkpoint, schedule, setup_distributed, wrap_model)
+from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, count,
+                      full_state_dict, git_hash, gradient_sync, load_resume, load_sharded_checkpoint, lock_out, lr_at,
+                      number, param_groups, refuse_endless_warmup, restore_rng, run_cli, save_atomic, save_checkpoint,
+                      save_sharded_checkpoint, schedule, setup_distributed, wrap_model)
 
 # ----------------------------------------------------------------------------- presets
 # The official fine-tuning configs (configs/finetune/*.yaml); lr, min_lr and warmup_lr are
@@ -70,7 +70,7 @@ FROM_RECIPE = " (unset: from the recipe)"
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("FD fine-tuning", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser("finetune.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--init", help="what to fine-tune: a distilled student.pth or distill checkpoint.pth, a model "
                    "file this project wrote, or a teacher name (clip, dino, vit_tiny_patch16, ...); from scratch if "
@@ -175,14 +175,15 @@ def encoder_for_finetuning(state, arch, img_size):
     return state
 
 
-def read_init(init, init_weights, img_size):
-    """(arch, encoder state_dict, description) of what --init names."""
+def read_init(init, init_weights):
+    """(arch, encoder state_dict, description) of what --init names, at its own resolution (encoder_for_finetuning
+    resizes its position tables)."""
     path = Path(init)
     if path.is_file():
         return read_encoder_file(path)
     if path.suffix in (".pth", ".pt") or os.sep in init:
         raise FileNotFoundError(f"--init {init}: no such file")
-    encoder = load_pretrained(init, init_weights, img_size)
+    encoder = load_pretrained(init, init_weights)
     return encoder.arch, encoder.state_dict(), f"{init} " + (f"weights {init_weights}" if init_weights else
                                                              "(random weights from a fixed seed)")
 
@@ -193,7 +194,7 @@ def build_classifier(args, num_classes, verbose=True):
     if args.init is None:  # the FD student's architecture and initialisation, per-block tables as after distillation
         arch = build_student(args.model, args.img_size, args.drop_path).arch
     else:
-        arch, source, description = read_init(args.init, args.init_weights, args.img_size)
+        arch, source, description = read_init(args.init, args.init_weights)
         state = encoder_for_finetuning(source, arch, args.img_size)
     model = Classifier(build_from_arch(finetuning_arch(arch, args.img_size, args.drop_path)), num_classes,
                        args.linear_probe)
@@ -351,6 +352,7 @@ RESUME_FLAGS = ("init", "init_weights", "recipe", "model", "img_size", "linear_p
 
 def main(args):
     """Fine-tune (or with --eval-only, evaluate); returns (classifier, the last evaluation)."""
+    start = time.perf_counter()  # for "done in": loading and evaluation too
     args = apply_recipe(args)
     rank, world_size, device = setup_distributed(args.device)
     is_main = rank == 0
@@ -424,19 +426,19 @@ def main(args):
     mixer = mixup_cutmix(args, num_classes)
     model_file = dict(arch=model.arch, recipe=args.recipe, init=args.init, git=git_hash())
     if is_main:
-        print(f"{world_size} process(es) x {args.batch_size} images x {args.accum} micro-steps = {global_batch} "
-              f"images per step; lr {lrs['lr']:.3g} (= {args.lr:g} x {global_batch}/512); "
-              f"{total_steps} steps ({args.epochs} epochs of {steps_per_epoch}); autocast {dtype or 'off (fp32)'} "
-              f"on {device}")
-        print(f"recipe {args.recipe}{' (linear probe)' if args.linear_probe else ''}: {num_classes} classes at "
-              f"{args.img_size} px, {args.epochs} epochs ({args.warmup_epochs} warmup), layer decay {args.layer_decay} "
-              f"(lr scales {', '.join(f'{s:.3g}' for s in sorted({g['lr_scale'] for g in groups}))}), drop path "
-              f"{args.drop_path}, mixup {args.mixup}, cutmix {args.cutmix}, smoothing {args.smoothing}, "
+        print(f"{world_size} process(es) x {args.batch_size} images x {count(args.accum, 'micro-step')} = "
+              f"{global_batch} images per step; lr {lrs['lr']:.3g} (= {args.lr:g} x {global_batch}/512); "
+              f"{count(total_steps, 'step')} ({count(args.epochs, 'epoch')} of {steps_per_epoch}); autocast "
+              f"{dtype or 'off (fp32)'} on {device}")
+        scales = ", ".join(f"{s:.3g}" for s in sorted({g["lr_scale"] for g in groups}))
+        print(f"recipe {args.recipe}{' (linear probe)' if args.linear_probe else ''}: {count(num_classes, 'class')} "
+              f"at {args.img_size} px, {count(args.epochs, 'epoch')} ({args.warmup_epochs} warmup), layer decay "
+              f"{args.layer_decay} (lr scales {scales}), drop path {args.drop_path}, mixup {args.mixup}, cutmix "
+              f"{args.cutmix}, smoothing {args.smoothing}, "
               f"RandAugment {args.randaug_ops} ops, erasing {args.reprob}")
     if step >= total_steps and is_main:
         print(f"{checkpoint} is already at step {step} of {total_steps}: nothing to train")
 
-    start = time.perf_counter()
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
     log = TrainingLog(out, args, steps_per_epoch * global_batch, device, world_size, is_main, start_step=step)
     metrics = None
@@ -465,9 +467,9 @@ def main(args):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        log.add(loss, finite, step, bad_images=sum(int(b[2]) for b in batch))
+        log.add(loss, finite, step, epoch, bad_images=sum(int(b[2]) for b in batch))
         progress.update()
-        is_epoch_end = step % steps_per_epoch == 0
+        is_epoch_end = step % steps_per_epoch == 0 or step == total_steps  # the run's end: within an epoch too
         if step % args.log_every == 0 or is_epoch_end:
             record = log.write(global_batch, step=step, epoch=epoch, lr=lr)
             progress.set_postfix(loss=record["loss"], lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.1f}")

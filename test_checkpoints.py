@@ -17,6 +17,7 @@ import math
 import struct
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -656,3 +657,56 @@ def test_checkpoints_imports_models_alone_and_neither_library():
     project = {path.stem for path in REPO.glob("*.py")}
     assert imported & project <= {"models"}, imported & project
     assert not imported & {"timm", "transformers", "safetensors"}
+
+
+# ----------------------------------------------------------------------------- a user's errors, in one line
+def test_a_text_file_named_pth_is_one_line_for_distill_and_export(tmp_path):
+    notes = tmp_path / "notes.pth"
+    notes.write_text("hello\nnot weights\n")  # read as a legacy pickle, its bytes are opcodes: KeyError 101 ('e')
+    commands = {"distill.py": ["distill.py", "--teacher", "timm", "--teacher-weights", notes, "--out", tmp_path / "o"],
+                "checkpoints.py": ["checkpoints.py", "export", notes, "--out", tmp_path / "x"]}
+    for script, command in commands.items():
+        done = subprocess.run([sys.executable, *map(str, command)], cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+        assert done.stderr.startswith(f"{script}: error: {notes}: ") and "not a readable checkpoint" in done.stderr
+
+
+def test_an_offline_download_is_one_line_naming_the_url_and_the_way_out(tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    def offline(url, path, hash_prefix=None):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(sys, "argv", ["distill.py"])
+    args = distill.get_args_parser().parse_args(["--teacher", "clip", "--student", "vit_micro_patch8", "--img-size",
+                                                 "32", "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as status:
+        distill.run_cli(distill.main, args)
+    error = capsys.readouterr().err
+    assert status.value.code == 2 and len(error.splitlines()) == 1, error
+    assert error.startswith("distill.py: error: could not download the clip teacher (<urlopen error")
+    assert checkpoints.TEACHERS["clip"]["url"] in error and "or pass it with --teacher-weights FILE" in error
+
+
+def test_a_model_file_of_another_architecture_than_its_name_is_refused(tmp_path):
+    torch.save({"arch": vit().arch, "model": vit().state_dict()}, tmp_path / "student.pth")
+    with pytest.raises(ValueError, match=r"student.pth holds a ViT of width 32, depth 2, patch 16, but the name it is "
+                                         r"given with, vit_base_patch16, is a ViT of width 768, depth 12, patch 16"):
+        load_teacher("vit_base_patch16", tmp_path / "student.pth")
+    with pytest.raises(ValueError, match=r"is a Swin of width 32, depths \[2, 2\], window 4"):
+        load_teacher("swinv2_micro_window4", tmp_path / "student.pth")
+    assert load_teacher("vit_micro_patch16", tmp_path / "student.pth").embed_dim == 32  # its own name, or a label:
+    assert load_teacher("my_teacher", tmp_path / "student.pth").embed_dim == 32  # accepted
+
+
+def test_loading_a_timm_layout_teacher_at_another_size_warns_nothing(tmp_path):
+    # timm's layout (vision_transformer.py): ours but for patch_embed.proj; a 64 px file for a 32 px student.
+    native = build_from_arch(dict(checkpoints.teacher_arch("micro", 16, img_size=64), embed_dim=64, num_heads=1))
+    torch.save({k.replace("patch_embed.", "patch_embed.proj."): v for k, v in native.state_dict().items()},
+               tmp_path / "timm.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. load_state_dict's 'copying ... to a meta parameter ..., which is a no-op'
+        teacher = load_teacher("timm", tmp_path / "timm.pth", grid=2)
+    assert teacher.encoder.pos_embed.shape == (1, 5, 64)
+    torch.testing.assert_close(teacher.encoder.cls_token, native.cls_token)

@@ -14,6 +14,7 @@ import math
 import os
 import pathlib
 import pickle
+import re
 import shutil
 import struct
 import subprocess
@@ -536,7 +537,7 @@ def test_bad_teacher_files_give_clear_errors_and_run_no_code(tmp_path, monkeypat
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     path = tmp_path / "cache" / "hub" / "checkpoints" / "dino_vitbase16_pretrain.pth"
-    with pytest.raises(RuntimeError, match=f"Fetch https://dl.fbaipublicfiles.com/dino/.*pth yourself and put it at {path}"):
+    with pytest.raises(OSError, match=f"fetch https://dl.fbaipublicfiles.com/dino/.*pth yourself and put it at {path}"):
         load_teacher("dino")
 
 
@@ -1316,8 +1317,27 @@ def test_odd_images_load_and_unreadable_ones_are_skipped_counted_and_bounded(tmp
     with pytest.warns(UserWarning, match="skipping an unreadable image: .*(truncated|empty|notes)"):
         distill.main(parse(*argv, "--max-bad-frac", "0.5", "--out", str(tmp_path / "run")))
     assert sum(r["bad_images"] for r in read_log(tmp_path / "run")) == 3  # 5 batches of 4: every file drawn
-    with pytest.raises(ValueError, match=r"epoch 0: 3 of its 20 images were unreadable, more than --max-bad-frac 0.1"):
-        distill.main(parse(*argv, "--max-bad-frac", "0.1", "--out", str(tmp_path / "strict")))
+    # Past the bound (one image of 20 is more than 0.01): the run stops in that step, before its checkpoint, the
+    # message on a line of its own after the progress bar. Each step is saved (--save-every: a tenth of 5 steps).
+    strict = tmp_path / "strict"
+    done = subprocess.run([sys.executable, str(REPO / "distill.py"), *argv, "--max-bad-frac", "0.01", "--out",
+                           str(strict)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.rstrip().split("\n")[-1].startswith("distill.py: error: epoch 0: 1 of its 20 images were "
+                                                            "unreadable, more than --max-bad-frac 0.01")
+    assert torch.load(strict / "checkpoint.pth", weights_only=True)["step"] < 5  # not the epoch's end: stopped early
+    # A folder of nothing but unreadable files, read by a worker process: one line naming one of them.
+    (tmp_path / "bad").mkdir()
+    for name in ("notes.png", "empty.jpg", "truncated.jpg"):
+        for i in range(3):
+            (tmp_path / "bad" / f"{i}{name}").write_bytes((folder / name).read_bytes())
+    done = subprocess.run([sys.executable, str(REPO / "distill.py"), *argv, "--workers", "1", "--data",
+                           str(tmp_path / "bad"), "--out", str(tmp_path / "bad_run")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert re.fullmatch(rf"distill.py: error: all 4 images of a batch are unreadable, as {tmp_path / 'bad'}/\S+: .*"
+                        rf"is --data the folder you meant\? Fix or remove the files the warnings name .*",
+                        done.stderr.rstrip().split("\n")[-1])
 
 
 def test_distill_on_image_folder_writes_checkpoint_student_and_log(tmp_path):
@@ -1417,16 +1437,29 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_and_corrupt_files_are
     argv = [*MICRO, "--epochs", "1", "--save-every", "2", "--keep", "2", "--out", str(out)]
     real_save, saves = torch.save, []
 
-    def disk_full_on_the_third_save(obj, f):
+    class FullDisk:  # a file whose writes fail past its first 1000 bytes, as on a full disk
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            if self.f.tell() + len(data) > 1000:
+                raise OSError(28, "No space left on device")
+            return self.f.write(data)
+
+    def disk_full_on_the_third_save(obj, f):  # torch's writer then fails too, with 'unexpected pos'
         saves.append(1)
-        if len(saves) == 3:
-            f.write(b"partial")
-            raise OSError(28, "No space left on device")
-        real_save(obj, f)
+        real_save(obj, FullDisk(f) if len(saves) == 3 else f)
 
     monkeypatch.setattr(torch, "save", disk_full_on_the_third_save)
-    with pytest.raises(OSError, match="No space left"):
-        distill.main(parse(*argv))
+    monkeypatch.setattr(sys, "argv", ["distill.py"])
+    with pytest.raises(SystemExit) as status:
+        training.run_cli(distill.main, parse(*argv))
+    printed = capsys.readouterr()
+    assert status.value.code == 2 and "Traceback" not in printed.err and "8 steps (1 epoch of 8)" in printed.out
+    assert printed.err.rstrip().split("\n")[-1] == (
+        f"distill.py: error: cannot write {out / 'checkpoint.pth'} ([Errno 28] No space left on device); "
+        f"nothing was replaced: free some space on its disk (or use another --out), then run the same command again "
+        f"(FD_TRACEBACK=1 shows where)")
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 2  # the previous one, whole
     assert not list(out.glob("*.tmp"))
@@ -1448,8 +1481,9 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_and_corrupt_files_are
 
 
 @pytest.mark.parametrize("script, flag, value, expected", [
-    ("distill", "--epochs", "0", "expected a value in [1, inf)"),
-    ("finetune", "--epochs", "-1", "expected a value in [1, inf)"),
+    ("distill", "--epochs", "0", "expected a value in (0, inf)"),
+    ("finetune", "--epochs", "-1", "expected a value in (0, inf)"),
+    ("distill", "--epochs", "inf", "'inf' is not a number"),
     ("distill", "--save-every", "0", "[1, inf)"), ("distill", "--log-every", "0", "[1, inf)"),
     ("distill", "--drop-path", "1.5", "[0.0, 1.0)"), ("distill", "--min-crop-scale", "2", "(0.0, 1.0]"),
     ("distill", "--img-size", "0", "[1, inf)"), ("distill", "--lr", "-1", "-1 is out of range"),
@@ -1461,7 +1495,7 @@ def test_flag_values_are_checked_when_parsed(script, flag, value, expected, caps
     with pytest.raises(SystemExit):
         parser.parse_args([flag, value])
     error = capsys.readouterr().err
-    assert f"argument {flag}: " in error and expected in error
+    assert f"{script}.py: error: argument {flag}: " in error and expected in error  # the README's words
 
 
 def test_run_length_and_sizes_are_checked_before_training(tmp_path, capsys):
@@ -1830,6 +1864,32 @@ def test_init_from_distilled_student_checkpoint_and_teacher(distilled, tmp_path,
     assert len([r for r in ft_log(tmp_path / "teacher") if "top1" in r]) == 1
 
 
+def test_init_from_a_timm_file_of_another_resolution_says_it_was_resized(tmp_path, capsys):
+    # As a DINOv2 file (518 px) fine-tuned at 112 px: here a 64 px file (8x8 patches of 8) fine-tuned at 32 px.
+    torch.save(scaled(timm_layout(64, 1, 8, 8)), tmp_path / "timm.pth")
+    args = finetune.apply_recipe(ft_parse(*FT_MICRO, "--init", "timm", "--init-weights", str(tmp_path / "timm.pth")))
+    model = finetune.build_classifier(args, num_classes=10)
+    assert "; resized from 64 to 32 px: pos_embed;" in capsys.readouterr().out
+    assert model.encoder.pos_embed.shape == (1, 1 + 4 * 4, 64)
+
+
+def test_finetuning_on_one_class_is_refused(tmp_path):
+    for split in ("train", "val"):  # every image right: top-1 100% and a loss of 0, for nothing learnt
+        write_images(tmp_path / "data" / split / "cats", 4)
+    with pytest.raises(ValueError, match=r"one class folder \(cats\); fine-tuning a classifier needs two classes"):
+        finetune.main(ft_parse(*FT_MICRO, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")))
+
+
+def test_a_fraction_of_an_epoch_distils_and_finetunes(tmp_path, capsys):
+    # 64 images in batches of 8: half an epoch is 4 steps; fine-tuning evaluates at the run's end.
+    distill.main(parse(*MICRO, "--epochs", "0.5", "--warmup-epochs", "0.25", "--out", str(tmp_path / "fd")))
+    assert [r["step"] for r in read_log(tmp_path / "fd")] == [1, 2, 3, 4]
+    assert "4 steps (0.5 epochs of 8)" in capsys.readouterr().out
+    finetune.main(ft_parse(*FT_MICRO, "--epochs", "0.5", "--warmup-epochs", "0.25", "--out", str(tmp_path / "ft")))
+    assert [r["step"] for r in ft_log(tmp_path / "ft") if "top1" in r] == [4]
+    assert torch.load(tmp_path / "ft" / "best.pth", weights_only=True)["step"] == 4
+
+
 def test_loading_errors_list_missing_and_unexpected_keys(distilled, tmp_path):
     state = torch.load(distilled / "student.pth", weights_only=True)
     del state["model"]["blocks.1.mlp.fc2.weight"]
@@ -1916,7 +1976,7 @@ def test_torchrun_two_ranks_evaluate_an_uneven_val_set_like_one_process(tmp_path
            str(REPO / "finetune.py"), *FT_MICRO, "--batch-size", "4", "--epochs", "1", "--out", str(out)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es) x 4 images x 1 micro-steps = 8 images per step" in result.stdout
+    assert "2 process(es) x 4 images x 1 micro-step = 8 images per step" in result.stdout
     logged = [r for r in ft_log(out) if "top1" in r]
     assert len(logged) == 1 and logged[0]["images"] == 25  # 13 + 12 images: none dropped or repeated
     # Independent count in this one process, over the whole val set.
@@ -2403,6 +2463,24 @@ def test_training_transforms_flip_both_ways():
             image = transform(ramp)
             orientations.add(bool(image[0, :, 0].mean() < image[0, :, -1].mean()))
         assert orientations == {True, False}
+
+
+def test_randaugment_has_the_strength_of_timms_rand_m9(monkeypatch):
+    # The official fine-tuning recipe's 'rand-m9' is timm's RandAugment at magnitude 9 of _LEVEL_DENOM 10 (timm's
+    # auto_augment.py): rotate by 30 * 9/10 = 27 degrees, shear by 0.3 * 9/10 = 0.27, either sign.
+    from torchvision.transforms import autoaugment
+    applied, real = collections.defaultdict(set), autoaugment._apply_op
+
+    def record(image, op, magnitude, *args, **kwargs):
+        applied[op].add(round(abs(magnitude), 4))
+        return real(image, op, magnitude, *args, **kwargs)
+    monkeypatch.setattr(autoaugment, "_apply_op", record)
+    transform = finetune.train_transform(finetune.apply_recipe(ft_parse(*FT_MICRO, "--reprob", "0")))
+    image = Image.new("RGB", (32, 32), (120, 60, 200))
+    torch.manual_seed(0)
+    for _ in range(100):
+        transform(image)
+    assert applied["Rotate"] == {27.0} and applied["ShearX"] == {0.27}
 
 
 def test_a_model_file_with_a_missing_and_an_extra_key_is_refused(tmp_path):

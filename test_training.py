@@ -194,6 +194,29 @@ def test_fsdp_refuses_fp16_wherever_it_is_asked_for():
         training.wrap_model(torch.nn.Linear(2, 2), torch.device("cpu"), 1, fsdp=True, dtype=torch.float16)
 
 
+def test_fsdp_reduces_gradients_in_fp32_as_the_official_ddp_does():
+    # The official FD trains under DDP with fp32 master weights: gradients are all-reduced in fp32 whatever the
+    # autocast. Sharded, every FSDP2 unit (each block, then the rest) must compute in the autocast dtype and
+    # reduce-scatter in fp32; a bf16 reduce loses 16 bits of every summed gradient, which no loss comparison shows.
+    import torch.distributed as dist
+    sys.path.insert(0, str(REPO))
+    import distill
+    import models
+    import training
+    from torch.distributed.fsdp import FSDPModule
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = distill.FDStudent(models.build_student("vit_micro_patch8", 32), 64)
+        training.wrap_model(model, torch.device("cpu"), 2, fsdp=True, dtype=torch.bfloat16)
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        assert len(units) == 1 + len(model.student.blocks)
+        policies = {(m._get_fsdp_state()._mp_policy.param_dtype, m._get_fsdp_state()._mp_policy.reduce_dtype)
+                    for m in units}
+        assert policies == {(torch.bfloat16, torch.float32)}
+    finally:
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- GPU only
 EXACT_GPU = dict(NVIDIA_TF32_OVERRIDE="0")  # no TF32 in cuDNN and cuBLAS: the GPU computes the CPU's function
 

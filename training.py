@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- flags
 def number(kind, low=None, high=None, open_low=False, open_high=False):
@@ -41,6 +42,14 @@ def number(kind, low=None, high=None, open_low=False, open_high=False):
     return parse
 
 
+def whole_or_fraction(text):
+    """'2' -> 2 (printed as given), '0.15' -> 0.15: a run of part of an epoch, on a folder too small for a whole one."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return int(value) if value.is_integer() else value
+
+
 POSITIVE, NON_NEGATIVE = number(int, 1), number(float, 0.0)
 
 
@@ -52,6 +61,11 @@ def device_name(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu, cuda or cuda:N") from None
 
 
+def count(n, noun):
+    """'1 epoch', '2 epochs', '0.5 epochs', '3 classes'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
+
+
 def run_cli(main, args):
     """Run an entry point. A user's error (ValueError, OSError, FloatingPointError) prints one line, on rank
     0 only, and exits with status 2; FD_TRACEBACK=1 shows the whole traceback."""
@@ -60,14 +74,20 @@ def run_cli(main, args):
     except (ValueError, OSError, FloatingPointError) as error:
         if os.environ.get("FD_TRACEBACK"):
             raise
+        # An error raised in a DataLoader worker comes wrapped, its traceback in the message, the error last.
+        message = str(error).strip().splitlines()[-1].removeprefix(f"{type(error).__name__}: ")
+        for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar left open ends its line first
+            bar.close()
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"{Path(sys.argv[0]).name}: error: {error} (FD_TRACEBACK=1 shows where)", file=sys.stderr)
+            print(f"{Path(sys.argv[0]).name}: error: {message} (FD_TRACEBACK=1 shows where)", file=sys.stderr)
         sys.exit(2)
 
 
 def add_schedule_flags(p, unset):
     """The length, batch and learning-rate flags; `unset` says where an unset flag takes its value from."""
-    p.add_argument("--epochs", type=POSITIVE, default=None, help="training length" + unset)
+    p.add_argument("--epochs", type=number(whole_or_fraction, 0, open_low=True), default=None,
+                   help="training length, whole or a fraction (finetune.py evaluates at each epoch's end and the run's)"
+                   + unset)
     p.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=None, help="linear warmup length, shorter than "
                    "the run" + unset)
     p.add_argument("--batch-size", type=POSITIVE, default=None, help="images per process per micro-step" + unset)
@@ -170,7 +190,10 @@ def schedule(args, batches_per_epoch, world_size):
                          f"lower --accum or --batch-size")
     global_batch = args.batch_size * world_size * args.accum
     lrs = {k: getattr(args, k) * global_batch / 512 for k in ("lr", "min_lr", "warmup_lr")}
-    total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+    total_steps, warmup_steps = round(args.epochs * steps_per_epoch), round(args.warmup_epochs * steps_per_epoch)
+    if total_steps == 0:
+        raise ValueError(f"--epochs {args.epochs} is less than one step ({global_batch} images of an epoch of "
+                         f"{steps_per_epoch * global_batch}): lengthen the run or lower --batch-size")
     if args.save_every is None:  # a resumable state within minutes on a small run, every 1000 steps on a long one
         args.save_every = max(1, min(1000, total_steps // 10))
     return steps_per_epoch, total_steps, warmup_steps, global_batch, lrs
@@ -284,8 +307,13 @@ def save_atomic(obj, path):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        # A failed write (a full disk: torch's writer then reports 'unexpected pos'): the cause, in one line.
+        cause = error.__context__ if isinstance(error.__context__, OSError) else error
+        if isinstance(cause, (OSError, RuntimeError)):
+            raise OSError(f"cannot write {path} ({cause}); nothing was replaced: free some space on its disk (or "
+                          f"use another --out), then run the same command again") from error
         raise
     os.replace(tmp, path)
     directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
@@ -358,8 +386,16 @@ class TrainingLog:
     def reset(self):
         self.loss, self.steps, self.skipped, self.bad, self.start = 0.0, 0, 0, 0, time.perf_counter()
 
-    def add(self, loss, finite, step, bad_images=0):
-        self.bad += bad_images
+    def add(self, loss, finite, step, epoch, bad_images=0):
+        if epoch != self.epoch:
+            self.epoch, self.epoch_bad = epoch, 0
+        self.bad, self.epoch_bad = self.bad + bad_images, self.epoch_bad + bad_images
+        # This rank's count is a lower bound of all ranks': past the bound, stop at once, before any checkpoint.
+        if self.epoch_bad > self.max_bad_frac * self.images_per_epoch:
+            error = self.too_many_bad()
+            if not self.is_main:  # run_cli prints rank 0's errors only, and rank 0 may not have seen it
+                print(f"rank {dist.get_rank()}: {error}", file=sys.stderr)
+            raise error
         if finite:
             self.loss, self.steps, self.in_a_row = self.loss + loss, self.steps + 1, 0
             return
@@ -373,6 +409,11 @@ class TrainingLog:
                                      f"(--max-nonfinite {self.max_nonfinite}); {kept}. Try --amp bf16 or fp32, or a "
                                      f"lower --lr")
 
+    def too_many_bad(self):
+        return ValueError(f"epoch {self.epoch}: {self.epoch_bad} of its {self.images_per_epoch} images were "
+                          f"unreadable, more than --max-bad-frac {self.max_bad_frac}: the warnings name them; fix or "
+                          f"remove them")
+
     def write(self, images_per_step, epoch, **fields):
         """Log the interval that ends now; returns the record (on every rank)."""
         totals = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=self.device)
@@ -380,11 +421,9 @@ class TrainingLog:
         if self.world_size > 1:  # the decision to skip is the same on every rank: so is self.steps
             dist.all_reduce(totals)
         loss, bad = totals[0].item() / self.world_size, int(totals[1].item())
-        self.epoch_bad, self.epoch = (self.epoch_bad if epoch == self.epoch else 0) + bad, epoch
+        self.epoch_bad += bad - self.bad  # the other ranks' of the interval
         if self.epoch_bad > self.max_bad_frac * self.images_per_epoch:
-            raise ValueError(f"epoch {epoch}: {self.epoch_bad} of its {self.images_per_epoch} images were unreadable, "
-                             f"more than --max-bad-frac {self.max_bad_frac}: the warnings name them; fix or remove "
-                             f"them")
+            raise self.too_many_bad()
         record = dict(fields, epoch=epoch, loss=loss if self.steps else None, skipped=self.skipped, bad_images=bad,
                       img_per_s=(self.steps + self.skipped) * images_per_step / (time.perf_counter() - self.start))
         if self.is_main:
