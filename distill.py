@@ -30,7 +30,8 @@ from models import build_student, parse_vit_name, set_grad_checkpointing
 from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, count,
                       full_state_dict, git_hash, gradient_sync, load_resume, load_sharded_checkpoint, lock_out, lr_at,
                       number, param_groups, prepare_teacher, refuse_endless_warmup, restore_rng, run_cli, save_atomic,
-                      save_checkpoint, save_sharded_checkpoint, schedule, setup_distributed, wrap_model)
+                      save_checkpoint, save_sharded_checkpoint, schedule, setup_distributed, stop_requested, stopped,
+                      wrap_model)
 
 # ----------------------------------------------------------------------------- presets
 # The official distillation recipes (the official configs/pretrain/*.yaml); every value can be overridden by its flag.
@@ -296,7 +297,8 @@ def main(args):
         if step % args.log_every == 0 or step == total_steps:
             record = log.write(global_batch, step=step, epoch=epoch, lr=lr)
             progress.set_postfix(loss=record["loss"], lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.1f}")
-        if step % args.save_every == 0 or step == total_steps:
+        stop = stop_requested(world_size, device)  # SIGTERM or Ctrl-C: save this step, then leave
+        if step % args.save_every == 0 or step == total_steps or stop:
             meta = {"scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "args": vars(args),
                     "arch": student.arch, "git": commit, "teacher": teacher_info, "data": data_summary}
             if args.fsdp:  # every rank writes its shards
@@ -304,6 +306,8 @@ def main(args):
             else:
                 save_checkpoint(dict(meta, student=student.state_dict(), projector=model.projector.state_dict(),
                                      optimizer=optimizer.state_dict()), out, args.keep, world_size, is_main)
+        if stop:
+            raise stopped(stop, step)
     progress.close()
 
     weights = full_state_dict(model)  # under FSDP gathered from every rank, onto rank 0

@@ -31,13 +31,13 @@ from tqdm import tqdm
 
 from checkpoints import (load_model_file, load_pretrained, read_encoder_file, resize_grid, resize_pos_embed,
                          shared_bias_to_per_block)
-from data import (SeededTransform, SyntheticShapes, eval_transform, image_dataset, skip_unreadable, steps_of_batches,
-                  train_loader)
+from data import (SeededTransform, SyntheticShapes, eval_transform, ignore_stop_signals, image_dataset, skip_unreadable,
+                  steps_of_batches, train_loader)
 from models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, swin_stage_windows
 from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, count,
                       full_state_dict, git_hash, gradient_sync, load_resume, load_sharded_checkpoint, lock_out, lr_at,
                       number, param_groups, refuse_endless_warmup, restore_rng, run_cli, save_atomic, save_checkpoint,
-                      save_sharded_checkpoint, schedule, setup_distributed, wrap_model)
+                      save_sharded_checkpoint, schedule, setup_distributed, stop_requested, stopped, wrap_model)
 
 # ----------------------------------------------------------------------------- presets
 # The official fine-tuning configs (configs/finetune/*.yaml); lr, min_lr and warmup_lr are
@@ -306,7 +306,8 @@ def val_loader(dataset, batch_size, workers, rank, world_size):
     """Every validation image exactly once over all ranks: rank r takes images r, r + world, ...
     (DistributedSampler would pad the last shard with repeats)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=range(rank, len(dataset), world_size),
-                      num_workers=workers, collate_fn=skip_unreadable, generator=torch.Generator())
+                      num_workers=workers, collate_fn=skip_unreadable, worker_init_fn=ignore_stop_signals,
+                      generator=torch.Generator())
 
 
 @torch.no_grad()
@@ -491,7 +492,8 @@ def main(args):
                 progress.write(f"epoch {epoch + 1}/{args.epochs}: top-1 {metrics['top1']:.2f}% top-5 "
                                f"{metrics['top5']:.2f}% val loss {metrics['loss']:.4f} on {metrics['images']} "
                                f"images; best top-1 {best['top1']:.2f}% (epoch {best['epoch'] + 1})")
-        if is_epoch_end or step % args.save_every == 0:  # the resume state; unsharded, also a model file
+        stop = stop_requested(world_size, device)  # SIGTERM or Ctrl-C: save this step, then leave
+        if is_epoch_end or step % args.save_every == 0 or stop:  # the resume state; unsharded, also a model file
             meta = dict(model_file, step=step, scaler=scaler.state_dict(), epoch=step // steps_per_epoch, best=best,
                         args=vars(args))
             if args.fsdp:
@@ -499,6 +501,8 @@ def main(args):
             else:
                 save_checkpoint(dict(meta, model=model.state_dict(), optimizer=optimizer.state_dict()), out,
                                 args.keep, world_size, is_main)
+        if stop:
+            raise stopped(stop, step)
     progress.close()
     if is_main:
         print(f"done in {time.perf_counter() - start:.0f} s: best top-1 {best['top1']:.2f}% "

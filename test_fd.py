@@ -16,6 +16,7 @@ import pathlib
 import pickle
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -1266,9 +1267,10 @@ def test_folders_as_people_have_them(tmp_path):
     with pytest.raises(ValueError, match=r"photos: 3 images lie outside class subfolders"):
         image_dataset(photos, labelled=True)  # fine-tuning needs a class for every image
     write_images(tmp_path / "imnet" / "cat", 2)
+    write_images(tmp_path / "imnet" / "dog", 1)
     (tmp_path / "imnet" / ".ipynb_checkpoints").mkdir()
     classes = image_dataset(tmp_path / "imnet", labelled=True)
-    assert classes.classes == ["cat"] and classes.summary.endswith("2 images in " + str(tmp_path / "imnet") + ", 1 classes")
+    assert classes.classes == ["cat", "dog"] and classes.summary.endswith(f"3 images in {tmp_path / 'imnet'}, 2 classes")
     out = tmp_path / "run"
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
@@ -1923,7 +1925,7 @@ def test_linear_probe_trains_only_the_head(distilled, tmp_path):
     assert metrics["images"] == 25
 
 
-def test_finetune_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
+def test_finetune_resume_after_a_crash_or_a_sigterm_continues_exactly(tmp_path, monkeypatch, capsys):
     argv = [*FT_MICRO, "--epochs", "2", "--save-every", "3", "--lr", "0.1"]  # 8 steps per epoch; mixup, drop path,
     # RandAugment and erasing on: their random draws must continue as in the uninterrupted run
     full, _ = finetune.main(ft_parse(*argv, "--out", str(tmp_path / "full")))
@@ -1936,10 +1938,29 @@ def test_finetune_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     def without_speed(out):
         return [{k: v for k, v in r.items() if k != "img_per_s"} for r in ft_log(out)]
 
-    full_log, crashed_log = without_speed(tmp_path / "full"), without_speed(tmp_path / "crashed")
-    assert crashed_log == full_log  # step 10 was logged, then redone: logged once, as uninterrupted
-    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
-        assert torch.equal(a, b)
+    # A cluster's SIGTERM in step 5 (a loss per step): the step is finished and saved, the run leaves with 128 + 15.
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    real, calls = finetune.soft_cross_entropy, []
+    monkeypatch.setattr(finetune, "soft_cross_entropy", lambda *a: (calls.append(1), len(calls) == 5 and os.kill(
+        os.getpid(), signal.SIGTERM), real(*a))[-1])
+    try:
+        with pytest.raises(SystemExit) as leaving:
+            training.run_cli(finetune.main, ft_parse(*argv, "--out", str(tmp_path / "stopped")))
+    finally:
+        training.STOP_SIGNALS.clear()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    monkeypatch.setattr(finetune, "soft_cross_entropy", real)
+    assert leaving.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM at step 5: rerun the same command to resume" in capsys.readouterr().err
+    assert torch.load(tmp_path / "stopped" / "checkpoint.pth", weights_only=True)["step"] == 5
+    stopped, _ = finetune.main(ft_parse(*argv, "--out", str(tmp_path / "stopped")))
+
+    full_log = without_speed(tmp_path / "full")
+    for run, model in (("crashed", resumed), ("stopped", stopped)):
+        assert without_speed(tmp_path / run) == full_log  # a step logged, then redone: logged once
+        for a, b in zip(full.state_dict().values(), model.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
     with pytest.raises(ValueError, match="--img-size 32 -> 48"):
         finetune.main(ft_parse(*argv, "--img-size", "48", "--out", str(tmp_path / "crashed")))
 

@@ -2,10 +2,13 @@
 
 What must hold: FSDP, DDP and one process compute the same training for the same global batch; a sharded
 checkpoint written by 2 ranks resumes on 1 and on 2 (resharding) and continues the run it came from; a
-rank killed under `torchrun --max-restarts 1` is recovered by the restarted ranks themselves."""
+rank killed under `torchrun --max-restarts 1` is recovered by the restarted ranks themselves; a run stopped by
+SIGTERM saves its step, and the same command ends it as if uninterrupted."""
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +25,8 @@ MICRO = ["--teacher", "vit_micro_patch8", "--student", "vit_micro_patch8", "--im
          "64", "--workers", "0", "--log-every", "1", "--amp", "fp32", "--warmup-epochs", "0.5", "--drop-path", "0",
          "--epochs", "2", "--lr", "0.05", "--device", "cpu"]  # gloo ranks on the CPU, also on a GPU machine
 # distill.main under torchrun, with a fault at the Nth loss of the first attempt: every rank raises
-# KeyboardInterrupt ('raise', a crash), or rank 1 alone is SIGKILLed ('kill', a lost machine).
+# KeyboardInterrupt ('raise', a crash), rank 1 alone is SIGKILLed ('kill', a lost machine), or the job gets SIGTERM
+# ('term', preempted).
 DRIVER = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
@@ -36,6 +40,9 @@ if fault and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
             raise KeyboardInterrupt
         if len(calls) == at and fault == "kill" and os.environ.get("RANK") == "1":
             os.kill(os.getpid(), signal.SIGKILL)
+        if len(calls) == at and fault == "term" and os.environ.get("RANK", "0") == "0":  # a cluster's preemption:
+            torchrun = "TORCHELASTIC_RESTART_COUNT" in os.environ  # to torchrun, which forwards it to every rank
+            os.kill(os.getppid() if torchrun else os.getpid(), signal.SIGTERM)
         return real_loss(prediction, target)
     distill.fd_loss = fd_loss
 training.run_cli(distill.main, distill.get_args_parser().parse_args(sys.argv[1:]))
@@ -113,6 +120,44 @@ def test_a_killed_rank_is_recovered_by_torchrun_restarts(tmp_path, straight):
     result = run(tmp_path, out, "--fsdp", "--batch-size", "4", "--save-every", "4", fault="kill", at=10, restarts=1)
     assert "resuming from" in result.stdout  # the restarted ranks found the checkpoint of step 8 by themselves
     assert_same_training(out, straight, rtol=1e-6)
+
+
+def test_sigterm_saves_the_step_and_the_same_command_resumes_bitwise(tmp_path, straight):
+    # One process gets SIGTERM in step 6; torchrun gets it in rank 0's step 3 and forwards it to both ranks.
+    run(tmp_path, tmp_path / "one", "--batch-size", "8", processes=1)  # uninterrupted
+    for processes, reference in ((1, tmp_path / "one"), (2, straight)):
+        out, argv = tmp_path / f"stopped{processes}", ["--batch-size", str(8 // processes), "--save-every", "4"]
+        argv += ["--fsdp"] * (processes == 2)
+        result = run(tmp_path, out, *argv, processes=processes, fault="term", at=6 if processes == 1 else 3,
+                     check=False)
+        stop = re.search(r"stopped by SIGTERM at step (\d+): rerun the same command to resume", result.stderr)
+        assert result.returncode != 0 and stop, result.stderr[-3000:]
+        assert processes == 2 or (result.returncode == 128 + signal.SIGTERM and stop[1] == "6")
+        saved = out / ("checkpoint.dcp/meta.pth" if processes == 2 else "checkpoint.pth")
+        assert torch.load(saved, weights_only=True)["step"] == int(stop[1]) < 16
+        run(tmp_path, out, *argv, processes=processes)  # the same command
+        assert_same_training(out, reference, rtol=0)  # every step logged once; the same weights, bit for bit
+
+
+def test_a_second_stop_signal_leaves_at_once_with_one_line(capsys):
+    sys.path.insert(0, str(REPO))
+    import training
+
+    def interrupted_twice(args):
+        training.receive_stop_signal(signal.SIGINT, None)  # the first: the step goes on, to be saved
+        assert training.stop_requested(1, "cpu") == signal.SIGINT
+        training.receive_stop_signal(signal.SIGINT, None)  # the second: out, now
+        raise AssertionError("still running")
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(SystemExit) as leaving:
+            training.run_cli(interrupted_twice, None)
+    finally:
+        training.STOP_SIGNALS.clear()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert leaving.value.code == 128 + signal.SIGINT
+    assert capsys.readouterr().err == "interrupted: left at once, the last checkpoint as it was\n"
 
 
 def test_checkpoints_of_the_other_kind_are_refused(tmp_path, straight):

@@ -1,6 +1,6 @@
 """What distill.py and finetune.py share: their common flags, the distributed setup from torchrun's
 environment, autocast, AdamW parameter groups, the learning rate as a pure function of the step, DDP or
-FSDP2, atomic checkpoints and resuming, and the JSON-lines training log."""
+FSDP2, atomic checkpoints and resuming, stopping on SIGTERM or Ctrl-C, and the JSON-lines training log."""
 import argparse
 import atexit
 import fcntl
@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -68,9 +69,19 @@ def count(n, noun):
 
 def run_cli(main, args):
     """Run an entry point. A user's error (ValueError, OSError, FloatingPointError) prints one line, on rank
-    0 only, and exits with status 2; FD_TRACEBACK=1 shows the whole traceback."""
+    0 only, and exits with status 2; FD_TRACEBACK=1 shows the whole traceback. SIGTERM and Ctrl-C stop the run
+    after its step, saved (stop_requested); a second one leaves at once. Either exits with 128 + the signal."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, receive_stop_signal)
     try:
         return main(args)
+    except (Stopped, KeyboardInterrupt) as stop:
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(stop if isinstance(stop, Stopped) else f"interrupted: left at once, the last checkpoint as it "
+                  f"was", file=sys.stderr)
+        sys.exit(128 + (STOP_SIGNALS[-1] if STOP_SIGNALS else signal.SIGINT))
     except (ValueError, OSError, FloatingPointError) as error:
         if os.environ.get("FD_TRACEBACK"):
             raise
@@ -81,6 +92,37 @@ def run_cli(main, args):
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"{Path(sys.argv[0]).name}: error: {message} (FD_TRACEBACK=1 shows where)", file=sys.stderr)
         sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- stopping on a signal
+# Clusters preempt a job with SIGTERM (torchrun forwards it to every rank), then SIGKILL after a grace period;
+# a person presses Ctrl-C. Either way the step under way is finished and saved: nothing is lost.
+STOP_SIGNALS = []  # those this process received
+
+
+class Stopped(Exception):
+    """The run saved its step and stops on a signal."""
+
+
+def receive_stop_signal(signum, frame):
+    STOP_SIGNALS.append(signum)
+    if len(STOP_SIGNALS) > 1:
+        raise KeyboardInterrupt  # the second: leave at once (an atomic save under way leaves the old file)
+
+
+def stop_requested(world_size, device):
+    """The stop signal's number once one was received, else 0; the same on every rank (a collective): a rank that
+    saved and left alone would leave the others waiting in the next all-reduce."""
+    signum = STOP_SIGNALS[0] if STOP_SIGNALS else 0
+    if world_size > 1:
+        flag = torch.tensor(signum, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = int(flag)
+    return signum
+
+
+def stopped(signum, step):
+    return Stopped(f"stopped by {signal.Signals(signum).name} at step {step}: rerun the same command to resume")
 
 
 def add_schedule_flags(p, unset):
