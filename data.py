@@ -7,7 +7,6 @@ import itertools
 import math
 import os
 import random
-import signal
 import warnings
 from pathlib import Path
 
@@ -225,11 +224,10 @@ class ResumableSampler(DistributedSampler):
         return super().__len__() - self.start
 
 
-def ignore_stop_signals(worker_id):
-    """A worker's init: SIGTERM and Ctrl-C reach the whole process group, but are the training process's to handle: it
-    finishes its step and saves (training.stop_requested), then ends its workers."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, signal.SIG_IGN)
+def leave_the_process_group(worker_id):
+    """A worker's init: Ctrl-C in a terminal and torchrun's SIGTERM go to the process group; out of it, the workers leave
+    them to the training process, which finishes its step and saves (training.stop_requested), then ends them."""
+    os.setpgrp()
 
 
 def train_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, pin_memory=False, stack=True):
@@ -241,7 +239,7 @@ def train_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, pin_m
     # Non-persistent workers see each new epoch's number; the loader's own generator spares the global RNG (drop path).
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                       collate_fn=functools.partial(skip_unreadable, stack=stack), pin_memory=pin_memory,
-                      worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed)), sampler
+                      worker_init_fn=leave_the_process_group, generator=torch.Generator().manual_seed(seed)), sampler
 
 
 def steps_of_batches(loader, sampler, dataset, step, steps_per_epoch, total_steps, accum):

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from checkpoints import (load_model_file, load_pretrained, read_encoder_file, resize_grid, resize_pos_embed,
                          shared_bias_to_per_block)
-from data import (SeededTransform, SyntheticShapes, eval_transform, ignore_stop_signals, image_dataset, skip_unreadable,
+from data import (SeededTransform, SyntheticShapes, eval_transform, leave_the_process_group, image_dataset, skip_unreadable,
                   steps_of_batches, train_loader)
 from models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, swin_stage_windows
 from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, count,
@@ -306,7 +306,7 @@ def val_loader(dataset, batch_size, workers, rank, world_size):
     """Every validation image exactly once over all ranks: rank r takes images r, r + world, ...
     (DistributedSampler would pad the last shard with repeats)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=range(rank, len(dataset), world_size),
-                      num_workers=workers, collate_fn=skip_unreadable, worker_init_fn=ignore_stop_signals,
+                      num_workers=workers, collate_fn=skip_unreadable, worker_init_fn=leave_the_process_group,
                       generator=torch.Generator())
 
 
