@@ -179,11 +179,9 @@ def load_teachers(args, grid, device, is_main):
     names = args.teacher.split(",")
     files = args.teacher_weights.split(",") if args.teacher_weights is not None else [""] * len(names)
     loss_weights = args.teacher_loss_weights or [1.0] * len(names)
-    counts = {"--teacher-weights": len(files), "--teacher-loss-weights": len(loss_weights)}
-    wrong = [f"{flag} {count}" for flag, count in counts.items() if count != len(names)]
-    if wrong:
-        raise ValueError(f"--teacher names {len(names)} teacher(s), {' and '.join(wrong)}: give one per teacher, "
-                         f"comma-separated")
+    if not len(names) == len(files) == len(loss_weights):
+        raise ValueError(f"--teacher names {len(names)} teacher(s), --teacher-weights {len(files)}, "
+                         f"--teacher-loss-weights {len(loss_weights)}: give one of each per teacher, comma-separated")
     if len(names) > 1 and (args.teacher_mean or args.teacher_std):
         raise ValueError("--teacher-mean and --teacher-std are for one teacher: several each keep their own statistics")
     teachers, infos = [], []
