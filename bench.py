@@ -5,6 +5,7 @@ on a GPU, model FLOPs utilisation. The steps use the modules, loss and optimizer
                                               # tuned against plain fp32 eager, in one process
     python bench.py --student vit_base_patch16 --teacher clip --batch-size 128 --amp bf16 --compile
     python bench.py --step finetune --student vit_base_patch16 --batch-size 64
+    python bench.py --student vit_base_patch16 --teacher clip,dinov2_vitb14 --batch-size 128 --amp bf16
     python bench.py --data-pipeline           # decoding + the FD transform alone, per worker
     python bench.py --student vit_large_patch14 --teacher clip_l14 --amp bf16 --max-batch 1024 [--grad-ckpt]
 
@@ -48,7 +49,7 @@ def get_args_parser():
     p.add_argument("--student", default="vit_small_patch16", help="the student (or classifier encoder) architecture")
     p.add_argument("--teacher", default="clip_vit_small_patch16",
                    help="a published teacher (random weights), a plain ViT name, or clip_vit_<size>_patch<P>: "
-                        "a ViT with OpenAI CLIP's options (QuickGELU, ln_pre)")
+                        "a ViT with OpenAI CLIP's options (QuickGELU, ln_pre); several, comma-separated, together")
     p.add_argument("--img-size", type=POSITIVE, default=224, help="input resolution")
     p.add_argument("--batch-size", type=POSITIVE, default=16, help="images per step")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
@@ -83,16 +84,22 @@ def make_step(cfg, device):
     set_grad_checkpointing(student, cfg.grad_ckpt)
     dtype = autocast_dtype(cfg.amp, device)
     if cfg.step == "distill":
-        teacher = prepare_teacher(bench_teacher(cfg.teacher, student.grid[0]).to(device), dtype)
-        if student.num_prefix_tokens != teacher.num_prefix_tokens:
+        teachers = [prepare_teacher(bench_teacher(name, student.grid[0]).to(device), dtype)
+                    for name in cfg.teacher.split(",")]
+        if any(student.num_prefix_tokens != teacher.num_prefix_tokens for teacher in teachers):
             raise ValueError("bench.py times ViT students with ViT teachers: every token is in the loss")
-        model = nn.Sequential(student, nn.Linear(student.embed_dim, teacher.embed_dim)).to(device)  # + projector
-        run_model, run_teacher = (torch.compile(model), torch.compile(teacher)) if cfg.compile else (model, teacher)
+        widths = [teacher.embed_dim for teacher in teachers]
+        model = nn.Sequential(student, nn.Linear(student.embed_dim, sum(widths))).to(device)  # + the projectors
+        run_model, run_teachers = (torch.compile(model), list(map(torch.compile, teachers))) if cfg.compile else (
+            model, teachers)
 
-        def compute_loss(images):  # distill.py: smooth-L1 (beta 2) to the whitened teacher tokens
-            with torch.no_grad():
-                target = F.layer_norm(run_teacher(images).float(), (teacher.embed_dim,), eps=1e-5)
-            return F.smooth_l1_loss(run_model(images).float(), target, beta=2.0)
+        def compute_loss(images):  # distill.py: smooth-L1 (beta 2) to each teacher's whitened tokens, equal weights
+            losses = []
+            for teacher, prediction in zip(run_teachers, run_model(images).float().split(widths, dim=-1)):
+                with torch.no_grad():
+                    target = F.layer_norm(teacher(images).float(), prediction.shape[-1:], eps=1e-5)
+                losses.append(F.smooth_l1_loss(prediction, target, beta=2.0))
+            return sum(losses) / len(losses)
     else:
         model = Classifier(student, num_classes=1000).to(device)
         run_model = torch.compile(model) if cfg.compile else model
@@ -198,7 +205,7 @@ def measure(cfg, device):
 
 
 def describe(cfg):
-    teacher = f" + {cfg.teacher} teacher" if cfg.step == "distill" else ""
+    teacher = f" + {cfg.teacher} teacher{'s' * (',' in cfg.teacher)}" if cfg.step == "distill" else ""
     return (f"{cfg.step}: {cfg.student}{teacher}, {cfg.img_size} px, batch {cfg.batch_size}, amp {cfg.amp}, "
             f"attn {cfg.attn}{', compile' if cfg.compile else ''}{', grad-ckpt' if cfg.grad_ckpt else ''}")
 

@@ -4,6 +4,7 @@ the whitened output feature map of a frozen pretrained teacher.
     python distill.py                                    # built-in default: tiny random teacher, synthetic data, CPU
     python distill.py --teacher clip --data /path/to/imagenet
     torchrun --nproc_per_node 8 distill.py --teacher clip --data /path/to/imagenet --out out/fd_clip
+    python distill.py --teacher clip,dinov2_vitb14 --teacher-loss-weights 1,0.5 --data /path/to/imagenet
 
 Running the same command again in the same --out resumes from OUT/checkpoint.pth. The distilled
 encoder alone is written to OUT/student.pth, the input of finetune.py.
@@ -55,6 +56,7 @@ DEFAULT_TEACHER = "vit_tiny_patch16"
 
 
 FROM_PRESET = " (unset: from the --teacher preset)"
+POSITIVE_FLOAT = number(float, 0.0, open_low=True)
 
 
 def get_args_parser():
@@ -63,14 +65,18 @@ def get_args_parser():
     p.add_argument("--teacher", default=DEFAULT_TEACHER,
                    help=f"a published teacher ({', '.join(TEACHERS)}; the paper's bring their recipe for the flags "
                         f"left unset), a plain ViT such as vit_small_patch16 (random weights), or any name with "
-                        f"--teacher-weights FILE of this project")
+                        f"--teacher-weights FILE of this project; several, comma-separated, are distilled together "
+                        f"(the first one's recipe)")
     p.add_argument("--teacher-weights", default=None, help="the teacher's file in its published layout (if not "
-                   "given, downloaded), a model file of this project, or 'random' (random weights)")
+                   "given, downloaded), a model file of this project, or 'random' (random weights); several "
+                   "teachers: one per teacher, comma-separated, empty as if not given (e.g. ',dinov2.pth')")
+    p.add_argument("--teacher-loss-weights", type=lambda text: [POSITIVE_FLOAT(w) for w in text.split(",")],
+                   default=None, help="several teachers: the weight of each one's loss, comma-separated [equal]")
     p.add_argument("--teacher-mean", type=float, nargs=3, metavar=("R", "G", "B"), default=None,
-                   help="the teacher's input mean (unset: its own, printed at start; e.g. 0.5 0.5 0.5 for timm's "
+                   help="one teacher's input mean (unset: its own, printed at start; e.g. 0.5 0.5 0.5 for timm's "
                         "augreg and SigLIP files)")
     p.add_argument("--teacher-std", type=float, nargs=3, metavar=("R", "G", "B"), default=None,
-                   help="the teacher's input standard deviation (unset: its own)")
+                   help="one teacher's input standard deviation (unset: its own)")
     p.add_argument("--student", default=None, help="student architecture, e.g. vit_base_patch16" + FROM_PRESET)
     p.add_argument("--data", default=None, help="ImageFolder root (train/ used if present) or a flat folder of "
                                                 "images; the built-in synthetic dataset if not given")
@@ -97,11 +103,11 @@ def get_args_parser():
 
 
 def apply_preset(args):
-    """Fill every flag left unset from the teacher's preset. A teacher without one gets the paper's
+    """Fill every flag left unset from the (first) teacher's preset. A teacher without one gets the paper's
     recipe, with a student of the teacher's own size when the teacher is a plain ViT."""
-    preset = PRESETS.get(args.teacher) or dict(
-        PAPER_RECIPE, drop_path=0.1,
-        student=args.teacher if args.teacher.startswith("vit_") else "vit_base_patch16")
+    first = args.teacher.split(",")[0]
+    preset = PRESETS.get(first) or dict(
+        PAPER_RECIPE, drop_path=0.1, student=first if first.startswith("vit_") else "vit_base_patch16")
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -113,17 +119,18 @@ def apply_preset(args):
 
 # ----------------------------------------------------------------------------- the FD objective
 class FDStudent(nn.Module):
-    """What FD trains: the student and the projector mapping its tokens to the teacher's width (the
-    paper's 1x1 convolution, i.e. a Linear over channels). Only this is wrapped in DDP and saved;
-    the frozen teacher never is."""
+    """What FD trains: the student and, per teacher, a projector mapping its tokens to that teacher's width
+    (the paper's 1x1 convolution, i.e. a Linear over channels). The projectors are the row blocks of one
+    Linear, in teacher order: the functions and gradients of one Linear each, in one matrix product, and for
+    one teacher the projector as ever. Only this is wrapped in DDP and saved; the frozen teachers never are."""
 
-    def __init__(self, student, teacher_dim):
+    def __init__(self, student, teacher_dims):
         super().__init__()
-        self.student = student
-        self.projector = nn.Linear(student.embed_dim, teacher_dim)
+        self.student, self.teacher_dims = student, list(teacher_dims)
+        self.projector = nn.Linear(student.embed_dim, sum(teacher_dims))
 
     def forward(self, images):
-        return self.projector(self.student(images))  # (B, [1 +] N, teacher_dim)
+        return self.projector(self.student(images)).split(self.teacher_dims, dim=-1)  # per teacher (B, [1 +] N, C)
 
 
 def whiten(tokens):
@@ -166,29 +173,46 @@ def fd_loss(prediction, target, beta=2.0):
 RESUME_FLAGS = ("teacher", "teacher_mean", "teacher_std", "student", "img_size", "seed")
 
 
+def load_teachers(args, grid, device, is_main):
+    """The frozen teachers of --teacher A[,B...] giving `grid` x `grid` tokens, as the student; what the student's
+    files record of each (name, weights file, its SHA-256, input statistics); their loss weights, summing to 1."""
+    names = args.teacher.split(",")
+    files = args.teacher_weights.split(",") if args.teacher_weights is not None else [""] * len(names)
+    loss_weights = args.teacher_loss_weights or [1.0] * len(names)
+    if not len(names) == len(files) == len(loss_weights):
+        raise ValueError(f"--teacher names {len(names)} teacher(s), --teacher-weights {len(files)}, "
+                         f"--teacher-loss-weights {len(loss_weights)}: give one of each per teacher, comma-separated")
+    if len(names) > 1 and (args.teacher_mean or args.teacher_std):
+        raise ValueError("--teacher-mean and --teacher-std are for one teacher: several each keep their own statistics")
+    teachers, infos = [], []
+    for name, weights in zip(names, files):
+        teacher = load_teacher(name, weights or None, grid=grid).to(device)
+        for buffer, values in ((teacher.encoder.mean, args.teacher_mean), (teacher.encoder.std, args.teacher_std)):
+            if values is not None:
+                buffer.copy_(torch.tensor(values).view(1, 3, 1, 1))
+        is_file = is_main and Path(teacher.source).is_file()  # recorded with the student, for reproducibility
+        infos.append(dict(name=name, weights=teacher.source, sha256=sha256sum(teacher.source) if is_file else None,
+                          mean=teacher.encoder.mean.flatten().tolist(), std=teacher.encoder.std.flatten().tolist()))
+        teachers.append(teacher)
+    return teachers, infos, [weight / sum(loss_weights) for weight in loss_weights]
+
+
 def main(args):
     args = apply_preset(args)
     rank, world_size, device = setup_distributed(args.device)
     is_main = rank == 0
-    out = Path(args.out)
+    torch.manual_seed(args.seed)  # the same student initialisation on every rank
+
+    # The models: the student with a projector per teacher (trained), the teachers (frozen, never saved).
+    student = build_student(args.student, args.img_size, args.drop_path)
+    set_grad_checkpointing(student, args.grad_ckpt)
+    teachers, teacher_info, loss_weights = load_teachers(args, student.grid[0], device, is_main)
+    model = FDStudent(student, [teacher.embed_dim for teacher in teachers]).to(device)
+    with_cls = [student.num_prefix_tokens > 0 and teacher.num_prefix_tokens > 0 for teacher in teachers]  # not Swin
+    out = Path(args.out)  # created only now: a teacher that cannot be loaded leaves nothing behind
     out.mkdir(parents=True, exist_ok=True)
     if is_main:
         lock_out(out)
-    torch.manual_seed(args.seed)  # the same student initialisation on every rank
-
-    # The models: the student with its projector (trained), the teacher (frozen, never saved).
-    student = build_student(args.student, args.img_size, args.drop_path)
-    set_grad_checkpointing(student, args.grad_ckpt)
-    teacher = load_teacher(args.teacher, args.teacher_weights, grid=student.grid[0]).to(device)
-    for buffer, values in ((teacher.encoder.mean, args.teacher_mean), (teacher.encoder.std, args.teacher_std)):
-        if values is not None:
-            buffer.copy_(torch.tensor(values).view(1, 3, 1, 1))
-    is_file = is_main and Path(teacher.source).is_file()  # recorded with the student, for reproducibility
-    teacher_info = dict(name=args.teacher, weights=teacher.source,
-                        sha256=sha256sum(teacher.source) if is_file else None,
-                        mean=teacher.encoder.mean.flatten().tolist(), std=teacher.encoder.std.flatten().tolist())
-    model = FDStudent(student, teacher.embed_dim).to(device)
-    with_cls = student.num_prefix_tokens > 0 and teacher.num_prefix_tokens > 0  # Swin has no class token
 
     # The data: random resized crops and flips, the same view for teacher and student.
     if args.decode_on_device:  # the workers read the files and draw the crops, decode_and_crop does the rest
@@ -207,7 +231,8 @@ def main(args):
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lrs["lr"], betas=(0.9, 0.999),
                                   fused=device.type == "cuda")  # after sharding: FSDP2's parameters are the shards
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only; bf16 needs none
-    prepare_teacher(teacher, dtype)
+    for teacher in teachers:
+        prepare_teacher(teacher, dtype)
 
     step = 0
     state = load_resume(out, args, RESUME_FLAGS, world_size, is_main)
@@ -218,10 +243,11 @@ def main(args):
         if changed:
             raise ValueError(f"{out} holds a student of another architecture ({'; '.join(changed)}): use another "
                              f"--out, or the --student it was distilled with")
-        old_teacher = state.get("teacher") or teacher_info
-        if is_main and old_teacher["sha256"] != teacher_info["sha256"]:
-            raise ValueError(f"{out} was distilled from teacher weights {old_teacher['weights']} (sha256 "
-                             f"{old_teacher['sha256']}), not {teacher.source}: use another --out, or that file")
+        old_info = state.get("teacher") or teacher_info
+        for old, new in zip([old_info] if isinstance(old_info, dict) else old_info, teacher_info):  # a dict: one
+            if is_main and old["sha256"] != new["sha256"]:
+                raise ValueError(f"{out} was distilled from teacher weights {old['weights']} (sha256 "
+                                 f"{old['sha256']}), not {new['weights']}: use another --out, or that file")
         if "sharded" in state:
             load_sharded_checkpoint(state["sharded"], model, optimizer)
         else:
@@ -237,9 +263,9 @@ def main(args):
         refuse_endless_warmup(args)
         torch.manual_seed(args.seed + rank)  # each rank its own drop-path draws
 
-    run_teacher = teacher
+    run_teachers = teachers
     if args.compile:
-        train_model, run_teacher = torch.compile(train_model), torch.compile(teacher)
+        train_model, run_teachers = torch.compile(train_model), [torch.compile(teacher) for teacher in teachers]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     commit = git_hash()  # recorded in every checkpoint, for reproducibility
 
@@ -249,10 +275,11 @@ def main(args):
               f"{count(total_steps, 'step')} ({count(args.epochs, 'epoch')} of {steps_per_epoch}); autocast "
               f"{dtype or 'off (fp32)'} on {device}")
         print(f"data: {data_summary}")
-        weights = f"{teacher.source} (sha256 {teacher_info['sha256']})" if teacher_info["sha256"] else "random weights"
-        stats = "input mean {} std {}".format(*(" ".join(f"{v:.4g}" for v in teacher_info[k]) for k in ("mean", "std")))
-        print(f"teacher {args.teacher}: {weights}, {teacher.encoder.grid[0]}x{teacher.encoder.grid[1]} tokens at "
-              f"{teacher.input_size} px, {stats} (--teacher-mean, --teacher-std)")
+        for teacher, info, loss_weight in zip(teachers, teacher_info, loss_weights):
+            weights = f"{teacher.source} (sha256 {info['sha256']})" if info["sha256"] else "random weights"
+            stats = "input mean {} std {}".format(*(" ".join(f"{v:.4g}" for v in info[k]) for k in ("mean", "std")))
+            print(f"teacher {info['name']}: {weights}, {teacher.encoder.grid[0]}x{teacher.encoder.grid[1]} tokens at "
+                  f"{teacher.input_size} px, {stats} (--teacher-mean, --teacher-std), loss weight {loss_weight:.3g}")
         print(f"student {args.student} at {args.img_size} px, "
               f"drop path {args.drop_path}, {count(args.epochs, 'epoch')} ({args.warmup_epochs} warmup), crop scale "
               f"{args.min_crop_scale}-1, lr/512 {args.lr:g} (min {args.min_lr:g}, warmup {args.warmup_lr:g})")
@@ -270,16 +297,18 @@ def main(args):
         lr = lr_at(step, total_steps, warmup_steps, **lrs)  # a pure function of the step
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = 0.0
+        losses = 0.0  # the loss, then its term for each teacher
         for i, images in enumerate(micro_batches):
             # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) in the last micro-batch's backward only.
             with gradient_sync(train_model, enabled=i == len(micro_batches) - 1):
                 with autocast:
-                    target = distillation_target(run_teacher, images, student.grid, with_cls)  # (B, T, C)
-                    prediction = train_model(images)  # (B, [1 +] N, C)
-                    micro_loss = fd_loss(prediction[:, prediction.shape[1] - target.shape[1]:], target)
+                    terms = []
+                    for teacher, prediction, cls in zip(run_teachers, train_model(images), with_cls):
+                        target = distillation_target(teacher, images, student.grid, cls)  # (B, T, C)
+                        terms.append(fd_loss(prediction[:, prediction.shape[1] - target.shape[1]:], target))
+                    micro_loss = sum(weight * term for weight, term in zip(loss_weights, terms))
                 scaler.scale(micro_loss / len(micro_batches)).backward()
-            loss += micro_loss.detach() / len(micro_batches)
+            losses += torch.stack([micro_loss, *terms]).detach() / len(micro_batches)
         scaler.unscale_(optimizer)  # clip the true gradients (a no-op unless fp16)
         grad_norm = nn.utils.clip_grad_norm_(train_model.parameters(), args.clip_grad)
         # A NaN or inf loss or gradient skips the step, on every rank alike: the gradients were all-reduced.
@@ -292,11 +321,12 @@ def main(args):
 
         # The images left out: unreadable files (by the loader), and those decode_and_crop cannot decode.
         bad_images = sum(int(bad) + len(labels) - len(inputs) for (_, labels, bad), inputs in zip(batch, micro_batches))
-        log.add(loss, finite, step, epoch, bad_images)
+        log.add(losses, finite, step, epoch, bad_images)
         progress.update()
         if step % args.log_every == 0 or step == total_steps:
             record = log.write(global_batch, step=step, epoch=epoch, lr=lr)
-            progress.set_postfix(loss=record["loss"], lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.1f}")
+            terms = {info["name"]: f"{term:.3g}" for info, term in zip(teacher_info, record.get("loss_terms", []))}
+            progress.set_postfix(loss=record["loss"], **terms, lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.1f}")
         stop = stop_requested(world_size, device)  # SIGTERM or Ctrl-C: save this step, then leave
         if step % args.save_every == 0 or step == total_steps or stop:
             meta = {"scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "args": vars(args),

@@ -120,7 +120,8 @@ def recipe_of(init):
         state = torch.load(init, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # read_init reports what is wrong with the file
         return "paper"
-    teacher = state.get("teacher") or state.get("args", {}).get("teacher")  # a dict in distill's files
+    teacher = state.get("teacher") or state.get("args", {}).get("teacher")  # distill's files: a dict per teacher
+    teacher = teacher[0] if isinstance(teacher, list) else teacher  # (a dict before): the first one's, as distill's
     name = state.get("recipe") or (teacher.get("name") if isinstance(teacher, dict) else teacher)
     return name if name in RECIPES else "paper"
 

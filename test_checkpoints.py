@@ -396,8 +396,8 @@ def test_distill_with_an_hf_teacher_folder(tmp_path, case):
     distill.main(args)
     saved = torch.load(tmp_path / "run" / "student.pth", weights_only=True)
     weights = tmp_path / case / "model.safetensors"
-    assert saved["teacher"]["weights"] == str(weights)
-    assert saved["teacher"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert saved["teacher"][0]["weights"] == str(weights)
+    assert saved["teacher"][0]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(math.isfinite(entry["loss"]) for entry in log)
     state = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)

@@ -62,7 +62,7 @@ def read_log(out):
 def micro_pair(drop_path=0.0, seed=0):
     torch.manual_seed(seed)
     teacher = load_teacher("vit_micro_patch8", grid=4)
-    model = distill.FDStudent(build_student("vit_micro_patch8", 32, drop_path), teacher.embed_dim)
+    model = distill.FDStudent(build_student("vit_micro_patch8", 32, drop_path), [teacher.embed_dim])
     return teacher, model
 
 
@@ -86,7 +86,7 @@ def crash_at_call(monkeypatch, module, name, n):
 
 def fd_closure(teacher):
     """The loss distill.main computes for the micro ViT pair (every token, class token included)."""
-    return lambda model, images: distill.fd_loss(model(images), distill.distillation_target(teacher, images, (4, 4)))
+    return lambda model, images: distill.fd_loss(model(images)[0], distill.distillation_target(teacher, images, (4, 4)))
 
 
 # ----------------------------------------------------------------------------- models
@@ -548,7 +548,7 @@ def test_distill_with_a_published_layout_teacher_records_its_checksum(tmp_path):
                  "--out", str(tmp_path / "run"))
     distill.main(args)
     saved = torch.load(tmp_path / "run" / "student.pth", weights_only=True)
-    assert saved["teacher"]["sha256"] == hashlib.sha256((tmp_path / "dino_tiny.pth").read_bytes()).hexdigest()
+    assert saved["teacher"][0]["sha256"] == hashlib.sha256((tmp_path / "dino_tiny.pth").read_bytes()).hexdigest()
     state = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
     assert state["projector"]["weight"].shape == (128, 32)  # student width 32 -> teacher width 128
 
@@ -1135,6 +1135,181 @@ def test_loss_of_main_is_smooth_l1_on_projected_tokens_class_token_only_when_bot
     assert read_log(tmp_path)[0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
+# ----------------------------------------------------------------------------- several teachers
+CPU_ONLY = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # subprocesses on the CPU, on any machine
+
+
+def test_one_teacher_is_a_list_of_one_and_trains_bitwise_as_before(tmp_path):
+    # testdata/one_teacher_run.pt: the losses and weights of this command as the version before several teachers
+    # wrote them (CPU, one thread). A single teacher must give them bit for bit.
+    argv = [*MICRO, "--epochs", "1", "--accum", "2", "--batch-size", "4", "--lr", "0.5", "--out", str(tmp_path)]
+    subprocess.run([sys.executable, str(REPO / "distill.py"), *argv], check=True, capture_output=True, env=CPU_ONLY)
+    before = torch.load(REPO / "testdata" / "one_teacher_run.pt", weights_only=True)
+    log, state = read_log(tmp_path), torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert [r["loss"] for r in log] == before["losses"]
+    assert [r["loss_terms"] for r in log] == [[loss] for loss in before["losses"]]
+    for key in ("student", "projector"):
+        assert list(state[key]) == list(before[key])
+        assert all(torch.equal(state[key][k], v) for k, v in before[key].items()), key
+
+
+def test_two_teachers_loss_is_the_weighted_mean_of_each_ones_smooth_l1(tmp_path, monkeypatch):
+    # One step of distill.main at lr 0 with a ViT teacher (class token kept, width 32) and a Swin teacher (no class
+    # token, an 8x8 map of width 24 resized to the student's 4x4), loss weights 1 and 0.5: the logged loss and terms
+    # recomputed here from the images seen, the student returned and the row blocks of the projector saved.
+    swin = models.SwinTransformer(version=1, img_size=32, embed_dim=24, depths=[2], num_heads=[2], window_size=4,
+                                  position_bias="per_block")
+    real_teacher, real_target, seen = distill.load_teacher, distill.distillation_target, {"teachers": []}
+    monkeypatch.setattr(distill, "load_teacher", lambda name, weights, grid: models.Teacher(swin) if name == "swin"
+                        else real_teacher(name, weights, grid=grid))
+
+    def target_spy(teacher, images, grid, with_cls=True):
+        seen["teachers"].append(teacher)
+        seen["images"] = images
+        return real_target(teacher, images, grid, with_cls)
+    monkeypatch.setattr(distill, "distillation_target", target_spy)
+    argv = [*MICRO, "--teacher", "vit_micro_patch8,swin", "--teacher-loss-weights", "1,0.5", "--synthetic-images", "8",
+            "--epochs", "1", "--drop-path", "0", "--lr", "0", "--min-lr", "0", "--warmup-lr", "0",
+            "--out", str(tmp_path)]
+    student = distill.main(parse(*argv)).eval().cpu()
+    projector = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["projector"]
+    images, (vit, swin_teacher) = seen["images"].cpu(), [teacher.cpu() for teacher in seen["teachers"]]
+    with torch.no_grad():
+        features = student(images)  # (B, 1 + 16, 32)
+        swin_map = swin_teacher(images).transpose(1, 2).reshape(len(images), 24, 8, 8)
+        swin_tokens = F.interpolate(swin_map, size=(4, 4), mode="bilinear", align_corners=False).flatten(2).mT
+        terms = []
+        for rows, target in ((slice(0, 32), vit(images)), (slice(32, 56), swin_tokens)):
+            tokens = features[:, features.shape[1] - target.shape[1]:]  # 1 + 16 for the ViT, 16 for the Swin
+            prediction = tokens @ projector["weight"][rows].T + projector["bias"][rows]
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, unbiased=False, keepdim=True)
+            diff = (prediction - (target - mean) / torch.sqrt(var + 1e-5)).abs()
+            terms.append(torch.where(diff < 2.0, 0.5 * diff ** 2 / 2.0, diff - 1.0).mean().item())
+    assert projector["weight"].shape == (56, 32) and len(seen["teachers"]) == 2
+    record = read_log(tmp_path)[0]
+    assert record["loss_terms"] == pytest.approx(terms, rel=1e-5)
+    assert record["loss"] == pytest.approx((1 * terms[0] + 0.5 * terms[1]) / 1.5, rel=1e-5)
+    recorded = torch.load(tmp_path / "student.pth", weights_only=True)["teacher"]
+    assert [teacher["name"] for teacher in recorded] == ["vit_micro_patch8", "swin"]
+
+
+def test_each_projector_learns_from_its_own_teacher_only_and_the_student_from_both():
+    # The gradients of a two-teacher loss against those of separate Linears holding each projector's rows, each
+    # trained on its own teacher's smooth-L1 alone.
+    torch.manual_seed(0)
+    model, images = distill.FDStudent(build_student("vit_micro_patch8", 32), [32, 48]), torch.rand(2, 3, 32, 32)
+    targets, weights = [torch.randn(2, 17, 32), torch.randn(2, 17, 48)], [2 / 3, 1 / 3]
+    sum(w * distill.fd_loss(p, t) for w, p, t in zip(weights, model(images), targets)).backward()
+    grads, alone = {name: p.grad.clone() for name, p in model.named_parameters()}, []
+    for rows, target, weight in zip((slice(0, 32), slice(32, 80)), targets, weights):
+        linear = torch.nn.Linear(32, target.shape[-1])
+        linear.load_state_dict({k: v[rows] for k, v in model.projector.state_dict().items()})
+        model.zero_grad()
+        F.smooth_l1_loss(linear(model.student(images)), target, beta=2.0).backward()
+        torch.testing.assert_close(grads["projector.weight"][rows], weight * linear.weight.grad)
+        torch.testing.assert_close(grads["projector.bias"][rows], weight * linear.bias.grad)
+        alone.append({name: p.grad.clone() for name, p in model.student.named_parameters()})
+    for name, _ in model.student.named_parameters():
+        assert alone[0][name].abs().sum() > 0 and alone[1][name].abs().sum() > 0, name
+        torch.testing.assert_close(grads[f"student.{name}"], weights[0] * alone[0][name] + weights[1] * alone[1][name])
+
+
+def test_two_teachers_resume_exactly_record_each_teacher_and_refuse_another_list(tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    wide = build_from_arch(dict(build_student("vit_micro_patch8", 32).arch, embed_dim=48))  # a teacher of width 48
+    torch.save({"arch": wide.arch, "model": wide.state_dict()}, tmp_path / "wide.pth")
+    argv = [*MICRO, "--teacher", "vit_micro_patch8,mine", "--teacher-weights", f",{tmp_path / 'wide.pth'}",
+            "--teacher-loss-weights", "1,3", "--epochs", "2", "--save-every", "5"]  # 16 steps
+    full = distill.main(parse(*argv, "--out", str(tmp_path / "full")))
+    crashed = tmp_path / "crashed"
+    with crash_at_call(monkeypatch, distill, "fd_loss", 2 * 6 + 1), pytest.raises(KeyboardInterrupt):  # in step 7
+        distill.main(parse(*argv, "--out", str(crashed)))
+    assert torch.load(crashed / "checkpoint.pth", weights_only=True)["step"] == 5
+    resumed = distill.main(parse(*argv, "--out", str(crashed)))
+    full_log = {r["step"]: r for r in read_log(tmp_path / "full")}
+    assert [r["step"] for r in read_log(crashed)] == list(range(1, 17))
+    for record in read_log(crashed):
+        assert (record["loss"], record["loss_terms"]) == (full_log[record["step"]]["loss"],
+                                                          full_log[record["step"]]["loss_terms"])
+    final = [torch.load(out / "checkpoint.pth", weights_only=True) for out in (tmp_path / "full", crashed)]
+    assert final[0]["projector"]["weight"].shape == (32 + 48, 32)
+    for key in ("student", "projector"):
+        assert all(torch.equal(final[0][key][k], final[1][key][k]) for k in final[0][key])
+    # Every teacher recorded; the student file reads as ever (finetune.py, diagnose.py, export), its recipe the first's.
+    saved = torch.load(crashed / "student.pth", weights_only=True)
+    sha256 = hashlib.sha256((tmp_path / "wide.pth").read_bytes()).hexdigest()
+    assert [(t["name"], t["sha256"]) for t in saved["teacher"]] == [("vit_micro_patch8", None), ("mine", sha256)]
+    rebuilt = load_model_file(crashed / "student.pth")
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), full.state_dict().values()))
+    torch.save({"teacher": [dict(name="dino"), dict(name="clip")]}, tmp_path / "two.pth")
+    assert finetune.recipe_of(str(tmp_path / "two.pth")) == "dino"
+    # Another list of teachers, or another file for one of them, is refused.
+    with pytest.raises(ValueError, match=r"--teacher vit_micro_patch8,mine -> mine,vit_micro_patch8"):
+        distill.main(parse(*argv, "--teacher", "mine,vit_micro_patch8", "--teacher-weights",
+                           f"{tmp_path / 'wide.pth'},", "--out", str(crashed)))
+    with pytest.raises(ValueError, match=r"--teacher vit_micro_patch8,mine -> vit_micro_patch8\)"):
+        distill.main(parse(*MICRO, "--epochs", "2", "--out", str(crashed)))
+    torch.save({"arch": wide.arch, "model": build_from_arch(wide.arch).state_dict()}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"distilled from teacher weights .*wide.pth \(sha256 .*\), not .*other.pth"):
+        distill.main(parse(*argv, "--teacher-weights", f",{tmp_path / 'other.pth'}", "--epochs", "3", "--out",
+                           str(crashed)))
+
+
+def test_two_teachers_on_two_torchrun_ranks_train_as_one_process(tmp_path):
+    argv = [str(REPO / "distill.py"), *MICRO, "--teacher", "vit_micro_patch8,vit_micro_patch4",
+            "--teacher-loss-weights", "2,1", "--drop-path", "0", "--epochs", "1"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    for command in ([sys.executable, *argv, "--out", str(tmp_path / "one")],
+                    [*torchrun, *argv, "--batch-size", "4", "--out", str(tmp_path / "two")]):
+        result = subprocess.run(command, env=CPU_ONLY, capture_output=True, text=True, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) x 4 images x 1 micro-steps = 8 images per step" in result.stdout
+    for a, b in zip(read_log(tmp_path / "one"), read_log(tmp_path / "two"), strict=True):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["loss_terms"] == pytest.approx(b["loss_terms"], rel=1e-5)
+    one, two = (torch.load(tmp_path / run / "checkpoint.pth", weights_only=True) for run in ("one", "two"))
+    for key in ("student", "projector"):
+        for name in one[key]:
+            torch.testing.assert_close(one[key][name], two[key][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_bad_teacher_lists_are_refused_in_one_line_before_anything_is_written(tmp_path, capsys):
+    torch.save(timm_layout(64, 1, 16, 2), tmp_path / "small_dino.pth")  # not a ViT-B/16: not the dino teacher's file
+    two, out = ["--teacher", "vit_micro_patch8,vit_micro_patch4"], tmp_path / "run"
+    for flags, message in [
+            ([*two, "--teacher-weights", "a.pth"], r"^--teacher names 2 teacher\(s\), --teacher-weights 1, "),
+            ([*two, "--teacher-loss-weights", "1,2,3"], r"^--teacher names .*, --teacher-loss-weights 3: give one of"),
+            (["--teacher", "vit_micro_patch8,vit_nano_patch4"], r"^unknown teacher 'vit_nano_patch4'"),
+            (["--teacher", "vit_micro_patch8,dino", "--teacher-weights", f",{tmp_path / 'small_dino.pth'}"],
+             r"small_dino.pth does not fit this model \(missing: "),
+            ([*two, "--teacher-mean", "0.5", "0.5", "0.5"], r"^--teacher-mean and --teacher-std are for one teacher")]:
+        with pytest.raises(ValueError, match=message) as error:
+            distill.main(parse(*MICRO, *flags, "--out", str(out)))
+        assert "\n" not in str(error.value) and not out.exists(), flags
+    for weights, expected in [("1,0", "0 is out of range"), ("1,-2", "-2 is out of range"), ("1,a", "'a' is not a")]:
+        with pytest.raises(SystemExit):
+            parse(*two, "--teacher-loss-weights", weights)
+        assert f"argument --teacher-loss-weights: {expected}" in capsys.readouterr().err
+    # From the command line: that line alone on stderr, exit status 2.
+    result = subprocess.run([sys.executable, str(REPO / "distill.py"), *MICRO, *two, "--teacher-weights", ",,",
+                             "--out", str(out)], capture_output=True, text=True, env=CPU_ONLY, timeout=120)
+    assert result.returncode == 2 and not out.exists()
+    assert result.stderr.strip().splitlines() == ["distill.py: error: --teacher names 2 teacher(s), --teacher-weights "
+                                                  "3, --teacher-loss-weights 2: give one of each per teacher, "
+                                                  "comma-separated (FD_TRACEBACK=1 shows where)"]
+
+
+def test_bench_times_several_teachers_at_once(capsys):
+    argv = ["--student", "vit_micro_patch8", "--teacher", "vit_micro_patch8,vit_micro_patch4", "--img-size", "32",
+            "--batch-size", "4", "--steps", "2", "--warmup", "1", "--amp", "fp32"]
+    bench.main(bench.get_args_parser().parse_args(argv))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "distill: vit_micro_patch8 + vit_micro_patch8,vit_micro_patch4 teachers, 32 px" in lines[-2]
+    last = dict(field.split("=") for field in lines[-1].split()[1:])
+    assert float(last["img/s"]) == pytest.approx(4 * 1000 / float(last["step_ms"]), rel=0.01)
+    assert float(last["peak_mem_mb"]) > 0
+
+
 def test_overfitting_one_batch_drives_the_loss_down(tmp_path):
     # distill.main on the same 8 images for 40 steps, no drop path and whole-image crops: the step learns.
     argv = [*MICRO, "--synthetic-images", "8", "--epochs", "40", "--warmup-epochs", "0", "--lr", "0.1",
@@ -1577,7 +1752,7 @@ def test_teacher_statistics_are_shown_and_can_be_set(tmp_path, capsys):
     distill.main(parse(*MICRO, "--epochs", "1", "--teacher-mean", "0.5", "0.5", "0.5", "--teacher-std", "0.5", "0.25",
                        "0.5", "--out", str(out)))
     assert "input mean 0.5 0.5 0.5 std 0.5 0.25 0.5" in capsys.readouterr().out
-    recorded = torch.load(out / "student.pth", weights_only=True)["teacher"]
+    recorded = torch.load(out / "student.pth", weights_only=True)["teacher"][0]
     assert (recorded["mean"], recorded["std"]) == ([0.5] * 3, [0.5, 0.25, 0.5])
     distill.main(parse(*MICRO, "--epochs", "1", "--out", str(tmp_path / "own")))
     assert "input mean 0.485 0.456 0.406 std 0.229 0.224 0.225" in capsys.readouterr().out  # timm's ImageNet values

@@ -402,9 +402,10 @@ def restore_rng(states, rank, world_size, fresh_seed):
 
 
 class TrainingLog:
-    """OUT/log.jsonl (rank 0): every --log-every steps the loss (averaged over the interval and ranks), lr, images/s,
-    steps skipped for a non-finite gradient (`max_nonfinite` in a row stop the run) and unreadable images (over
-    `max_bad_frac` of an epoch stop it). Lines after `start_step`, written again, move to OUT/log.discarded.jsonl."""
+    """OUT/log.jsonl (rank 0): every --log-every steps the loss (averaged over the interval and ranks; given as a vector
+    of the loss and its terms, also the terms, as loss_terms), lr, images/s, steps skipped for a non-finite gradient
+    (`max_nonfinite` in a row stop the run) and unreadable images (over `max_bad_frac` of an epoch stop it). Lines
+    after `start_step`, written again, move to OUT/log.discarded.jsonl."""
 
     def __init__(self, out, args, images_per_epoch, device, world_size, is_main, start_step=0):
         self.path, self.images_per_epoch = out / "log.jsonl", images_per_epoch
@@ -458,16 +459,18 @@ class TrainingLog:
 
     def write(self, images_per_step, epoch, **fields):
         """Log the interval that ends now; returns the record (on every rank)."""
-        totals = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=self.device)
-                              for value in (self.loss / max(self.steps, 1), float(self.bad))])
+        totals = torch.cat([torch.as_tensor(value, dtype=torch.float64, device=self.device).flatten()
+                            for value in (self.loss / max(self.steps, 1), float(self.bad))])
         if self.world_size > 1:  # the decision to skip is the same on every rank: so is self.steps
             dist.all_reduce(totals)
-        loss, bad = totals[0].item() / self.world_size, int(totals[1].item())
+        (loss, *terms), bad = (totals[:-1] / self.world_size).tolist(), int(totals[-1].item())
         self.epoch_bad += bad - self.bad  # the other ranks' of the interval
         if self.epoch_bad > self.max_bad_frac * self.images_per_epoch:
             raise self.too_many_bad()
         record = dict(fields, epoch=epoch, loss=loss if self.steps else None, skipped=self.skipped, bad_images=bad,
                       img_per_s=(self.steps + self.skipped) * images_per_step / (time.perf_counter() - self.start))
+        if terms:  # distill.py's term per teacher
+            record["loss_terms"] = terms
         if self.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
