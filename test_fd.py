@@ -1263,7 +1263,7 @@ def test_two_teachers_on_two_torchrun_ranks_train_as_one_process(tmp_path):
                     [*torchrun, *argv, "--batch-size", "4", "--out", str(tmp_path / "two")]):
         result = subprocess.run(command, env=CPU_ONLY, capture_output=True, text=True, timeout=240)
         assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es) x 4 images x 1 micro-steps = 8 images per step" in result.stdout
+    assert "2 process(es) x 4 images x 1 micro-step = 8 images per step" in result.stdout
     for a, b in zip(read_log(tmp_path / "one"), read_log(tmp_path / "two"), strict=True):
         assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["loss_terms"] == pytest.approx(b["loss_terms"], rel=1e-5)

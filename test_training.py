@@ -251,7 +251,7 @@ def test_fsdp_reduces_gradients_in_fp32_as_the_official_ddp_does():
     from torch.distributed.fsdp import FSDPModule
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        model = distill.FDStudent(models.build_student("vit_micro_patch8", 32), 64)
+        model = distill.FDStudent(models.build_student("vit_micro_patch8", 32), [64])
         training.wrap_model(model, torch.device("cpu"), 2, fsdp=True, dtype=torch.bfloat16)
         units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         assert len(units) == 1 + len(model.student.blocks)
