@@ -325,7 +325,8 @@ def main(args):
         progress.update()
         if step % args.log_every == 0 or step == total_steps:
             record = log.write(global_batch, step=step, epoch=epoch, lr=lr)
-            terms = {info["name"]: f"{term:.3g}" for info, term in zip(teacher_info, record.get("loss_terms", []))}
+            terms = {info["name"]: f"{term:.3g}" for info, term in zip(teacher_info, record.get("loss_terms", []))
+                     if len(teacher_info) > 1}  # one teacher's term is the loss
             progress.set_postfix(loss=record["loss"], **terms, lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.1f}")
         stop = stop_requested(world_size, device)  # SIGTERM or Ctrl-C: save this step, then leave
         if step % args.save_every == 0 or step == total_steps or stop:
