@@ -76,22 +76,23 @@ def run_cli(main, args):
     try:
         return main(args)
     except (Stopped, KeyboardInterrupt) as stop:
-        for bar in list(getattr(tqdm, "_instances", ())):
-            bar.close()
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(stop if isinstance(stop, Stopped) else f"interrupted: left at once, the last checkpoint as it "
-                  f"was", file=sys.stderr)
-        sys.exit(128 + (STOP_SIGNALS[-1] if STOP_SIGNALS else signal.SIGINT))
+        leave(stop if isinstance(stop, Stopped) else "interrupted: left at once, the last checkpoint as it was",
+              128 + (STOP_SIGNALS[-1] if STOP_SIGNALS else signal.SIGINT))
     except (ValueError, OSError, FloatingPointError) as error:
         if os.environ.get("FD_TRACEBACK"):
             raise
         # An error raised in a DataLoader worker comes wrapped, its traceback in the message, the error last.
         message = str(error).strip().splitlines()[-1].removeprefix(f"{type(error).__name__}: ")
-        for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar left open ends its line first
-            bar.close()
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"{Path(sys.argv[0]).name}: error: {message} (FD_TRACEBACK=1 shows where)", file=sys.stderr)
-        sys.exit(2)
+        leave(f"{Path(sys.argv[0]).name}: error: {message} (FD_TRACEBACK=1 shows where)", 2)
+
+
+def leave(line, status):
+    """Print `line` on rank 0, after any progress bar left open has ended its line, and exit with `status`."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(line, file=sys.stderr)
+    sys.exit(status)
 
 
 # ----------------------------------------------------------------------------- stopping on a signal
