@@ -49,3 +49,27 @@ def distill_cli_in_process(monkeypatch, *argv):
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+def script_in_process(script, *argv):
+    """`python SCRIPT ARGV` in this process: runpy runs the script's __main__ block, as a user's command does, with
+    sys.argv set and stdout and stderr captured. A subprocess.CompletedProcess, as subprocess.run(..., text=True)
+    gives, for commands that end within a second, where a new process would add seconds of imports. The stop-signal
+    handlers run_cli installs are put back after."""
+    import contextlib
+    import io
+    import runpy
+    import signal
+    from unittest import mock
+    stdout, stderr, status = io.StringIO(), io.StringIO(), 0
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with mock.patch.object(sys, "argv", [script, *map(str, argv)]), contextlib.redirect_stdout(stdout), \
+                contextlib.redirect_stderr(stderr):
+            runpy.run_path(str(REPO / script), run_name="__main__")
+    except SystemExit as leaving:
+        status = leaving.code if isinstance(leaving.code, int) else 1
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return subprocess.CompletedProcess([script, *argv], status, stdout.getvalue(), stderr.getvalue())

@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import struct
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -31,7 +30,7 @@ import distill
 import finetune
 import models
 from checkpoints import load_pretrained, load_teacher
-from conftest import distill_cli_in_process
+from conftest import distill_cli_in_process, script_in_process
 from models import Classifier, PretrainedViT, SwinTransformer, VisionTransformer, build_from_arch
 
 REPO = Path(__file__).resolve().parent
@@ -442,9 +441,8 @@ def export_model(model, tmp_path, **options):
 
 
 def export_command(*args):
-    """`python checkpoints.py export ARGS`, as a user runs it."""
-    return subprocess.run([sys.executable, "checkpoints.py", "export", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True)
+    """`python checkpoints.py export ARGS`, as a user runs it: its __main__ block, in this process (conftest.py)."""
+    return script_in_process("checkpoints.py", "export", *args)
 
 
 def assert_same(case, library, theirs, ours):
@@ -664,16 +662,15 @@ def test_checkpoints_imports_models_alone_and_neither_library():
 def test_a_text_file_named_pth_is_one_line_for_distill_and_export(tmp_path, monkeypatch, capsys):
     notes = tmp_path / "notes.pth"
     notes.write_text("hello\nnot weights\n")  # read as a legacy pickle, its bytes are opcodes: KeyError 101 ('e')
-    # distill.py's command line in this process, as the offline test below runs it: a micro student, which is built
-    # before the teacher is read (the default, a ViT-B at 224 px, would only add seconds).
+    # Both commands in this process (conftest.py); distill.py with a micro student, which it builds before reading the
+    # teacher (the default, a ViT-B at 224 px, would only add seconds).
     with pytest.raises(SystemExit) as status:
         distill_cli_in_process(monkeypatch, "--teacher", "timm", "--teacher-weights", str(notes), "--student",
                                "vit_micro_patch8", "--img-size", "32", "--device", "cpu", "--out", str(tmp_path / "o"))
     error = capsys.readouterr().err
     assert status.value.code == 2 and len(error.splitlines()) == 1, error
     assert error.startswith(f"distill.py: error: {notes}: ") and "not a readable checkpoint" in error
-    done = subprocess.run([sys.executable, "checkpoints.py", "export", str(notes), "--out", str(tmp_path / "x")],
-                          cwd=REPO, capture_output=True, text=True)
+    done = export_command(notes, "--out", tmp_path / "x")
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
     assert done.stderr.startswith(f"checkpoints.py: error: {notes}: ") and "not a readable checkpoint" in done.stderr
 
