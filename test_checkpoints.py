@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import struct
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -31,6 +30,7 @@ import distill
 import finetune
 import models
 from checkpoints import load_pretrained, load_teacher
+from conftest import distill_cli_in_process, script_in_process
 from models import Classifier, PretrainedViT, SwinTransformer, VisionTransformer, build_from_arch
 
 REPO = Path(__file__).resolve().parent
@@ -441,9 +441,8 @@ def export_model(model, tmp_path, **options):
 
 
 def export_command(*args):
-    """`python checkpoints.py export ARGS`, as a user runs it."""
-    return subprocess.run([sys.executable, "checkpoints.py", "export", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True)
+    """`python checkpoints.py export ARGS`, as a user runs it: its __main__ block, in this process (conftest.py)."""
+    return script_in_process("checkpoints.py", "export", *args)
 
 
 def assert_same(case, library, theirs, ours):
@@ -660,15 +659,20 @@ def test_checkpoints_imports_models_alone_and_neither_library():
 
 
 # ----------------------------------------------------------------------------- a user's errors, in one line
-def test_a_text_file_named_pth_is_one_line_for_distill_and_export(tmp_path):
+def test_a_text_file_named_pth_is_one_line_for_distill_and_export(tmp_path, monkeypatch, capsys):
     notes = tmp_path / "notes.pth"
     notes.write_text("hello\nnot weights\n")  # read as a legacy pickle, its bytes are opcodes: KeyError 101 ('e')
-    commands = {"distill.py": ["distill.py", "--teacher", "timm", "--teacher-weights", notes, "--out", tmp_path / "o"],
-                "checkpoints.py": ["checkpoints.py", "export", notes, "--out", tmp_path / "x"]}
-    for script, command in commands.items():
-        done = subprocess.run([sys.executable, *map(str, command)], cwd=REPO, capture_output=True, text=True)
-        assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
-        assert done.stderr.startswith(f"{script}: error: {notes}: ") and "not a readable checkpoint" in done.stderr
+    # Both commands in this process (conftest.py); distill.py with a micro student, which it builds before reading the
+    # teacher (the default, a ViT-B at 224 px, would only add seconds).
+    with pytest.raises(SystemExit) as status:
+        distill_cli_in_process(monkeypatch, "--teacher", "timm", "--teacher-weights", str(notes), "--student",
+                               "vit_micro_patch8", "--img-size", "32", "--device", "cpu", "--out", str(tmp_path / "o"))
+    error = capsys.readouterr().err
+    assert status.value.code == 2 and len(error.splitlines()) == 1, error
+    assert error.startswith(f"distill.py: error: {notes}: ") and "not a readable checkpoint" in error
+    done = export_command(notes, "--out", tmp_path / "x")
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith(f"checkpoints.py: error: {notes}: ") and "not a readable checkpoint" in done.stderr
 
 
 def test_an_offline_download_is_one_line_naming_the_url_and_the_way_out(tmp_path, monkeypatch, capsys):
@@ -678,11 +682,9 @@ def test_an_offline_download_is_one_line_naming_the_url_and_the_way_out(tmp_path
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    monkeypatch.setattr(sys, "argv", ["distill.py"])
-    args = distill.get_args_parser().parse_args(["--teacher", "clip", "--student", "vit_micro_patch8", "--img-size",
-                                                 "32", "--out", str(tmp_path / "run")])
     with pytest.raises(SystemExit) as status:
-        distill.run_cli(distill.main, args)
+        distill_cli_in_process(monkeypatch, "--teacher", "clip", "--student", "vit_micro_patch8", "--img-size", "32",
+                               "--out", str(tmp_path / "run"))
     error = capsys.readouterr().err
     assert status.value.code == 2 and len(error.splitlines()) == 1, error
     assert error.startswith("distill.py: error: could not download the clip teacher (<urlopen error")

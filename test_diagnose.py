@@ -3,8 +3,6 @@
     python -m pytest -q test_diagnose.py
 """
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from PIL import Image
 
 import diagnose
 import distill
+from conftest import script_in_process
 
 HERE = Path(__file__).parent
 MICRO = ["--teacher", "vit_micro_patch8", "--student", "vit_micro_patch8", "--img-size", "32", "--synthetic-images",
@@ -88,10 +87,10 @@ def test_teacher_without_weights_is_told_the_spec_form(tmp_path, monkeypatch):
         diagnose.load_models([str(tmp_path / "bare.pth")])
 
 
-def test_a_user_error_is_one_line_and_status_2():
-    env = {k: v for k, v in os.environ.items() if k != "FD_TRACEBACK"}
-    run = subprocess.run([sys.executable, "diagnose.py", "--model", "nowhere.pth"], cwd=HERE, env=env,
-                         capture_output=True, text=True)
+def test_a_user_error_is_one_line_and_status_2(monkeypatch):
+    monkeypatch.delenv("FD_TRACEBACK", raising=False)
+    monkeypatch.chdir(HERE)
+    run = script_in_process("diagnose.py", "--model", "nowhere.pth")  # its __main__ block, in this process
     assert run.returncode == 2
     assert run.stderr.splitlines() == ["diagnose.py: error: nowhere.pth: no such file (FD_TRACEBACK=1 shows where)"]
 

@@ -35,6 +35,7 @@ import distill
 import finetune
 import models
 import training
+from conftest import distill_cli_in_process
 from checkpoints import esvit_to_swin, load_model_file, load_pretrained, load_teacher, shared_bias_to_per_block
 from data import SeededTransform, SyntheticShapes, fd_transform, image_dataset
 from diagnose import attention_maps
@@ -1255,25 +1256,57 @@ def test_two_teachers_resume_exactly_record_each_teacher_and_refuse_another_list
                            str(crashed)))
 
 
-def test_two_teachers_on_two_torchrun_ranks_train_as_one_process(tmp_path):
-    argv = [str(REPO / "distill.py"), *MICRO, "--teacher", "vit_micro_patch8,vit_micro_patch4",
-            "--teacher-loss-weights", "2,1", "--drop-path", "0", "--epochs", "1"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
-    for command in ([sys.executable, *argv, "--out", str(tmp_path / "one")],
-                    [*torchrun, *argv, "--batch-size", "4", "--out", str(tmp_path / "two")]):
-        result = subprocess.run(command, env=CPU_ONLY, capture_output=True, text=True, timeout=240)
-        assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es) x 4 images x 1 micro-step = 8 images per step" in result.stdout
-    for a, b in zip(read_log(tmp_path / "one"), read_log(tmp_path / "two"), strict=True):
+@pytest.fixture(scope="module")
+def two_teachers_two_ranks(tmp_path_factory):
+    """One distillation from two teachers, run twice: on 2 torchrun CPU ranks, each with 2 micro-batches of 2 (the
+    driver counts DDP's gradient all-reduces and saves each rank's student), and in one process with batches of 8:
+    the same global batch. One launch serves the tests of torchrun's ranks with gradient accumulation and of several
+    teachers on several ranks; the one-process run goes alongside (two cores)."""
+    tmp_path = tmp_path_factory.mktemp("two_ranks")
+    out = tmp_path / "two"
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import distill\n"
+        "from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook\n"
+        "reductions = []\n"
+        "import training\n"
+        "class CountingDDP(training.DistributedDataParallel):  # counts the gradient all-reduces\n"
+        "    def __init__(self, *args, **kwargs):\n"
+        "        super().__init__(*args, **kwargs)\n"
+        "        self.register_comm_hook(None, lambda state, bucket: reductions.append(1) or "
+        "allreduce_hook(state, bucket))\n"
+        "training.DistributedDataParallel = CountingDDP\n"
+        "student = distill.main(distill.get_args_parser().parse_args(sys.argv[1:]))\n"
+        f"torch.save(dict(student.state_dict(), reductions=torch.tensor(len(reductions))), "
+        f"os.path.join({str(out)!r}, f\"rank{{os.environ['RANK']}}.pt\"))\n")
+    argv = [*MICRO, "--teacher", "vit_micro_patch8,vit_micro_patch4", "--teacher-loss-weights", "2,1", "--drop-path",
+            "0", "--epochs", "1"]
+    one = subprocess.Popen([sys.executable, str(REPO / "distill.py"), *argv, "--out", str(tmp_path / "one")],
+                           env=CPU_ONLY, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(driver), *argv, "--accum", "2", "--batch-size", "2", "--out", str(out)]
+    result = subprocess.run(cmd, env=CPU_ONLY, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stderr = one.communicate(timeout=240)[1]
+    assert one.returncode == 0, stderr[-3000:]
+    return tmp_path / "one", out, result
+
+
+def test_two_teachers_on_two_torchrun_ranks_train_as_one_process(two_teachers_two_ranks):
+    one_out, two_out, result = two_teachers_two_ranks
+    assert "2 process(es) x 2 images x 2 micro-steps = 8 images per step" in result.stdout
+    for a, b in zip(read_log(one_out), read_log(two_out), strict=True):
         assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["loss_terms"] == pytest.approx(b["loss_terms"], rel=1e-5)
-    one, two = (torch.load(tmp_path / run / "checkpoint.pth", weights_only=True) for run in ("one", "two"))
+    one, two = (torch.load(out / "checkpoint.pth", weights_only=True) for out in (one_out, two_out))
     for key in ("student", "projector"):
         for name in one[key]:
             torch.testing.assert_close(one[key][name], two[key][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_bad_teacher_lists_are_refused_in_one_line_before_anything_is_written(tmp_path, capsys):
+def test_bad_teacher_lists_are_refused_in_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch):
     torch.save(timm_layout(64, 1, 16, 2), tmp_path / "small_dino.pth")  # not a ViT-B/16: not the dino teacher's file
     two, out = ["--teacher", "vit_micro_patch8,vit_micro_patch4"], tmp_path / "run"
     for flags, message in [
@@ -1291,12 +1324,12 @@ def test_bad_teacher_lists_are_refused_in_one_line_before_anything_is_written(tm
             parse(*two, "--teacher-loss-weights", weights)
         assert f"argument --teacher-loss-weights: {expected}" in capsys.readouterr().err
     # From the command line: that line alone on stderr, exit status 2.
-    result = subprocess.run([sys.executable, str(REPO / "distill.py"), *MICRO, *two, "--teacher-weights", ",,",
-                             "--out", str(out)], capture_output=True, text=True, env=CPU_ONLY, timeout=120)
-    assert result.returncode == 2 and not out.exists()
-    assert result.stderr.strip().splitlines() == ["distill.py: error: --teacher names 2 teacher(s), --teacher-weights "
-                                                  "3, --teacher-loss-weights 2: give one of each per teacher, "
-                                                  "comma-separated (FD_TRACEBACK=1 shows where)"]
+    with pytest.raises(SystemExit) as status:
+        distill_cli_in_process(monkeypatch, *MICRO, *two, "--teacher-weights", ",,", "--out", str(out))
+    assert status.value.code == 2 and not out.exists()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "distill.py: error: --teacher names 2 teacher(s), --teacher-weights 3, --teacher-loss-weights 2: give one of "
+        "each per teacher, comma-separated (FD_TRACEBACK=1 shows where)"]
 
 
 def test_bench_times_several_teachers_at_once(capsys):
@@ -1480,7 +1513,7 @@ def write_odd_and_bad_images(folder):
     (folder / "notes.png").write_text("not an image")
 
 
-def test_odd_images_load_and_unreadable_ones_are_skipped_counted_and_bounded(tmp_path):
+def test_odd_images_load_and_unreadable_ones_are_skipped_counted_and_bounded(tmp_path, capsys, monkeypatch):
     from data import UnreadableImage, load_rgb
     folder = tmp_path / "odd"
     write_odd_and_bad_images(folder)
@@ -1498,22 +1531,25 @@ def test_odd_images_load_and_unreadable_ones_are_skipped_counted_and_bounded(tmp
     # Past the bound (one image of 20 is more than 0.01): the run stops in that step, before its checkpoint, the
     # message on a line of its own after the progress bar. Each step is saved (--save-every: a tenth of 5 steps).
     strict = tmp_path / "strict"
-    done = subprocess.run([sys.executable, str(REPO / "distill.py"), *argv, "--max-bad-frac", "0.01", "--out",
-                           str(strict)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.rstrip().split("\n")[-1].startswith("distill.py: error: epoch 0: 1 of its 20 images were "
-                                                            "unreadable, more than --max-bad-frac 0.01")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as status, pytest.warns(UserWarning, match="skipping an unreadable image"):
+        distill_cli_in_process(monkeypatch, *argv, "--max-bad-frac", "0.01", "--out", str(strict))
+    stderr = capsys.readouterr().err
+    assert status.value.code == 2 and "Traceback" not in stderr
+    assert stderr.rstrip().split("\n")[-1].startswith("distill.py: error: epoch 0: 1 of its 20 images were "
+                                                       "unreadable, more than --max-bad-frac 0.01")
     assert torch.load(strict / "checkpoint.pth", weights_only=True)["step"] < 5  # not the epoch's end: stopped early
     # A folder of nothing but unreadable files, read by a worker process: one line naming one of them.
     (tmp_path / "bad").mkdir()
     for name in ("notes.png", "empty.jpg", "truncated.jpg"):
         for i in range(3):
             (tmp_path / "bad" / f"{i}{name}").write_bytes((folder / name).read_bytes())
-    done = subprocess.run([sys.executable, str(REPO / "distill.py"), *argv, "--workers", "1", "--data",
-                           str(tmp_path / "bad"), "--out", str(tmp_path / "bad_run")], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    errors = [line for line in done.stderr.splitlines() if "error:" in line]  # the worker may still warn after it
+    with pytest.raises(SystemExit) as status:
+        distill_cli_in_process(monkeypatch, *argv, "--workers", "1", "--data", str(tmp_path / "bad"), "--out",
+                        str(tmp_path / "bad_run"))
+    stderr = capsys.readouterr().err
+    assert status.value.code == 2 and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]  # the worker may still warn after it
     assert len(errors) == 1 and re.fullmatch(rf"distill.py: error: all 4 images of a batch are unreadable, as "
                                              rf"{tmp_path / 'bad'}/\S+: .*is --data the folder you meant\? Fix or "
                                              rf"remove the files the warnings name .*", errors[0])
@@ -1594,7 +1630,9 @@ def test_sigkill_mid_epoch_then_the_same_command_gives_the_uninterrupted_weights
     import time
     command = [sys.executable, str(REPO / "distill.py"), *MICRO, "--epochs", "2", "--save-every", "3"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([*command, "--out", str(tmp_path / "straight")], check=True, capture_output=True, env=env)
+    # The uninterrupted reference runs alongside the run to be killed (two cores).
+    reference = subprocess.Popen([*command, "--out", str(tmp_path / "straight")], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, env=env)
     killed = tmp_path / "killed"
     process = subprocess.Popen([*command, "--out", str(killed)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=env)
@@ -1602,6 +1640,7 @@ def test_sigkill_mid_epoch_then_the_same_command_gives_the_uninterrupted_weights
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)  # no chance to clean up: as a preempted job
     assert process.wait() == -signal.SIGKILL
+    assert reference.wait(timeout=300) == 0
     step = torch.load(killed / "checkpoint.pth", weights_only=True)["step"]
     assert 3 <= step < 16 and step % 3 == 0  # killed mid-run; the checkpoint on disk is whole
     subprocess.run([*command, "--out", str(killed)], check=True, capture_output=True, env=env)
@@ -1630,9 +1669,8 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_and_corrupt_files_are
         real_save(obj, FullDisk(f) if len(saves) == 3 else f)
 
     monkeypatch.setattr(torch, "save", disk_full_on_the_third_save)
-    monkeypatch.setattr(sys, "argv", ["distill.py"])
     with pytest.raises(SystemExit) as status:
-        training.run_cli(distill.main, parse(*argv))
+        distill_cli_in_process(monkeypatch, *argv)
     printed = capsys.readouterr()
     assert status.value.code == 2 and "Traceback" not in printed.err and "8 steps (1 epoch of 8)" in printed.out
     assert printed.err.rstrip().split("\n")[-1] == (
@@ -1677,17 +1715,19 @@ def test_flag_values_are_checked_when_parsed(script, flag, value, expected, caps
     assert f"{script}.py: error: argument {flag}: " in error and expected in error  # the README's words
 
 
-def test_run_length_and_sizes_are_checked_before_training(tmp_path, capsys):
+def test_run_length_and_sizes_are_checked_before_training(tmp_path, capsys, monkeypatch):
     with pytest.raises(ValueError, match=r"--img-size 30 is not a multiple of the student's patch size 8"):
         distill.main(parse(*MICRO, "--img-size", "30", "--out", str(tmp_path / "a")))
     with pytest.raises(ValueError, match=r"--warmup-epochs 2 is not shorter than --epochs 2: the lr would never"):
         distill.main(parse(*MICRO, "--epochs", "2", "--warmup-epochs", "2", "--out", str(tmp_path / "b")))
     assert not (tmp_path / "b" / "student.pth").exists()
     # A user's error from the command line: one line on stderr, exit status 2, no traceback.
-    result = subprocess.run([sys.executable, str(REPO / "distill.py"), "--data", str(tmp_path / "nowhere"),
-                             "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"distill.py: error: --data {tmp_path / 'nowhere'}: no such folder "
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as status:
+        distill_cli_in_process(monkeypatch, *MICRO, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "c"))
+    stderr = capsys.readouterr().err
+    assert status.value.code == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines() == [f"distill.py: error: --data {tmp_path / 'nowhere'}: no such folder "
                                                   f"(give an ImageFolder root, a folder with train/ and val/, or a "
                                                   f"folder of images) (FD_TRACEBACK=1 shows where)"]
 
@@ -1788,38 +1828,16 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(tmp_pat
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["student"].values())
 
 
-def test_torchrun_two_cpu_ranks_with_accumulation_hold_identical_weights(tmp_path):
-    out = tmp_path / "ddp"
-    driver = tmp_path / "driver.py"
-    driver.write_text(
-        "import os, sys, torch\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
-        "import distill\n"
-        "from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook\n"
-        "reductions = []\n"
-        "import training\n"
-        "class CountingDDP(training.DistributedDataParallel):  # counts the gradient all-reduces\n"
-        "    def __init__(self, *args, **kwargs):\n"
-        "        super().__init__(*args, **kwargs)\n"
-        "        self.register_comm_hook(None, lambda state, bucket: reductions.append(1) or "
-        "allreduce_hook(state, bucket))\n"
-        "training.DistributedDataParallel = CountingDDP\n"
-        "student = distill.main(distill.get_args_parser().parse_args(sys.argv[1:]))\n"
-        f"torch.save(dict(student.state_dict(), reductions=torch.tensor(len(reductions))), "
-        f"os.path.join({str(out)!r}, f\"rank{{os.environ['RANK']}}.pt\"))\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(driver), *MICRO, "--accum", "2", "--batch-size", "4", "--epochs", "1", "--out", str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es) x 4 images x 2 micro-steps = 16 images per step" in result.stdout
+def test_torchrun_two_cpu_ranks_with_accumulation_hold_identical_weights(two_teachers_two_ranks):
+    _, out, result = two_teachers_two_ranks  # 2 ranks x 2 images x 2 micro-steps, as the fixture says
+    assert "2 process(es) x 2 images x 2 micro-steps = 8 images per step" in result.stdout
     rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
-    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]  # 64 images / 16 per step
-    assert rank0["reductions"] == 4  # one all-reduce per optimizer step (one bucket), not one per micro-batch
+    assert [r["step"] for r in read_log(out)] == list(range(1, 9))  # 64 images / 8 per step
+    assert rank0["reductions"] == 8  # one all-reduce per optimizer step (one bucket), not one per micro-batch
     state = torch.load(out / "checkpoint.pth", weights_only=True)
-    assert len(state["rng"]) == 2 and state["step"] == 4
+    assert len(state["rng"]) == 2 and state["step"] == 8
     torch.manual_seed(0)
     start = build_student("vit_micro_patch8", 32)  # the initialisation of the run: training moved it
     assert not torch.equal(rank0["blocks.0.attn.qkv.weight"], start.state_dict()["blocks.0.attn.qkv.weight"])
@@ -2167,26 +2185,22 @@ def test_recipes_fill_unset_flags_and_help_covers_every_flag(distilled):
     assert all(action.help for action in finetune.get_args_parser()._actions)
 
 
-def test_torchrun_two_ranks_evaluate_an_uneven_val_set_like_one_process(tmp_path):
-    out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
-           str(REPO / "finetune.py"), *FT_MICRO, "--batch-size", "4", "--epochs", "1", "--out", str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_torchrun_two_ranks_evaluate_an_uneven_val_set_like_one_process(finetuned_with_ddp_on_two_ranks):
+    # The fine-tuning of conftest.py on 2 ranks: 17 validation images, 9 on rank 0 and 8 on rank 1; 2 epochs.
+    out, result = finetuned_with_ddp_on_two_ranks
     assert "2 process(es) x 4 images x 1 micro-step = 8 images per step" in result.stdout
     logged = [r for r in ft_log(out) if "top1" in r]
-    assert len(logged) == 1 and logged[0]["images"] == 25  # 13 + 12 images: none dropped or repeated
-    # Independent count in this one process, over the whole val set.
+    assert [r["epoch"] for r in logged] == [0, 1] and all(r["images"] == 17 for r in logged)  # none dropped or repeated
+    # Independent count in this one process, over the whole val set, of the last evaluation's model.
     model = load_model_file(out / "checkpoint.pth").eval()
-    val = SeededTransform(SyntheticShapes(25, split="val"), finetune.eval_transform(32))
-    images, labels = torch.stack([val[i][0] for i in range(25)]), torch.tensor([val[i][1] for i in range(25)])
+    val = SeededTransform(SyntheticShapes(17, split="val"), finetune.eval_transform(32))
+    images, labels = torch.stack([val[i][0] for i in range(17)]), torch.tensor([val[i][1] for i in range(17)])
     with torch.no_grad():
         logits = model(images)
-    top1 = 100 * (logits.argmax(1) == labels).sum().item() / 25
-    top5 = 100 * (logits.topk(5, 1).indices == labels[:, None]).any(1).sum().item() / 25
-    assert logged[0]["top1"] == pytest.approx(top1) and logged[0]["top5"] == pytest.approx(top5)
-    assert logged[0]["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    top1 = 100 * (logits.argmax(1) == labels).sum().item() / 17
+    top5 = 100 * (logits.topk(5, 1).indices == labels[:, None]).any(1).sum().item() / 17
+    assert logged[-1]["top1"] == pytest.approx(top1) and logged[-1]["top5"] == pytest.approx(top5)
+    assert logged[-1]["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
 def test_swin_v1_tables_follow_a_window_that_grows_with_the_image():

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import FT_TWO_RANKS, distill_cli_in_process, finetune_on_two_ranks
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU tier: needs a CUDA GPU")
 
 REPO = Path(__file__).resolve().parent
@@ -78,6 +80,24 @@ def straight(tmp_path_factory):
     return tmp_path / "fsdp"
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The uninterrupted run in one process (no torchrun), the same global batch of 8."""
+    tmp_path = tmp_path_factory.mktemp("one_process")
+    run(tmp_path, tmp_path / "one", "--batch-size", "8", processes=1)
+    return tmp_path / "one"
+
+
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory):
+    """The FSDP run on 2 ranks, every rank crashing in step 7: its folder, as the crash left it, and the launch's
+    result. Tests resume copies of it."""
+    tmp_path = tmp_path_factory.mktemp("crashed")
+    result = run(tmp_path, tmp_path / "crashed", "--fsdp", "--batch-size", "4", "--save-every", "4", fault="raise",
+                 at=7, check=False)
+    return tmp_path / "crashed", result
+
+
 def assert_same_training(out, reference, rtol):
     ours, theirs = losses(out), losses(reference)
     assert sorted(ours) == list(range(1, 17))
@@ -89,12 +109,11 @@ def assert_same_training(out, reference, rtol):
         torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=rtol, msg=key)
 
 
-def test_fsdp_ddp_and_one_process_train_alike(tmp_path, straight):
+def test_fsdp_ddp_and_one_process_train_alike(tmp_path, straight, one_process):
     # DDP on 2 ranks with 2 micro-batches of 2; one process with 8: the same global batch of 8.
     run(tmp_path, tmp_path / "ddp", "--batch-size", "2", "--accum", "2")
     assert_same_training(tmp_path / "ddp", straight, rtol=1e-4)
-    run(tmp_path, tmp_path / "one", "--batch-size", "8", processes=1)
-    assert_same_training(tmp_path / "one", straight, rtol=1e-4)
+    assert_same_training(one_process, straight, rtol=1e-4)
     assert losses(straight)[16] < 0.8 * losses(straight)[1]  # it trained
     meta = torch.load(straight / "checkpoint.dcp" / "meta.pth", weights_only=True)
     assert meta["step"] == 16 and meta["world_size"] == 2 and len(meta["rng"]) == 2 and "student" not in meta
@@ -102,16 +121,23 @@ def test_fsdp_ddp_and_one_process_train_alike(tmp_path, straight):
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_a_sharded_checkpoint_resumes_on_one_or_two_processes(tmp_path, straight, processes):
+def test_a_sharded_checkpoint_resumes_on_one_or_two_processes(tmp_path, straight, crashed, processes, capsys):
+    left, result = crashed
+    assert result.returncode != 0 and not (left / "student.pth").exists()
+    assert torch.load(left / "checkpoint.dcp" / "meta.pth", weights_only=True)["step"] == 4
+    assert not (left / "checkpoint.dcp.tmp").exists()
     out = tmp_path / "crashed"
-    result = run(tmp_path, out, "--fsdp", "--batch-size", "4", "--save-every", "4", fault="raise", at=7, check=False)
-    assert result.returncode != 0 and not (out / "student.pth").exists()
-    assert torch.load(out / "checkpoint.dcp" / "meta.pth", weights_only=True)["step"] == 4
-    assert not (out / "checkpoint.dcp.tmp").exists()
-    # The same global batch of 8 on another number of processes: the shards are redistributed.
-    result = run(tmp_path, out, "--fsdp", "--batch-size", str(8 // processes), "--save-every", "4",
-                 processes=processes)
-    assert f"resuming from {out / 'checkpoint.dcp'} at step 4" in result.stdout
+    shutil.copytree(left, out)  # each number of processes resumes its own copy of the crashed run
+    # The same global batch of 8 on another number of processes: the shards are redistributed. One process needs
+    # no launcher: it resumes in this one.
+    argv = ["--fsdp", "--batch-size", str(8 // processes), "--save-every", "4"]
+    if processes == 1:
+        import distill
+        distill.main(distill.get_args_parser().parse_args([*MICRO, *argv, "--out", str(out)]))
+        stdout = capsys.readouterr().out
+    else:
+        stdout = run(tmp_path, out, *argv, processes=processes).stdout
+    assert f"resuming from {out / 'checkpoint.dcp'} at step 4" in stdout
     assert_same_training(out, straight, rtol=1e-4 if processes == 1 else 1e-6)
 
 
@@ -122,10 +148,9 @@ def test_a_killed_rank_is_recovered_by_torchrun_restarts(tmp_path, straight):
     assert_same_training(out, straight, rtol=1e-6)
 
 
-def test_sigterm_saves_the_step_and_the_same_command_resumes_bitwise(tmp_path, straight):
+def test_sigterm_saves_the_step_and_the_same_command_resumes_bitwise(tmp_path, straight, one_process):
     # One process gets SIGTERM in step 6; torchrun gets it in rank 0's step 3 and forwards it to both ranks.
-    run(tmp_path, tmp_path / "one", "--batch-size", "8", processes=1)  # uninterrupted
-    for processes, reference in ((1, tmp_path / "one"), (2, straight)):
+    for processes, reference in ((1, one_process), (2, straight)):
         out, argv = tmp_path / f"stopped{processes}", ["--batch-size", str(8 // processes), "--save-every", "4"]
         argv += ["--fsdp"] * (processes == 2)
         result = run(tmp_path, out, *argv, processes=processes, fault="term", at=6 if processes == 1 else 3,
@@ -160,48 +185,51 @@ def test_a_second_stop_signal_leaves_at_once_with_one_line(capsys):
     assert capsys.readouterr().err == "interrupted: left at once, the last checkpoint as it was\n"
 
 
-def test_checkpoints_of_the_other_kind_are_refused(tmp_path, straight):
+def test_checkpoints_of_the_other_kind_are_refused(tmp_path, straight, monkeypatch, capsys):
     out = tmp_path / "mixed"
     shutil.copytree(straight, out)
     (out / ".lock").unlink()
-    result = run(tmp_path, out, "--batch-size", "8", processes=1, check=False)  # no --fsdp
-    assert result.returncode == 2
-    assert f"{out} holds checkpoint.dcp, written with --fsdp: resume it as it was written" in result.stderr
+    with pytest.raises(SystemExit) as status:
+        distill_cli_in_process(monkeypatch, *MICRO, "--batch-size", "8", "--out", str(out))  # no --fsdp
+    assert status.value.code == 2
+    assert f"{out} holds checkpoint.dcp, written with --fsdp: resume it as it was written" in capsys.readouterr().err
 
 
-def test_finetune_with_fsdp_matches_ddp_and_resumes(tmp_path):
+def test_finetune_with_fsdp_matches_ddp_and_resumes(tmp_path, capsys, finetuned_with_ddp_on_two_ranks):
     # 17 validation images: 3 batches on rank 0, 2 on rank 1, whose FSDP forwards must still pair up.
-    argv = ["--recipe", "vit_tiny_patch16", "--model", "vit_micro_patch8", "--img-size", "32", "--synthetic-images",
-            "32", "--synthetic-val-images", "17", "--batch-size", "4", "--workers", "0", "--log-every", "1",
-            "--amp", "fp32", "--epochs", "2", "--lr", "0.05", "--device", "cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                str(REPO / "finetune.py"), *argv]
-    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
-        result = subprocess.run([*launcher, *extra, "--out", str(tmp_path / name)], env=env, capture_output=True,
-                                text=True, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
-    ddp, fsdp = (losses(tmp_path / name) for name in ("ddp", "fsdp"))  # train lines, and the eval lines' losses
+    ddp_out, _ = finetuned_with_ddp_on_two_ranks  # the same run with DDP (conftest.py)
+    finetune_on_two_ranks(tmp_path / "fsdp", "--fsdp")
+    ddp, fsdp = losses(ddp_out), losses(tmp_path / "fsdp")  # train lines, and the eval lines' losses
     assert ddp.keys() == fsdp.keys() and all(fsdp[k] == pytest.approx(ddp[k], rel=1e-4) for k in ddp)
-    best = {name: torch.load(tmp_path / name / "best.pth", weights_only=True) for name in ("ddp", "fsdp")}
+    best = {name: torch.load(out / "best.pth", weights_only=True) for name, out in (("ddp", ddp_out),
+                                                                                     ("fsdp", tmp_path / "fsdp"))}
     assert best["fsdp"]["top1"] == best["ddp"]["top1"] and best["fsdp"]["model"].keys() == best["ddp"]["model"].keys()
     for key, value in best["ddp"]["model"].items():
         torch.testing.assert_close(best["fsdp"]["model"][key], value, rtol=1e-4, atol=1e-4, msg=key)
     assert (tmp_path / "fsdp" / "checkpoint.dcp" / "meta.pth").is_file()
-    # The sharded state resumes on one process with the same global batch (and finds nothing left to do).
-    result = subprocess.run([sys.executable, str(REPO / "finetune.py"), *argv, "--batch-size", "8", "--fsdp",
-                             "--out", str(tmp_path / "fsdp")], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming from {tmp_path / 'fsdp' / 'checkpoint.dcp'} at step 8" in result.stdout
+    # The sharded state resumes on one process with the same global batch (and finds nothing left to do): in this
+    # process, as a one-process run needs no launcher.
+    sys.path.insert(0, str(REPO))
+    import finetune
+    finetune.main(finetune.get_args_parser().parse_args([*FT_TWO_RANKS, "--batch-size", "8", "--fsdp", "--out",
+                                                         str(tmp_path / "fsdp")]))
+    assert f"resuming from {tmp_path / 'fsdp' / 'checkpoint.dcp'} at step 8" in capsys.readouterr().out
 
 
 def test_bf16_fsdp_gathers_bf16_and_keeps_fp32_weights(tmp_path):
     # MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): compute as DDP's bf16 autocast does, within
-    # bf16's rounding; the weights written out stay fp32.
-    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
-        run(tmp_path, tmp_path / name, "--amp", "bf16", "--epochs", "1", "--batch-size", "4", *extra)
-    ddp, fsdp = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
-    assert all(fsdp[k] == pytest.approx(ddp[k], rel=2e-2) for k in ddp)
+    # bf16's rounding; the weights written out stay fp32. The bf16 autocast reference runs in this process with the
+    # global batch of 8: DDP's ranks compute one process's training (test_fsdp_ddp_and_one_process_train_alike), and
+    # a second torchrun launch would only add its seconds. 4 steps: each one compared.
+    sys.path.insert(0, str(REPO))
+    import distill
+    short = ["--amp", "bf16", "--epochs", "1", "--synthetic-images", "32"]
+    run(tmp_path, tmp_path / "fsdp", *short, "--batch-size", "4", "--fsdp")
+    distill.main(distill.get_args_parser().parse_args([*MICRO, *short, "--batch-size", "8", "--out",
+                                                       str(tmp_path / "autocast")]))
+    autocast, fsdp = losses(tmp_path / "autocast"), losses(tmp_path / "fsdp")
+    assert sorted(fsdp) == sorted(autocast) == [1, 2, 3, 4]
+    assert all(fsdp[k] == pytest.approx(autocast[k], rel=2e-2) for k in autocast)
     assert {value.dtype for value in student(tmp_path / "fsdp").values()} == {torch.float32}
 
 
