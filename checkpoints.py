@@ -9,7 +9,6 @@ the export of a student or classifier for timm and transformers (neither library
 """
 import argparse
 import collections
-import contextlib
 import hashlib
 import io
 import json
@@ -455,20 +454,6 @@ def sizes(arch):
     return f"a ViT of width {arch['embed_dim']}, depth {arch['depth']}, patch {arch['patch_size']}"
 
 
-@contextlib.contextmanager
-def weights_drawn(draw):
-    """Without `draw`, models built within skip the truncated normals of their initialisation, whose values the strict
-    load that follows replaces all: they are over 90% of building a teacher on the CPU (about 4 s for a ViT-B on two
-    cores, 2.5 times that for a ViT-L), paid by every process at every start."""
-    real = nn.init.trunc_normal_
-    if not draw:
-        nn.init.trunc_normal_ = lambda tensor, *args, **kwargs: tensor
-    try:
-        yield
-    finally:
-        nn.init.trunc_normal_ = real
-
-
 def load_pretrained(name, weights=None, img_size=None, grid=None):
     """A pretrained encoder (trainable, in train mode) that maps images in [0, 1] to its tokens:
     - a teacher of TEACHERS, from `weights` (a file in its published layout; for 'hf' a transformers model folder),
@@ -525,7 +510,7 @@ def load_pretrained(name, weights=None, img_size=None, grid=None):
                 old_grid, new_grid = (arch["img_size"] // patch,) * 2, (img_size // patch,) * 2
                 state["pos_embed"] = resize_pos_embed(state["pos_embed"], old_grid, new_grid)
             arch["img_size"] = img_size
-    with torch.random.fork_rng(devices=[]), weights_drawn(state is None):  # the same random weights on every process
+    with torch.random.fork_rng(devices=[]):  # the same random weights on every process
         torch.manual_seed(0)
         model = build_from_arch(arch)
     model.norm = model.norm if final_norm else nn.Identity()  # a fine-tuned classifier's encoder: tokens as they come
