@@ -225,8 +225,8 @@ class ResumableSampler(DistributedSampler):
 
 
 def leave_the_process_group(worker_id):
-    """A worker's init: Ctrl-C in a terminal and torchrun's SIGTERM go to the process group; out of it, the workers leave
-    them to the training process, which finishes its step and saves (training.stop_requested), then ends them."""
+    """A worker's init: Ctrl-C in a terminal and torchrun's SIGTERM go to the process group; out of it, the workers
+    leave them to the training process, which finishes its step and saves (training.stop_requested), then ends them."""
     os.setpgrp()
 
 

@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from checkpoints import (load_model_file, load_pretrained, read_encoder_file, resize_grid, resize_pos_embed,
                          shared_bias_to_per_block)
-from data import (SeededTransform, SyntheticShapes, eval_transform, leave_the_process_group, image_dataset, skip_unreadable,
-                  steps_of_batches, train_loader)
+from data import (SeededTransform, SyntheticShapes, eval_transform, image_dataset, leave_the_process_group,
+                  skip_unreadable, steps_of_batches, train_loader)
 from models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, swin_stage_windows
 from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, count,
                       full_state_dict, git_hash, gradient_sync, load_resume, load_sharded_checkpoint, lock_out, lr_at,
