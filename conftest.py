@@ -1,4 +1,5 @@
 """Fixtures shared by several test files: launches that more than one file's tests check."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -33,43 +34,45 @@ def finetuned_with_ddp_on_two_ranks(tmp_path_factory):
     return out, finetune_on_two_ranks(out)
 
 
+@contextlib.contextmanager
+def stop_signals_restored():
+    """Around training.run_cli called in this process: after it, SIGTERM and Ctrl-C end pytest again (the handlers
+    run_cli installs are put back) and no stop signal it received stays recorded for the next run."""
+    import signal
+
+    import training
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        training.STOP_SIGNALS.clear()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
 def distill_cli_in_process(monkeypatch, *argv):
     """distill.py's command line run in this process: training.run_cli, as distill.py's __main__ runs it, sys.argv[0]
     naming the script. For runs that end on a user's error, where a new process would add only its seconds of
-    imports. The stop-signal handlers run_cli installs are put back after: they would keep SIGTERM and Ctrl-C from
-    ending pytest."""
-    import signal
-
+    imports."""
     import distill
     import training
     monkeypatch.setattr(sys, "argv", ["distill.py", *argv])
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with stop_signals_restored():
         return training.run_cli(distill.main, distill.get_args_parser().parse_args(list(argv)))
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
 
 
 def script_in_process(script, *argv):
     """`python SCRIPT ARGV` in this process: runpy runs the script's __main__ block, as a user's command does, with
     sys.argv set and stdout and stderr captured. A subprocess.CompletedProcess, as subprocess.run(..., text=True)
-    gives, for commands that end within a second, where a new process would add seconds of imports. The stop-signal
-    handlers run_cli installs are put back after."""
-    import contextlib
+    gives, for commands that end within a second, where a new process would add seconds of imports."""
     import io
     import runpy
-    import signal
     from unittest import mock
     stdout, stderr, status = io.StringIO(), io.StringIO(), 0
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with mock.patch.object(sys, "argv", [script, *map(str, argv)]), contextlib.redirect_stdout(stdout), \
-                contextlib.redirect_stderr(stderr):
+        with stop_signals_restored(), mock.patch.object(sys, "argv", [script, *map(str, argv)]), \
+                contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             runpy.run_path(str(REPO / script), run_name="__main__")
     except SystemExit as leaving:
         status = leaving.code if isinstance(leaving.code, int) else 1
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
     return subprocess.CompletedProcess([script, *argv], status, stdout.getvalue(), stderr.getvalue())

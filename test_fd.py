@@ -35,7 +35,7 @@ import distill
 import finetune
 import models
 import training
-from conftest import distill_cli_in_process
+from conftest import distill_cli_in_process, stop_signals_restored
 from checkpoints import esvit_to_swin, load_model_file, load_pretrained, load_teacher, shared_bias_to_per_block
 from data import SeededTransform, SyntheticShapes, fd_transform, image_dataset
 from diagnose import attention_maps
@@ -2134,17 +2134,11 @@ def test_finetune_resume_after_a_crash_or_a_sigterm_continues_exactly(tmp_path, 
         return [{k: v for k, v in r.items() if k != "img_per_s"} for r in ft_log(out)]
 
     # A cluster's SIGTERM in step 5 (a loss per step): the step is finished and saved, the run leaves with 128 + 15.
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
     real, calls = finetune.soft_cross_entropy, []
     monkeypatch.setattr(finetune, "soft_cross_entropy", lambda *a: (calls.append(1), len(calls) == 5 and os.kill(
         os.getpid(), signal.SIGTERM), real(*a))[-1])
-    try:
-        with pytest.raises(SystemExit) as leaving:
-            training.run_cli(finetune.main, ft_parse(*argv, "--out", str(tmp_path / "stopped")))
-    finally:
-        training.STOP_SIGNALS.clear()
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+    with stop_signals_restored(), pytest.raises(SystemExit) as leaving:
+        training.run_cli(finetune.main, ft_parse(*argv, "--out", str(tmp_path / "stopped")))
     monkeypatch.setattr(finetune, "soft_cross_entropy", real)
     assert leaving.value.code == 128 + signal.SIGTERM
     assert "stopped by SIGTERM at step 5: rerun the same command to resume" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FT_TWO_RANKS, distill_cli_in_process, finetune_on_two_ranks
+from conftest import FT_TWO_RANKS, distill_cli_in_process, finetune_on_two_ranks, stop_signals_restored
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU tier: needs a CUDA GPU")
 
@@ -173,14 +173,8 @@ def test_a_second_stop_signal_leaves_at_once_with_one_line(capsys):
         assert training.stop_requested(1, "cpu") == signal.SIGINT
         training.receive_stop_signal(signal.SIGINT, None)  # the second: out, now
         raise AssertionError("still running")
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with pytest.raises(SystemExit) as leaving:
-            training.run_cli(interrupted_twice, None)
-    finally:
-        training.STOP_SIGNALS.clear()
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+    with stop_signals_restored(), pytest.raises(SystemExit) as leaving:
+        training.run_cli(interrupted_twice, None)
     assert leaving.value.code == 128 + signal.SIGINT
     assert capsys.readouterr().err == "interrupted: left at once, the last checkpoint as it was\n"
 
