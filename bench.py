@@ -29,11 +29,11 @@ from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from checkpoints import OPENAI_CLIP, load_teacher, teacher_arch
+from teachers import OPENAI_CLIP, load_teacher, teacher_arch
 from data import (FDCropBox, SeededTransform, decode_and_crop, fd_transform, image_dataset, read_undecoded,
                   skip_unreadable)
 from models import Classifier, Teacher, build_from_arch, build_student, parse_vit_name, set_grad_checkpointing
-from training import POSITIVE, autocast_dtype, number, param_groups, prepare_teacher, run_cli
+from training import POSITIVE, autocast_dtype, number, param_groups, run_cli
 
 # Dense bf16 peak of the cards we quote MFU for, in TFLOP/s (without sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -84,7 +84,7 @@ def make_step(cfg, device):
     set_grad_checkpointing(student, cfg.grad_ckpt)
     dtype = autocast_dtype(cfg.amp, device)
     if cfg.step == "distill":
-        teachers = [prepare_teacher(bench_teacher(name, student.grid[0]).to(device), dtype)
+        teachers = [bench_teacher(name, student.grid[0]).to(device).compute_in(dtype)
                     for name in cfg.teacher.split(",")]
         if any(student.num_prefix_tokens != teacher.num_prefix_tokens for teacher in teachers):
             raise ValueError("bench.py times ViT students with ViT teachers: every token is in the loss")

@@ -22,7 +22,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from checkpoints import load_model_file, load_pretrained
+from teachers import load_model_file, load_pretrained
 from data import SeededTransform, SyntheticShapes, eval_transform, image_dataset
 from models import Classifier, relative_position_index
 from training import NON_NEGATIVE, POSITIVE, number, run_cli
@@ -166,17 +166,11 @@ def encoder_of(model):
 def load_model(spec, is_file, img_size):
     """A model file this project wrote, the student of a distillation checkpoint.pth, or a teacher NAME[:WEIGHTS]."""
     name, _, weights = (spec, "", spec) if is_file else spec.partition(":")
-    try:
-        if is_file:
-            with contextlib.suppress(ValueError):  # else a checkpoint.pth: load_pretrained reads its student
-                return load_model_file(spec)
-        return load_pretrained(name, weights or None, img_size)
-    except FileNotFoundError:
-        raise
-    except (ValueError, OSError) as error:  # checkpoints.py names distill.py's flags: give diagnose's spec form
-        message = str(error).replace("with --teacher-weights FILE", f"as --model {name}:FILE").replace(
-            f"--teacher {name}", f"--model {spec}").replace("with --teacher (", "as --model NAME:FILE, NAME one of (")
-        raise ValueError(message if "--model" in message else f"--model {spec}: {message}") from error
+    if is_file:
+        with contextlib.suppress(ValueError):  # else a checkpoint.pth: load_pretrained reads its student
+            return load_model_file(spec)
+    flags = dict(name="--model", weights=f"as --model {name}:FILE")  # the messages speak of diagnose's own flag
+    return load_pretrained(name, weights or None, img_size, flags=flags)
 
 
 def load_models(specs, img_size=None):

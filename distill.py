@@ -24,15 +24,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from checkpoints import TEACHERS, load_teacher, sha256sum
+import training
 from data import (FDCropBox, SeededTransform, SyntheticShapes, decode_and_crop, fd_transform, image_dataset,
                   load_rgb, read_undecoded, steps_of_batches, train_loader)
 from models import build_student, parse_vit_name, set_grad_checkpointing
-from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, count,
-                      full_state_dict, git_hash, gradient_sync, load_resume, load_sharded_checkpoint, lock_out, lr_at,
-                      number, param_groups, prepare_teacher, refuse_endless_warmup, restore_rng, run_cli, save_atomic,
-                      save_checkpoint, save_sharded_checkpoint, schedule, setup_distributed, stop_requested, stopped,
-                      wrap_model)
+from teachers import TEACHERS, load_teachers
 
 # ----------------------------------------------------------------------------- presets
 # The official distillation recipes (the official configs/pretrain/*.yaml); every value can be overridden by its flag.
@@ -56,7 +52,7 @@ DEFAULT_TEACHER = "vit_tiny_patch16"
 
 
 FROM_PRESET = " (unset: from the --teacher preset)"
-POSITIVE_FLOAT = number(float, 0.0, open_low=True)
+POSITIVE_FLOAT = training.number(float, 0.0, open_low=True)
 
 
 def get_args_parser():
@@ -80,19 +76,20 @@ def get_args_parser():
     p.add_argument("--student", default=None, help="student architecture, e.g. vit_base_patch16" + FROM_PRESET)
     p.add_argument("--data", default=None, help="ImageFolder root (train/ used if present) or a flat folder of "
                                                 "images; the built-in synthetic dataset if not given")
-    p.add_argument("--synthetic-images", type=POSITIVE, default=2048, help="size of the built-in dataset")
+    p.add_argument("--synthetic-images", type=training.POSITIVE, default=2048, help="size of the built-in dataset")
     p.add_argument("--out", default="out/distill", help="output folder; rerunning in it resumes")
-    add_schedule_flags(p, FROM_PRESET)
-    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.05, help="AdamW weight decay (not on biases, norms, "
-                   "LayerScale, class token, position tables)")
-    p.add_argument("--clip-grad", type=number(float, 0.0, open_low=True), default=3.0, help="max gradient norm")
-    p.add_argument("--drop-path", type=number(float, 0.0, 1.0, open_high=True), default=None,
+    training.add_schedule_flags(p, FROM_PRESET)
+    p.add_argument("--weight-decay", type=training.NON_NEGATIVE, default=0.05, help="AdamW weight decay (not on "
+                   "biases, norms, LayerScale, class token, position tables)")
+    p.add_argument("--clip-grad", type=training.number(float, 0.0, open_low=True), default=3.0,
+                   help="max gradient norm")
+    p.add_argument("--drop-path", type=training.number(float, 0.0, 1.0, open_high=True), default=None,
                    help="student drop path rate" + FROM_PRESET)
-    p.add_argument("--min-crop-scale", type=number(float, 0.0, 1.0, open_low=True), default=None,
+    p.add_argument("--min-crop-scale", type=training.number(float, 0.0, 1.0, open_low=True), default=None,
                    help="RandomResizedCrop min scale" + FROM_PRESET)
-    p.add_argument("--img-size", type=POSITIVE, default=None, help="crop size seen by teacher and student" +
+    p.add_argument("--img-size", type=training.POSITIVE, default=None, help="crop size seen by teacher and student" +
                    FROM_PRESET)
-    add_run_flags(p)
+    training.add_run_flags(p)
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the student's blocks: "
                    "less memory (large students, large batches) for about a third more compute")
     p.add_argument("--decode-on-device", action="store_true", help="decode (nvJPEG on a GPU), crop and resize on "
@@ -169,37 +166,13 @@ def fd_loss(prediction, target, beta=2.0):
 
 # ----------------------------------------------------------------------------- main
 # The teacher's file is compared by its SHA-256, not its path: a file moved or copied may resume.
-# The global batch is compared as such: the number of processes may change (training.load_resume).
+# The global batch is compared as such: the number of processes may change (training.resume).
 RESUME_FLAGS = ("teacher", "teacher_mean", "teacher_std", "student", "img_size", "seed")
-
-
-def load_teachers(args, grid, device, is_main):
-    """The frozen teachers of --teacher A[,B...] giving `grid` x `grid` tokens, as the student; what the student's
-    files record of each (name, weights file, its SHA-256, input statistics); their loss weights, summing to 1."""
-    names = args.teacher.split(",")
-    files = args.teacher_weights.split(",") if args.teacher_weights is not None else [""] * len(names)
-    loss_weights = args.teacher_loss_weights or [1.0] * len(names)
-    if not len(names) == len(files) == len(loss_weights):
-        raise ValueError(f"--teacher names {len(names)} teacher(s), --teacher-weights {len(files)}, "
-                         f"--teacher-loss-weights {len(loss_weights)}: give one of each per teacher, comma-separated")
-    if len(names) > 1 and (args.teacher_mean or args.teacher_std):
-        raise ValueError("--teacher-mean and --teacher-std are for one teacher: several each keep their own statistics")
-    teachers, infos = [], []
-    for name, weights in zip(names, files):
-        teacher = load_teacher(name, weights or None, grid=grid).to(device)
-        for buffer, values in ((teacher.encoder.mean, args.teacher_mean), (teacher.encoder.std, args.teacher_std)):
-            if values is not None:
-                buffer.copy_(torch.tensor(values).view(1, 3, 1, 1))
-        is_file = is_main and Path(teacher.source).is_file()  # recorded with the student, for reproducibility
-        infos.append(dict(name=name, weights=teacher.source, sha256=sha256sum(teacher.source) if is_file else None,
-                          mean=teacher.encoder.mean.flatten().tolist(), std=teacher.encoder.std.flatten().tolist()))
-        teachers.append(teacher)
-    return teachers, infos, [weight / sum(loss_weights) for weight in loss_weights]
 
 
 def main(args):
     args = apply_preset(args)
-    rank, world_size, device = setup_distributed(args.device)
+    rank, world_size, device = training.setup_distributed(args.device)
     is_main = rank == 0
     torch.manual_seed(args.seed)  # the same student initialisation on every rank
 
@@ -212,7 +185,7 @@ def main(args):
     out = Path(args.out)  # created only now: a teacher that cannot be loaded leaves nothing behind
     out.mkdir(parents=True, exist_ok=True)
     if is_main:
-        lock_out(out)
+        training.lock_out(out)
 
     # The data: random resized crops and flips, the same view for teacher and student.
     if args.decode_on_device:  # the workers read the files and draw the crops, decode_and_crop does the rest
@@ -224,83 +197,49 @@ def main(args):
     data_summary = getattr(images, "summary", f"{len(images)} synthetic images")
     loader, sampler = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
                                    pin_memory=device.type == "cuda", stack=not args.decode_on_device)
-    steps_per_epoch, total_steps, warmup_steps, global_batch, lrs = schedule(args, len(loader), world_size)
+    plan = training.schedule(args, len(loader), world_size)
 
-    dtype = autocast_dtype(args.amp, device)
-    train_model = wrap_model(model, device, world_size, args.fsdp, dtype)  # DDP, FSDP2, or the model itself
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lrs["lr"], betas=(0.9, 0.999),
-                                  fused=device.type == "cuda")  # after sharding: FSDP2's parameters are the shards
+    dtype = training.autocast_dtype(args.amp, device)
+    train_model = training.wrap_model(model, device, world_size, args.fsdp, dtype)  # DDP, FSDP2, or the model itself
+    optimizer = torch.optim.AdamW(training.param_groups(model, args.weight_decay), lr=plan.lrs["lr"],
+                                  betas=(0.9, 0.999), fused=device.type == "cuda")  # after sharding: FSDP2's shards
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only; bf16 needs none
     for teacher in teachers:
-        prepare_teacher(teacher, dtype)
-
-    step = 0
-    state = load_resume(out, args, RESUME_FLAGS, world_size, is_main)
-    if state is not None:
-        old_arch = state["arch"]  # e.g. a SwinV2 distilled when one bias MLP per stage was the default ('_shared')
-        changed = [f"{k} {old_arch[k]} -> {student.arch[k]}" for k in sorted(set(old_arch) & set(student.arch))
-                   if k != "drop_path" and old_arch[k] != student.arch[k]]  # older files hold more keys, same values
-        if changed:
-            raise ValueError(f"{out} holds a student of another architecture ({'; '.join(changed)}): use another "
-                             f"--out, or the --student it was distilled with")
-        old_info = state.get("teacher") or teacher_info
-        for old, new in zip([old_info] if isinstance(old_info, dict) else old_info, teacher_info):  # a dict: one
-            if is_main and old["sha256"] != new["sha256"]:
-                raise ValueError(f"{out} was distilled from teacher weights {old['weights']} (sha256 "
-                                 f"{old['sha256']}), not {new['weights']}: use another --out, or that file")
-        if "sharded" in state:
-            load_sharded_checkpoint(state["sharded"], model, optimizer)
-        else:
-            student.load_state_dict(state["student"])
-            model.projector.load_state_dict(state["projector"])
-            optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step = state["step"]
-        restore_rng(state["rng"], rank, world_size, fresh_seed=args.seed + rank + step)
-        if is_main:
-            print(f"resuming from {state.get('sharded', out / 'checkpoint.pth')} at step {step}")
-    else:
-        refuse_endless_warmup(args)
-        torch.manual_seed(args.seed + rank)  # each rank its own drop-path draws
-
+        teacher.compute_in(dtype)
+    state = training.resume(out, args, RESUME_FLAGS, world_size, is_main, student.arch, teacher_info)
+    parts = {"student": student, "projector": model.projector}  # the keys of OUT/checkpoint.pth
+    step = training.restore(state, model, optimizer, scaler, parts, rank, world_size, args.seed)
     run_teachers = teachers
     if args.compile:
         train_model, run_teachers = torch.compile(train_model), [torch.compile(teacher) for teacher in teachers]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    commit = git_hash()  # recorded in every checkpoint, for reproducibility
+    record = dict(arch=student.arch, git=training.git_hash(), teacher=teacher_info, data=data_summary)
 
     if is_main:
-        print(f"{world_size} process(es) x {args.batch_size} images x {count(args.accum, 'micro-step')} = "
-              f"{global_batch} images per step; lr {lrs['lr']:.3g} (= {args.lr:g} x {global_batch}/512); "
-              f"{count(total_steps, 'step')} ({count(args.epochs, 'epoch')} of {steps_per_epoch}); autocast "
-              f"{dtype or 'off (fp32)'} on {device}")
+        print(training.describe(args, plan, world_size, dtype, device))
         print(f"data: {data_summary}")
-        for teacher, info, loss_weight in zip(teachers, teacher_info, loss_weights):
-            weights = f"{teacher.source} (sha256 {info['sha256']})" if info["sha256"] else "random weights"
-            stats = "input mean {} std {}".format(*(" ".join(f"{v:.4g}" for v in info[k]) for k in ("mean", "std")))
-            print(f"teacher {info['name']}: {weights}, {teacher.encoder.grid[0]}x{teacher.encoder.grid[1]} tokens at "
-                  f"{teacher.input_size} px, {stats} (--teacher-mean, --teacher-std), loss weight {loss_weight:.3g}")
-        print(f"student {args.student} at {args.img_size} px, "
-              f"drop path {args.drop_path}, {count(args.epochs, 'epoch')} ({args.warmup_epochs} warmup), crop scale "
+        print(f"student {args.student} at {args.img_size} px, drop path {args.drop_path}, "
+              f"{training.count(args.epochs, 'epoch')} ({args.warmup_epochs} warmup), crop scale "
               f"{args.min_crop_scale}-1, lr/512 {args.lr:g} (min {args.min_lr:g}, warmup {args.warmup_lr:g})")
-    if step >= total_steps and is_main:
-        print(f"{out} holds step {step} of {total_steps} already: nothing to train "
-              f"(raise --epochs or use a new --out)")
+        if step >= plan.total_steps:
+            print(f"{out} holds step {step} of {plan.total_steps} already: nothing to train "
+                  f"(raise --epochs or use a new --out)")
 
-    progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
-    log = TrainingLog(out, args, steps_per_epoch * global_batch, device, world_size, is_main, start_step=step)
+    progress = tqdm(total=plan.total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
+    log = training.TrainingLog(out, args, plan, device, world_size, is_main, start_step=step)
     train_model.train()
     # Each step: `accum` micro-batches of (images, labels, unreadable images left out), resuming mid-epoch.
-    for epoch, batch in steps_of_batches(loader, sampler, dataset, step, steps_per_epoch, total_steps, args.accum):
+    for epoch, batch in steps_of_batches(loader, sampler, dataset, step, plan.steps_per_epoch, plan.total_steps,
+                                         args.accum):
         micro_batches = [decode_and_crop(images, args.img_size, device) if args.decode_on_device
                          else images.to(device, non_blocking=True) for images, _, _ in batch]
-        lr = lr_at(step, total_steps, warmup_steps, **lrs)  # a pure function of the step
+        lr = plan.lr(step)  # a pure function of the step
         for group in optimizer.param_groups:
             group["lr"] = lr
         losses = 0.0  # the loss, then its term for each teacher
         for i, images in enumerate(micro_batches):
             # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) in the last micro-batch's backward only.
-            with gradient_sync(train_model, enabled=i == len(micro_batches) - 1):
+            with training.gradient_sync(train_model, enabled=i == len(micro_batches) - 1):
                 with autocast:
                     terms = []
                     for teacher, prediction, cls in zip(run_teachers, train_model(images), with_cls):
@@ -323,32 +262,24 @@ def main(args):
         bad_images = sum(int(bad) + len(labels) - len(inputs) for (_, labels, bad), inputs in zip(batch, micro_batches))
         log.add(losses, finite, step, epoch, bad_images)
         progress.update()
-        if step % args.log_every == 0 or step == total_steps:
-            record = log.write(global_batch, step=step, epoch=epoch, lr=lr)
-            terms = {info["name"]: f"{term:.3g}" for info, term in zip(teacher_info, record.get("loss_terms", []))
+        if step % args.log_every == 0 or step == plan.total_steps:
+            logged = log.write(step=step, epoch=epoch, lr=lr)
+            terms = {info["name"]: f"{term:.3g}" for info, term in zip(teacher_info, logged.get("loss_terms", []))
                      if len(teacher_info) > 1}  # one teacher's term is the loss
-            progress.set_postfix(loss=record["loss"], **terms, lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.1f}")
-        stop = stop_requested(world_size, device)  # SIGTERM or Ctrl-C: save this step, then leave
-        if step % args.save_every == 0 or step == total_steps or stop:
-            meta = {"scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch, "args": vars(args),
-                    "arch": student.arch, "git": commit, "teacher": teacher_info, "data": data_summary}
-            if args.fsdp:  # every rank writes its shards
-                save_sharded_checkpoint(model, optimizer, meta, out, args.keep, world_size, is_main)
-            else:
-                save_checkpoint(dict(meta, student=student.state_dict(), projector=model.projector.state_dict(),
-                                     optimizer=optimizer.state_dict()), out, args.keep, world_size, is_main)
+            progress.set_postfix(loss=logged["loss"], **terms, lr=f"{lr:.2e}", img_s=f"{logged['img_per_s']:.1f}")
+        stop = training.stop_requested(world_size, device)  # SIGTERM or Ctrl-C: save this step, then leave
+        if step % plan.save_every == 0 or step == plan.total_steps or stop:
+            meta = dict(record, step=step, epoch=step // plan.steps_per_epoch)
+            training.save(out, args, model, optimizer, scaler, parts, meta, world_size, is_main)
         if stop:
-            raise stopped(stop, step)
+            raise training.stopped(stop, step)
     progress.close()
 
-    weights = full_state_dict(model)  # under FSDP gathered from every rank, onto rank 0
+    training.save_model_file(out / "student.pth", model, is_main, prefix="student.", **record, step=step)
     if is_main:
-        save_atomic({"arch": student.arch, "model": {k.removeprefix("student."): v for k, v in weights.items()
-                                                     if k.startswith("student.")},
-                     "teacher": teacher_info, "data": data_summary, "step": step}, out / "student.pth")
         print(f"wrote {out / 'student.pth'} (the distilled student, for finetune.py) and its checkpoint")
     return student
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser().parse_args())
+    training.run_cli(main, get_args_parser().parse_args())

@@ -14,7 +14,6 @@ also a model file). OUT/best.pth holds the classifier of the best epoch; OUT/log
 lines (step, epoch, loss, lr, img_per_s) and one eval line per epoch (top1, top5, loss, images).
 """
 import argparse
-import json
 import os
 import time
 from contextlib import nullcontext
@@ -29,15 +28,12 @@ from torchvision import transforms
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from checkpoints import (load_model_file, load_pretrained, read_encoder_file, resize_grid, resize_pos_embed,
-                         shared_bias_to_per_block)
+import training
 from data import (SeededTransform, SyntheticShapes, eval_transform, image_dataset, leave_the_process_group,
                   skip_unreadable, steps_of_batches, train_loader)
 from models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, swin_stage_windows
-from training import (NON_NEGATIVE, POSITIVE, TrainingLog, add_run_flags, add_schedule_flags, autocast_dtype, count,
-                      full_state_dict, git_hash, gradient_sync, load_resume, load_sharded_checkpoint, lock_out, lr_at,
-                      number, param_groups, refuse_endless_warmup, restore_rng, run_cli, save_atomic, save_checkpoint,
-                      save_sharded_checkpoint, schedule, setup_distributed, stop_requested, stopped, wrap_model)
+from teachers import (load_model_file, load_pretrained, read_encoder_file, resize_grid, resize_pos_embed,
+                      shared_bias_to_per_block)
 
 # ----------------------------------------------------------------------------- presets
 # The official fine-tuning configs (configs/finetune/*.yaml); lr, min_lr and warmup_lr are
@@ -80,32 +76,35 @@ def get_args_parser():
                    f"teacher the --init file was distilled from, else {DEFAULT_RECIPE}]")
     p.add_argument("--model", help="architecture trained from scratch" + FROM_RECIPE)
     p.add_argument("--data", help="ImageFolder root with train/ and val/; the built-in synthetic dataset if not given")
-    p.add_argument("--synthetic-images", type=POSITIVE, default=2048, help="training images of the built-in dataset")
-    p.add_argument("--synthetic-val-images", type=POSITIVE, default=500,
+    p.add_argument("--synthetic-images", type=training.POSITIVE, default=2048,
+                   help="training images of the built-in dataset")
+    p.add_argument("--synthetic-val-images", type=training.POSITIVE, default=500,
                    help="validation images of the built-in dataset")
     p.add_argument("--out", default="out/finetune", help="output folder; rerunning in it resumes")
-    add_schedule_flags(p, FROM_RECIPE)
-    p.add_argument("--weight-decay", type=NON_NEGATIVE, help="AdamW weight decay (not on biases, norms, LayerScale, "
-                   "class token, position tables)" + FROM_RECIPE)
-    p.add_argument("--layer-decay", type=number(float, 0.0, 1.0, open_low=True), help="layer-wise lr decay: block i of "
-                   "L gets decay^(L-i), the patch embedding decay^(L+1)" + FROM_RECIPE)
-    p.add_argument("--drop-path", type=number(float, 0.0, 1.0, open_high=True), help="drop path rate" + FROM_RECIPE)
-    p.add_argument("--clip-grad", type=number(float, 0.0, open_low=True), default=5.0,
+    training.add_schedule_flags(p, FROM_RECIPE)
+    p.add_argument("--weight-decay", type=training.NON_NEGATIVE, help="AdamW weight decay (not on biases, norms, "
+                   "LayerScale, class token, position tables)" + FROM_RECIPE)
+    p.add_argument("--layer-decay", type=training.number(float, 0.0, 1.0, open_low=True), help="layer-wise lr decay: "
+                   "block i of L gets decay^(L-i), the patch embedding decay^(L+1)" + FROM_RECIPE)
+    p.add_argument("--drop-path", type=training.number(float, 0.0, 1.0, open_high=True),
+                   help="drop path rate" + FROM_RECIPE)
+    p.add_argument("--clip-grad", type=training.number(float, 0.0, open_low=True), default=5.0,
                    help="max gradient norm (the official config.py default)")
-    p.add_argument("--img-size", type=POSITIVE, help="training and evaluation crop; position tables are resized to "
-                   "it" + FROM_RECIPE)
+    p.add_argument("--img-size", type=training.POSITIVE, help="training and evaluation crop; position tables are "
+                   "resized to it" + FROM_RECIPE)
     for flag, kind, text in (
-            ("--smoothing", number(float, 0.0, 1.0, open_high=True), "label smoothing"),
-            ("--mixup", NON_NEGATIVE, "mixup alpha, 0 = off"),
-            ("--cutmix", NON_NEGATIVE, "cutmix alpha, 0 = off; with mixup, one of the two per batch (p = 0.5)"),
-            ("--randaug-ops", number(int, 0), "RandAugment ops per image (magnitude 9), 0 = off"),
-            ("--reprob", number(float, 0.0, 1.0), "random erasing probability")):
+            ("--smoothing", training.number(float, 0.0, 1.0, open_high=True), "label smoothing"),
+            ("--mixup", training.NON_NEGATIVE, "mixup alpha, 0 = off"),
+            ("--cutmix", training.NON_NEGATIVE, "cutmix alpha, 0 = off; with mixup, one of the two per batch "
+                                                "(p = 0.5)"),
+            ("--randaug-ops", training.number(int, 0), "RandAugment ops per image (magnitude 9), 0 = off"),
+            ("--reprob", training.number(float, 0.0, 1.0), "random erasing probability")):
         default = AUGMENTATION[flag[2:].replace("-", "_")]  # as the recipes set it
         p.add_argument(flag, type=kind, help=f"{text} [{default}; 0 with --linear-probe]")
     p.add_argument("--linear-probe", action="store_true", help="train only a BatchNorm + linear head on the frozen "
                    "encoder (SGD, see LINEAR_PROBE)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the classifier file given by --init and exit")
-    add_run_flags(p)
+    training.add_run_flags(p)
     p.add_argument("--seed", type=int, default=0, help="seeds the head's init, the data order and augmentation")
     return p
 
@@ -184,7 +183,7 @@ def read_init(init, init_weights):
         return read_encoder_file(path)
     if path.suffix in (".pth", ".pt") or os.sep in init:
         raise FileNotFoundError(f"--init {init}: no such file")
-    encoder = load_pretrained(init, init_weights)
+    encoder = load_pretrained(init, init_weights, flags=dict(name="--init", weights="with --init-weights FILE"))
     return encoder.arch, encoder.state_dict(), f"{init} " + (f"weights {init_weights}" if init_weights else
                                                              "(random weights from a fixed seed)")
 
@@ -313,8 +312,13 @@ def val_loader(dataset, batch_size, workers, rank, world_size):
 
 @torch.no_grad()
 def evaluate(model, loader, device, autocast, world_size):
-    """Top-1, top-5 (%) and cross-entropy over the whole validation set, summed over the ranks."""
-    was_training = model.training
+    """Top-1, top-5 (%) and cross-entropy over the whole validation set, summed over the ranks, with the ranks'
+    BatchNorm statistics averaged (the linear probe's); every module left in the mode it was in."""
+    modes = {module: module.training for module in model.modules()}  # a linear probe's frozen encoder stays in eval
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d) and world_size > 1):
+        for buffer in (norm.running_mean, norm.running_var):
+            dist.all_reduce(buffer)
+            buffer /= world_size
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, summed loss, images
     batches = torch.tensor(len(loader), device=device)
@@ -329,7 +333,8 @@ def evaluate(model, loader, device, autocast, world_size):
     for _ in range(int(batches) - len(loader)):
         with autocast:
             model(torch.zeros(1, 3, *(model.arch["encoder"]["img_size"],) * 2, device=device))
-    model.train(was_training)
+    for module, mode in modes.items():
+        module.train(mode)
     if world_size > 1:  # float64 counts are exact: every image counted once, on one rank
         dist.all_reduce(totals)
     top1, top5, loss, count = totals.tolist()
@@ -352,46 +357,44 @@ def load_classifier(path, num_classes):
 RESUME_FLAGS = ("init", "init_weights", "recipe", "model", "img_size", "linear_probe", "seed")  # and the global batch
 
 
+def evaluate_file(args, val_images, num_classes, device, autocast, rank, world_size):
+    """--eval-only: the classifier file --init at its own resolution; returns (classifier, evaluation)."""
+    model = load_classifier(args.init, num_classes).to(device)
+    img_size = model.arch["encoder"]["img_size"]
+    val = val_loader(SeededTransform(val_images, eval_transform(img_size)), args.batch_size, args.workers, rank,
+                     world_size)
+    metrics = evaluate(model, val, device, autocast, world_size)
+    if rank == 0:
+        print(f"{args.init} at {img_size} px: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
+              f"loss {metrics['loss']:.4f} on {metrics['images']} images")
+    return model, metrics
+
+
 def main(args):
     """Fine-tune (or with --eval-only, evaluate); returns (classifier, the last evaluation)."""
     start = time.perf_counter()  # for "done in": loading and evaluation too
     args = apply_recipe(args)
-    rank, world_size, device = setup_distributed(args.device)
+    rank, world_size, device = training.setup_distributed(args.device)
     is_main = rank == 0
-    dtype = autocast_dtype(args.amp, device)
+    dtype = training.autocast_dtype(args.amp, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-
     train_images, val_images = labelled_splits(args)
     num_classes = len(train_images.classes)
     if is_main:
         print("data: " + "; ".join(getattr(split, "summary", f"{len(split)} synthetic images")
                                    for split in (train_images, val_images)))
-    model = load_classifier(args.init, num_classes) if args.eval_only else None
-    img_size = model.arch["encoder"]["img_size"] if args.eval_only else args.img_size  # a classifier's own resolution
-    val = val_loader(SeededTransform(val_images, eval_transform(img_size)), args.batch_size, args.workers, rank,
-                     world_size)
     if args.eval_only:
-        metrics = evaluate(model.to(device), val, device, autocast, world_size)
-        if is_main:
-            print(f"{args.init} at {img_size} px: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
-                  f"loss {metrics['loss']:.4f} on {metrics['images']} images")
-        return model, metrics
+        return evaluate_file(args, val_images, num_classes, device, autocast, rank, world_size)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if is_main:
-        lock_out(out)
+        training.lock_out(out)
     if args.fsdp and args.linear_probe:
         raise ValueError("--fsdp fine-tunes the whole classifier: it does not take --linear-probe")
     torch.manual_seed(args.seed)  # the same head initialisation on every rank
-    state = load_resume(out, args, RESUME_FLAGS, world_size, is_main)
-    checkpoint = state.get("sharded", out / "checkpoint.pth") if state else out / "checkpoint.pth"
-    if state:
-        model = build_from_arch(state["arch"])
-        if "model" in state:  # else sharded: loaded below, once the model is sharded as in this run
-            model.load_state_dict(state["model"])
-    else:
-        model = build_classifier(args, num_classes, verbose=is_main)
+    state = training.resume(out, args, RESUME_FLAGS, world_size, is_main)
+    model = build_from_arch(state["arch"]) if state else build_classifier(args, num_classes, verbose=is_main)
     if args.linear_probe:
         model.encoder.requires_grad_(False)
     model.to(device)
@@ -399,57 +402,43 @@ def main(args):
     dataset = SeededTransform(train_images, train_transform(args), args.seed)
     loader, sampler = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
                                    pin_memory=device.type == "cuda")
-    steps_per_epoch, total_steps, warmup_steps, global_batch, lrs = schedule(args, len(loader), world_size)
+    val = val_loader(SeededTransform(val_images, eval_transform(args.img_size)), args.batch_size, args.workers, rank,
+                     world_size)
+    plan = training.schedule(args, len(loader), world_size)
 
-    train_model = wrap_model(model, device, world_size, args.fsdp, dtype)  # DDP, FSDP2, or the model itself
+    train_model = training.wrap_model(model, device, world_size, args.fsdp, dtype)  # DDP, FSDP2, or the model itself
     lr_scale = layer_decay_scale(model.encoder.arch, args.layer_decay) if args.layer_decay != 1 else None
-    groups = param_groups(model, args.weight_decay, lr_scale)
-    optimizer = (torch.optim.SGD(groups, lr=lrs["lr"], momentum=0.9) if args.linear_probe else
-                 torch.optim.AdamW(groups, lr=lrs["lr"], betas=(0.9, 0.999), fused=device.type == "cuda"))
+    groups = training.param_groups(model, args.weight_decay, lr_scale)
+    optimizer = (torch.optim.SGD(groups, lr=plan.lrs["lr"], momentum=0.9) if args.linear_probe else
+                 torch.optim.AdamW(groups, lr=plan.lrs["lr"], betas=(0.9, 0.999), fused=device.type == "cuda"))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    step, best = 0, dict(top1=-1.0, epoch=-1)
-    if state:
-        if "sharded" in state:
-            load_sharded_checkpoint(state["sharded"], model, optimizer)
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, best = state["step"], state["best"]
-        restore_rng(state["rng"], rank, world_size, fresh_seed=args.seed + rank + step)
-        if is_main:
-            print(f"resuming from {checkpoint} at step {step}")
-    else:
-        refuse_endless_warmup(args)
-        torch.manual_seed(args.seed + rank)  # each rank its own drop path and mixup draws
-
+    step = training.restore(state, model, optimizer, scaler, {"model": model}, rank, world_size, args.seed)
+    best = state["best"] if state else dict(top1=-1.0, epoch=-1)
     if args.compile:
         train_model = torch.compile(train_model)
     mixer = mixup_cutmix(args, num_classes)
-    model_file = dict(arch=model.arch, recipe=args.recipe, init=args.init, git=git_hash())
+    record = dict(arch=model.arch, recipe=args.recipe, init=args.init, git=training.git_hash())
     if is_main:
-        print(f"{world_size} process(es) x {args.batch_size} images x {count(args.accum, 'micro-step')} = "
-              f"{global_batch} images per step; lr {lrs['lr']:.3g} (= {args.lr:g} x {global_batch}/512); "
-              f"{count(total_steps, 'step')} ({count(args.epochs, 'epoch')} of {steps_per_epoch}); autocast "
-              f"{dtype or 'off (fp32)'} on {device}")
+        print(training.describe(args, plan, world_size, dtype, device))
         scales = ", ".join(f"{s:.3g}" for s in sorted({g["lr_scale"] for g in groups}))
-        print(f"recipe {args.recipe}{' (linear probe)' if args.linear_probe else ''}: {count(num_classes, 'class')} "
-              f"at {args.img_size} px, {count(args.epochs, 'epoch')} ({args.warmup_epochs} warmup), layer decay "
-              f"{args.layer_decay} (lr scales {scales}), drop path {args.drop_path}, mixup {args.mixup}, cutmix "
-              f"{args.cutmix}, smoothing {args.smoothing}, "
+        print(f"recipe {args.recipe}{' (linear probe)' if args.linear_probe else ''}: "
+              f"{training.count(num_classes, 'class')} at {args.img_size} px, {training.count(args.epochs, 'epoch')} "
+              f"({args.warmup_epochs} warmup), layer decay {args.layer_decay} (lr scales {scales}), drop path "
+              f"{args.drop_path}, mixup {args.mixup}, cutmix {args.cutmix}, smoothing {args.smoothing}, "
               f"RandAugment {args.randaug_ops} ops, erasing {args.reprob}")
-    if step >= total_steps and is_main:
-        print(f"{checkpoint} is already at step {step} of {total_steps}: nothing to train")
+        if step >= plan.total_steps:
+            print(f"{state['source']} is already at step {step} of {plan.total_steps}: nothing to train")
 
-    progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
-    log = TrainingLog(out, args, steps_per_epoch * global_batch, device, world_size, is_main, start_step=step)
+    progress = tqdm(total=plan.total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
+    log = training.TrainingLog(out, args, plan, device, world_size, is_main, start_step=step)
     metrics = None
     train_model.train()
     if args.linear_probe:
         model.encoder.eval()  # frozen: no drop path
     # Each step's batch: `accum` micro-batches of (images, labels, unreadable images left out).
-    for epoch, batch in steps_of_batches(loader, sampler, dataset, step, steps_per_epoch, total_steps, args.accum):
-        lr = lr_at(step, total_steps, warmup_steps, **lrs)
+    for epoch, batch in steps_of_batches(loader, sampler, dataset, step, plan.steps_per_epoch, plan.total_steps,
+                                         args.accum):
+        lr = plan.lr(step)
         for group in optimizer.param_groups:  # layer-wise decay: each group its own scale of the lr
             group["lr"] = lr * group["lr_scale"]
         loss = 0.0
@@ -457,7 +446,7 @@ def main(args):
             images, targets = soft_targets(images.to(device, non_blocking=True), labels.to(device, non_blocking=True),
                                            num_classes, mixer, args.smoothing)
             # As in distill.py: gradients all-reduced on the last micro-batch only, non-finite steps skipped.
-            with gradient_sync(train_model, enabled=i == len(batch) - 1):
+            with training.gradient_sync(train_model, enabled=i == len(batch) - 1):
                 with autocast:
                     micro_loss = soft_cross_entropy(train_model(images), targets)
                 scaler.scale(micro_loss / len(batch)).backward()
@@ -471,45 +460,33 @@ def main(args):
         step += 1
         log.add(loss, finite, step, epoch, bad_images=sum(int(b[2]) for b in batch))
         progress.update()
-        is_epoch_end = step % steps_per_epoch == 0 or step == total_steps  # the run's end: within an epoch too
+        is_epoch_end = step % plan.steps_per_epoch == 0 or step == plan.total_steps  # the run's end: within an epoch
         if step % args.log_every == 0 or is_epoch_end:
-            record = log.write(global_batch, step=step, epoch=epoch, lr=lr)
-            progress.set_postfix(loss=record["loss"], lr=f"{lr:.2e}", img_s=f"{record['img_per_s']:.1f}")
+            logged = log.write(step=step, epoch=epoch, lr=lr)
+            progress.set_postfix(loss=logged["loss"], lr=f"{lr:.2e}", img_s=f"{logged['img_per_s']:.1f}")
         if is_epoch_end:
-            if args.linear_probe and world_size > 1:  # the probe's BatchNorm statistics, averaged over
-                for buffer in (model.fc_norm.running_mean, model.fc_norm.running_var):  # the ranks' data
-                    dist.all_reduce(buffer)
-                    buffer /= world_size
             metrics = evaluate(model, val, device, autocast, world_size)
-            if args.linear_probe:
-                model.encoder.eval()
+            log.write_line(step=step, epoch=epoch, **metrics)
             if metrics["top1"] > best["top1"]:  # the same on every rank: the metrics are all-reduced
-                best, weights = dict(metrics, epoch=epoch), full_state_dict(model)
-                if is_main:
-                    save_atomic(dict(model_file, model=weights, step=step, **best), out / "best.pth")
+                best = dict(metrics, epoch=epoch)
+                training.save_model_file(out / "best.pth", model, is_main, **record, step=step, **best)
             if is_main:
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(dict(step=step, epoch=epoch, **metrics)) + "\n")
                 progress.write(f"epoch {epoch + 1}/{args.epochs}: top-1 {metrics['top1']:.2f}% top-5 "
-                               f"{metrics['top5']:.2f}% val loss {metrics['loss']:.4f} on {metrics['images']} "
-                               f"images; best top-1 {best['top1']:.2f}% (epoch {best['epoch'] + 1})")
-        stop = stop_requested(world_size, device)  # SIGTERM or Ctrl-C: save this step, then leave
-        if is_epoch_end or step % args.save_every == 0 or stop:  # the resume state; unsharded, also a model file
-            meta = dict(model_file, step=step, scaler=scaler.state_dict(), epoch=step // steps_per_epoch, best=best,
-                        args=vars(args))
-            if args.fsdp:
-                save_sharded_checkpoint(model, optimizer, meta, out, args.keep, world_size, is_main)
-            else:
-                save_checkpoint(dict(meta, model=model.state_dict(), optimizer=optimizer.state_dict()), out,
-                                args.keep, world_size, is_main)
+                               f"{metrics['top5']:.2f}% val loss {metrics['loss']:.4f} on {metrics['images']} images; "
+                               f"best top-1 {best['top1']:.2f}% (epoch {best['epoch'] + 1})")
+        stop = training.stop_requested(world_size, device)  # SIGTERM or Ctrl-C: save this step, then leave
+        if is_epoch_end or step % plan.save_every == 0 or stop:  # the resume state; unsharded, also a model file
+            meta = dict(record, step=step, epoch=step // plan.steps_per_epoch, best=best)
+            training.save(out, args, model, optimizer, scaler, {"model": model}, meta, world_size, is_main)
         if stop:
-            raise stopped(stop, step)
+            raise training.stopped(stop, step)
     progress.close()
     if is_main:
+        last = out / ("checkpoint.dcp" if args.fsdp else "checkpoint.pth")
         print(f"done in {time.perf_counter() - start:.0f} s: best top-1 {best['top1']:.2f}% "
-              f"({out / 'best.pth'}), last state {checkpoint}")
+              f"({out / 'best.pth'}), last state {last}")
     return model, metrics
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser().parse_args())
+    training.run_cli(main, get_args_parser().parse_args())

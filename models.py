@@ -3,7 +3,7 @@
 Reading order: the ViT student, with one relative position bias shared by all its blocks (this first section
 needs only torch and einops: it runs when copied alone into a notebook); Swin V1 and V2; the published ViTs that
 serve as teachers and the frozen teacher wrapper; the classifier of fine-tuning; named sizes and builders.
-Reading published checkpoint files is checkpoints.py's job.
+Reading published checkpoint files is teachers.py's job.
 
 Every model takes images in [0, 1] and normalises them itself, so that each teacher brings its own input
 statistics (CLIP's differ from ImageNet's) while the data pipeline stays the same.
@@ -173,7 +173,7 @@ class VisionTransformer(nn.Module):
     grad_checkpointing = False  # see set_grad_checkpointing
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-                 rel_pos="shared", layer_scale=0.1, drop_path=0.0):
+                 rel_pos="shared", layer_scale=0.1, drop_path=0.0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
@@ -186,8 +186,8 @@ class VisionTransformer(nn.Module):
         self.embed_dim, self.patch_size = embed_dim, patch_size
         self.num_prefix_tokens = 1  # the class token in front of the patch tokens
         self.grid = (img_size // patch_size, img_size // patch_size)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)  # the input statistics
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
         self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -244,7 +244,7 @@ class VisionTransformer(nn.Module):
 #   V1 (Liu et al. 2021): pre-norm, scaled dot-product attention, a learned bias table per block.
 #   V2 (Liu et al. 2022): residual post-norm, cosine attention with a learned temperature, and a continuous
 #       position bias, an MLP of the log-spaced offset, in every block (or shared per stage).
-# Names follow the official code, so an EsViT checkpoint loads strictly (checkpoints.esvit_to_swin), except V2's
+# Names follow the official code, so an EsViT checkpoint loads strictly (teachers.esvit_to_swin), except V2's
 # per-block bias MLP: `layers.i.blocks.j.rel_pos_bias.rpe_mlp` (official: `attn.rpe_mlp`), mirroring the shared
 # `layers.i.rel_pos_bias.rpe_mlp` as the ViT's per-block tables mirror its own.
 
@@ -457,7 +457,7 @@ class SwinTransformer(nn.Module):
     -> the last stage's tokens after the final norm (B, N, C), no class token. `position_bias`: V2 gives every
     block its own bias MLP ('per_block', the official FD-EsViT student and fine-tuning) or shares one per stage
     ('shared', the paper's shared bias applied to Swin; fine-tuning copies it into the blocks,
-    checkpoints.shared_bias_to_per_block). V1 always has a table per block ('per_block')."""
+    teachers.shared_bias_to_per_block). V1 always has a table per block ('per_block')."""
 
     def __init__(self, version=2, img_size=224, patch_size=4, embed_dim=128, depths=(2, 2, 18, 2),
                  num_heads=(4, 8, 16, 32), window_size=14, position_bias="per_block", drop_path=0.0,
@@ -549,7 +549,8 @@ class PretrainedViT(VisionTransformer):
                  rel_pos=None, abs_pos=True, qv_bias=False, layer_scale=None, drop_path=0.0, norm_eps=1e-6,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, act="gelu", norm_pre=False, patch_bias=True, num_registers=0,
                  class_token=True):
-        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, rel_pos, layer_scale, drop_path)
+        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, rel_pos, layer_scale, drop_path,
+                         mean, std)
         if act not in ("gelu", "quick_gelu", "gelu_tanh"):
             raise ValueError(f"unknown activation {act!r}: expected gelu, quick_gelu (CLIP) or gelu_tanh (SigLIP)")
         self.arch.update(abs_pos=abs_pos, qv_bias=qv_bias, norm_eps=norm_eps, mean=list(mean), std=list(std),
@@ -560,8 +561,6 @@ class PretrainedViT(VisionTransformer):
             del self.cls_token
             self.register_buffer("cls_token", torch.zeros(1, 0, embed_dim), persistent=False)
             self.num_prefix_tokens = 0
-        self.mean.copy_(torch.tensor(mean).view(1, 3, 1, 1))
-        self.std.copy_(torch.tensor(std).view(1, 3, 1, 1))
         for block in self.blocks:
             if not qv_bias:
                 block.attn.qkv = nn.Linear(embed_dim, 3 * embed_dim)
@@ -613,6 +612,15 @@ class Teacher(nn.Module):
 
     def train(self, mode=True):
         return super().train(False)  # always in eval mode: no drop path, fixed norms
+
+    def compute_in(self, dtype):
+        """Store the linear and convolution weights in the autocast dtype, None for fp32 (norms stay fp32): autocast
+        caches only the casts of weights that require grad, and would cast these again every step, to the same bits."""
+        for module in self.modules():
+            if dtype is not None and isinstance(module, (nn.Linear, nn.Conv2d)):
+                for param in module.parameters(recurse=False):
+                    param.data = param.data.to(dtype)
+        return self
 
     def forward(self, images):
         if images.shape[-1] != self.input_size:

@@ -15,6 +15,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -225,8 +226,22 @@ def param_groups(model, weight_decay, lr_scale=None):
     return list(groups.values())
 
 
+class Schedule(NamedTuple):
+    """A run's length in steps, its global batch, its learning rates (per 512 images in the flags, here scaled to the
+    global batch) and how often it saves."""
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    global_batch: int
+    lrs: dict
+    save_every: int
+
+    def lr(self, step):
+        return lr_at(step, self.total_steps, self.warmup_steps, **self.lrs)
+
+
 def schedule(args, batches_per_epoch, world_size):
-    """(steps per epoch, total steps, warmup steps, global batch, lrs: args' per 512 images, scaled to the batch)."""
+    """The Schedule of a run of `batches_per_epoch` batches per process and epoch."""
     steps_per_epoch = batches_per_epoch // args.accum
     if steps_per_epoch == 0:
         raise ValueError(f"one epoch has {batches_per_epoch} batches per process, fewer than --accum {args.accum}: "
@@ -237,9 +252,17 @@ def schedule(args, batches_per_epoch, world_size):
     if total_steps == 0:
         raise ValueError(f"--epochs {args.epochs} is less than one step ({global_batch} images of an epoch of "
                          f"{steps_per_epoch * global_batch}): lengthen the run or lower --batch-size")
-    if args.save_every is None:  # a resumable state within minutes on a small run, every 1000 steps on a long one
-        args.save_every = max(1, min(1000, total_steps // 10))
-    return steps_per_epoch, total_steps, warmup_steps, global_batch, lrs
+    # Unset: a resumable state within minutes on a small run, every 1000 steps on a long one.
+    save_every = args.save_every or max(1, min(1000, total_steps // 10))
+    return Schedule(steps_per_epoch, total_steps, warmup_steps, global_batch, lrs, save_every)
+
+
+def describe(args, plan, world_size, dtype, device):
+    """The line every run starts with: the batch, the lr it implies, the length, the precision."""
+    return (f"{world_size} process(es) x {args.batch_size} images x {count(args.accum, 'micro-step')} = "
+            f"{plan.global_batch} images per step; lr {plan.lrs['lr']:.3g} (= {args.lr:g} x {plan.global_batch}/512); "
+            f"{count(plan.total_steps, 'step')} ({count(args.epochs, 'epoch')} of {plan.steps_per_epoch}); autocast "
+            f"{dtype or 'off (fp32)'} on {device}")
 
 
 def refuse_endless_warmup(args):
@@ -255,17 +278,6 @@ def lr_at(step, total_steps, warmup_steps, lr, min_lr, warmup_lr):
         return warmup_lr + (lr - warmup_lr) * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def prepare_teacher(teacher, dtype):
-    """Store the frozen teacher's linear and convolution weights in the autocast dtype (norms stay fp32): autocast
-    caches only the casts of weights that require grad and would cast them again every step, to the same bits."""
-    if dtype is not None:
-        for module in teacher.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                for param in module.parameters(recurse=False):
-                    param.data = param.data.to(dtype)
-    return teacher
 
 
 # ----------------------------------------------------------------------------- DDP or FSDP2
@@ -379,6 +391,27 @@ def save_checkpoint(state, out, keep, world_size, is_main):
             old.unlink()
 
 
+def save(out, args, model, optimizer, scaler, parts, meta, world_size, is_main):
+    """The state to resume from (a collective): with --fsdp the shards of `model` and the optimizer in
+    OUT/checkpoint.dcp, else OUT/checkpoint.pth holding the modules of `parts` by key and the optimizer; both with the
+    loss scaler, the flags and `meta` (step, epoch, what rebuilds the model and where it came from)."""
+    meta = dict(meta, scaler=scaler.state_dict(), args=vars(args))
+    if args.fsdp:
+        save_sharded_checkpoint(model, optimizer, meta, out, args.keep, world_size, is_main)
+    else:
+        weights = {key: module.state_dict() for key, module in parts.items()}
+        save_checkpoint(dict(meta, **weights, optimizer=optimizer.state_dict()), out, args.keep, world_size, is_main)
+
+
+def save_model_file(path, model, is_main, prefix="", **record):
+    """A model file (a collective under FSDP): the weights of `model` under `prefix`, as plain CPU tensors without
+    it, and `record` (arch: what rebuilds the model; where it came from): student.pth, best.pth."""
+    weights = full_state_dict(model)
+    if is_main:
+        save_atomic(dict(record, model={k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}),
+                    path)
+
+
 def rng_states(world_size):
     """Every rank's states of the RNGs training draws from (a collective): the CPU's and the GPU's (drop path,
     mixup). Data augmentation is seeded per image (data.SeededTransform) and needs none."""
@@ -408,8 +441,9 @@ class TrainingLog:
     (`max_nonfinite` in a row stop the run) and unreadable images (over `max_bad_frac` of an epoch stop it). Lines
     after `start_step`, written again, move to OUT/log.discarded.jsonl."""
 
-    def __init__(self, out, args, images_per_epoch, device, world_size, is_main, start_step=0):
-        self.path, self.images_per_epoch = out / "log.jsonl", images_per_epoch
+    def __init__(self, out, args, plan, device, world_size, is_main, start_step=0):
+        self.path, self.images_per_step = out / "log.jsonl", plan.global_batch
+        self.images_per_epoch = plan.steps_per_epoch * plan.global_batch
         self.checkpoint = out / ("checkpoint.dcp" if getattr(args, "fsdp", False) else "checkpoint.pth")
         self.max_nonfinite, self.max_bad_frac, self.device = args.max_nonfinite, args.max_bad_frac, device
         self.world_size, self.is_main, self.in_a_row, self.epoch, self.epoch_bad = world_size, is_main, 0, None, 0
@@ -458,7 +492,7 @@ class TrainingLog:
                           f"unreadable, more than --max-bad-frac {self.max_bad_frac}: the warnings name them; fix or "
                           f"remove them")
 
-    def write(self, images_per_step, epoch, **fields):
+    def write(self, epoch, **fields):
         """Log the interval that ends now; returns the record (on every rank)."""
         totals = torch.cat([torch.as_tensor(value, dtype=torch.float64, device=self.device).flatten()
                             for value in (self.loss / max(self.steps, 1), float(self.bad))])
@@ -469,14 +503,18 @@ class TrainingLog:
         if self.epoch_bad > self.max_bad_frac * self.images_per_epoch:
             raise self.too_many_bad()
         record = dict(fields, epoch=epoch, loss=loss if self.steps else None, skipped=self.skipped, bad_images=bad,
-                      img_per_s=(self.steps + self.skipped) * images_per_step / (time.perf_counter() - self.start))
+                      img_per_s=(self.steps + self.skipped) * self.images_per_step / (time.perf_counter() - self.start))
         if terms:  # distill.py's term per teacher
             record["loss_terms"] = terms
+        self.write_line(**record)
+        self.reset()
+        return record
+
+    def write_line(self, **record):
+        """One line of OUT/log.jsonl, on rank 0 (finetune.py's evaluations too)."""
         if self.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        self.reset()
-        return record
 
 
 def git_hash():
@@ -512,11 +550,13 @@ def lock_out(out):
     _HELD_LOCKS[key] = lock
 
 
-def load_resume(out, args, resume_flags, world_size, is_main=True):
-    """The state to resume from, or None: OUT/checkpoint.pth (with --fsdp OUT/checkpoint.dcp's meta.pth, its "sharded"
-    entry naming the folder), else the newest snapshot (--keep). Another model, global batch or seed is refused: the
-    step would mean another place in the data and the schedule. The number of processes may change with the global
-    batch (every step still sees the same images); other flags (the length, workers, logging) are reported."""
+def resume(out, args, resume_flags, world_size, is_main=True, arch=None, teachers=None):
+    """The state to resume from, or None for a new run (whose warmup must be shorter than the run): OUT/checkpoint.pth
+    (with --fsdp OUT/checkpoint.dcp's meta.pth, its "sharded" entry naming the folder), else the newest snapshot
+    (--keep). Refused: other `resume_flags`, global batch or seed (the step would mean another place in the data and
+    the schedule), another `arch` of the model, or `teachers` whose weights have another SHA-256. The number of
+    processes may change with the global batch (every step still sees the same images); other flags (the length,
+    workers, logging) are reported."""
     kind, other = (".dcp", ".pth") if getattr(args, "fsdp", False) else (".pth", ".dcp")
     if (out / f"checkpoint{other}").exists():
         raise ValueError(f"{out} holds checkpoint{other}, written {'without' if kind == '.dcp' else 'with'} "
@@ -527,6 +567,7 @@ def load_resume(out, args, resume_flags, world_size, is_main=True):
     snapshots = sorted(out.glob(f"checkpoint-*{kind}"))
     if not path.exists():
         if not snapshots:
+            refuse_endless_warmup(args)
             return None
         if is_main:
             print(f"{out / ('checkpoint' + kind)} is missing: resuming from the newest snapshot, {snapshots[-1]}")
@@ -553,4 +594,35 @@ def load_resume(out, args, resume_flags, world_size, is_main=True):
     allowed += [f"processes {processes} -> {world_size}"] * (processes != world_size)
     if allowed and is_main:
         print(f"resuming with changed settings: {'; '.join(allowed)}")
-    return dict(state, sharded=path) if kind == ".dcp" else state
+    old_arch = state["arch"]  # older files hold more keys, of the same values
+    changed = [f"{k} {old_arch[k]} -> {arch[k]}" for k in sorted(set(old_arch) & set(arch or {}))
+               if k != "drop_path" and old_arch[k] != arch[k]]  # e.g. a SwinV2 of a version that shared its bias
+    if changed:
+        raise ValueError(f"{out} holds a student of another architecture ({'; '.join(changed)}): use another --out, "
+                         f"or the --student it was distilled with")
+    old_teachers = state.get("teacher") or teachers or []
+    for old, new in zip([old_teachers] if isinstance(old_teachers, dict) else old_teachers, teachers or []):
+        if is_main and old["sha256"] != new["sha256"]:  # one teacher was recorded as a dict
+            raise ValueError(f"{out} was distilled from teacher weights {old['weights']} (sha256 {old['sha256']}), "
+                             f"not {new['weights']}: use another --out, or that file")
+    return dict(state, source=path, **({"sharded": path} if kind == ".dcp" else {}))
+
+
+def restore(state, model, optimizer, scaler, parts, rank, world_size, seed):
+    """The step a run starts from: 0 for a new one (`state` None), whose ranks then draw drop path and mixup each from
+    its own seed; else `state` loaded: the modules of `parts` (the checkpoint's keys) or the shards of `model`, the
+    optimizer, the loss scaler and the RNG states (a fresh seed per rank when the number of processes changed)."""
+    if state is None:
+        torch.manual_seed(seed + rank)
+        return 0
+    if "sharded" in state:
+        load_sharded_checkpoint(state["sharded"], model, optimizer)
+    else:
+        for key, module in parts.items():
+            module.load_state_dict(state[key])
+        optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"], rank, world_size, fresh_seed=seed + rank + state["step"])
+    if rank == 0:
+        print(f"resuming from {state['source']} at step {state['step']}")
+    return state["step"]

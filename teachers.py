@@ -1,0 +1,591 @@
+"""The published teachers and the files encoders come from: the TEACHERS table (CLIP, DINO, DeiT, DINOv2,
+torchvision, EsViT, and any file of the timm, open_clip, torchvision or Hugging Face layouts), their file formats read
+without running code from them, their conversions to the names of models.py, and this project's own model files
+(a distilled student is a teacher too, and any encoder an init of finetune.py).
+
+`load_teacher` is what distill.py calls, `load_pretrained` what finetune.py and diagnose.py call. Pure
+state_dict -> state_dict functions convert each layout; a strict load lists every key that does not fit. Each
+teacher's input statistics are part of its arch, set once where the model is built.
+"""
+import argparse
+import collections
+import hashlib
+import io
+import json
+import math
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from models import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, Teacher, build_from_arch, parse_vit_name, swin_arch,
+                    window_position_index)
+
+# ============================================================================= the published teachers
+# Each entry: its image tower's architecture (models.PretrainedViT's options), its file's layout (as OpenAI's
+# clip/model.py, timm's and torchvision's vision_transformer.py, DINOv2, EsViT write it), URL, SHA-256 (or a prefix).
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+PLAIN_VIT = dict(rel_pos=None, abs_pos=True, qv_bias=False, layer_scale=None, norm_eps=1e-6)
+
+
+def teacher_arch(size, patch_size, img_size=224, **options):
+    """The arch of a plain teacher ViT: absolute positions, a full qkv bias, no LayerScale."""
+    embed_dim, depth, num_heads, mlp_ratio = (*VIT_SIZES[size], 4.0)[:4]
+    return dict(PLAIN_VIT, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                num_heads=num_heads, mlp_ratio=mlp_ratio, **options)
+
+
+OPENAI_CLIP = dict(act="quick_gelu", norm_pre=True, patch_bias=False, norm_eps=1e-5, mean=CLIP_MEAN, std=CLIP_STD)
+DINOV2 = dict(img_size=518, layer_scale=1.0)  # LayerScale values come from the file
+TEACHERS = {
+    "clip": dict(layout="openai_clip", arch=teacher_arch("base", 16, **OPENAI_CLIP),
+                 url="https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+                 sha256="5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"),
+    "clip_l14": dict(layout="openai_clip", arch=teacher_arch("large", 14, **OPENAI_CLIP),
+                     url="https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+                     sha256="b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836"),
+    "dino": dict(layout="timm", arch=teacher_arch("base", 16),
+                 url="https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth"),
+    "deit": dict(layout="timm", arch=teacher_arch("base", 16),
+                 url="https://dl.fbaipublicfiles.com/deit/deit_base_patch16_224-b5f2ef4d.pth", sha256="b5f2ef4d"),
+    "dinov2_vitb14": dict(layout="timm", arch=teacher_arch("base", 14, **DINOV2),
+                          url="https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"),
+    "dinov2_vitb14_reg4": dict(layout="timm", arch=teacher_arch("base", 14, num_registers=4, **DINOV2),
+                               url="https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth"),
+    "tv_vit_b_16": dict(layout="torchvision", arch=teacher_arch("base", 16),
+                        url="https://download.pytorch.org/models/vit_b_16-c867db91.pth", sha256="c867db91"),
+    "tv_vit_l_16": dict(layout="torchvision", arch=teacher_arch("large", 16),
+                        url="https://download.pytorch.org/models/vit_l_16-852ce7e3.pth", sha256="852ce7e3"),
+    # EsViT's full training checkpoint: Swin-B with window 14; FD distils its student, not its EMA teacher.
+    "esvit": dict(layout="esvit", arch=swin_arch("swin_base_window14"), state_key="student",
+                  url="https://chunyleu.blob.core.windows.net/output/ckpts/esvit/swin/swin_base/"
+                      "bl_lr0.0005_nodes4_gpu16_bs8_multicrop_epoch300_dino_aug_window14_lv/"
+                      "continued_from_epoch0200_dense_norm_true/checkpoint_best.pth"),
+    # Any file of these layouts, its architecture read from the tensor shapes (heads = width / 64).
+    "timm": dict(layout="timm", act="gelu"),
+    "open_clip": dict(layout="openai_clip", act="gelu"),  # open_clip's own models use nn.GELU
+    "open_clip_quickgelu": dict(layout="openai_clip", act="quick_gelu"),  # OpenAI weights in open_clip files
+    "torchvision": dict(layout="torchvision", act="gelu"),
+    "hf": dict(layout="hf"),  # a transformers CLIP, SigLIP or DINOv2 folder, its architecture from config.json
+}
+
+
+# Key conversions: pure functions from a published state dict to our names. Towers and heads the
+
+
+# ============================================================================= building teachers
+def sizes(arch):
+    """What the name of an architecture fixes, in words."""
+    if "depths" in arch:
+        return f"a Swin of width {arch['embed_dim']}, depths {list(arch['depths'])}, window {arch['window_size']}"
+    return f"a ViT of width {arch['embed_dim']}, depth {arch['depth']}, patch {arch['patch_size']}"
+
+
+# How the user of a command names a teacher and its weights, for the messages of load_pretrained: distill.py's flags.
+TEACHER_FLAGS = dict(name="--teacher", weights="with --teacher-weights FILE")
+
+
+def load_pretrained(name, weights=None, img_size=None, grid=None, mean=None, std=None, flags=TEACHER_FLAGS):
+    """A pretrained encoder (trainable, in train mode) that maps images in [0, 1] to its tokens:
+    - a teacher of TEACHERS, from `weights` (a file in its published layout; for 'hf' a transformers model folder),
+      else from its published file (downloaded into the torch hub cache), or random weights if `weights == "random"`;
+    - with any other name, from `weights`, a model file this project wrote, or without it a plain ViT such as
+      'vit_tiny_patch16' (random weights from a fixed seed: the same in every process).
+    `img_size` or `grid` (tokens per side): the input resolution, absolute position embeddings resized bicubically.
+    `mean`, `std`: input statistics replacing the teacher's own, recorded in its arch. `flags`: as TEACHER_FLAGS."""
+    source, final_norm, named = name, True, f"{flags['name']} {name}"
+    if name in TEACHERS:
+        spec, state = TEACHERS[name], None
+        if weights != "random":
+            path = Path(weights) if weights else teacher_weights_file(name, flags)
+            if spec["layout"] == "hf":  # the architecture is in config.json beside the weights
+                path, state, arch = read_hf_model(path)
+                spec = dict(spec, arch=arch)
+            else:
+                prefer = (spec["state_key"], *WRAPPER_KEYS) if "state_key" in spec else WRAPPER_KEYS
+                state = CONVERTERS[spec["layout"]](unwrap_state_dict(read_checkpoint(path), path, prefer))
+            source = str(path)
+        if "arch" not in spec and state is None:
+            raise ValueError(f"{named} has no fixed architecture: give its weights file {flags['weights']}")
+        try:
+            arch = dict(spec["arch"]) if "arch" in spec else infer_vit_arch(state, spec["act"])
+        except KeyError as error:  # a tensor infer_vit_arch needs
+            raise ValueError(f"{source} does not fit the {spec['layout']} layout of {named} (missing: "
+                             f"{error.args[0]}; the file has {', '.join(list(state)[:8])}, ...)") from None
+    elif weights not in (None, "random"):
+        (arch, state, _), source = read_encoder_file(weights), str(weights)
+        try:  # the name of an architecture (vit_base_patch16) must be the file's; other names are labels
+            named = sizes(swin_arch(name) if name.startswith("swin") else teacher_arch(*parse_vit_name(name)))
+        except ValueError:
+            named = sizes(arch)
+        if named != sizes(arch):
+            raise ValueError(f"{weights} holds {sizes(arch)}, but the name it is given with, {name}, is {named}: give "
+                             f"the file's architecture as the name, or another file")
+        final_norm = any(k.startswith("norm.") for k in state)  # a fine-tuned classifier pools before any
+    else:  # a plain ViT of a named size, random weights
+        try:
+            arch, state = teacher_arch(*parse_vit_name(name)), None
+        except ValueError:
+            raise ValueError(f"{named}: unknown teacher: expected one of {', '.join(TEACHERS)}, a plain ViT such as "
+                             f"vit_base_patch16 (random weights), or a model file of this project as weights") from None
+
+    # Only absolute positions follow a new grid; relative ones (students, Swin) don't: distill.py resizes their tokens.
+    if arch.get("abs_pos") and not arch.get("rel_pos"):
+        patch = arch["patch_size"]
+        img_size = grid * patch if grid is not None else img_size
+        if img_size and img_size != arch["img_size"]:
+            if state is not None:
+                with torch.device("meta"):  # the file must fit the architecture at its own size before any resizing
+                    native = build_from_arch(arch)
+                    native.norm = native.norm if final_norm else nn.Identity()
+                load_strict(native, state, source, check_only=True)
+                old_grid, new_grid = (arch["img_size"] // patch,) * 2, (img_size // patch,) * 2
+                state["pos_embed"] = resize_pos_embed(state["pos_embed"], old_grid, new_grid)
+            arch["img_size"] = img_size
+    for key, values in (("mean", mean), ("std", std)):  # set here, once: the model normalises with its arch's
+        if values is not None:
+            arch[key] = list(values)
+    with torch.random.fork_rng(devices=[]):  # the same random weights on every process
+        torch.manual_seed(0)
+        model = build_from_arch(arch)
+    model.norm = model.norm if final_norm else nn.Identity()  # a fine-tuned classifier's encoder: tokens as they come
+    if state is not None:
+        load_strict(model, state, source)
+    model.source = source
+    return model
+
+
+def load_teacher(name, weights=None, grid=None, mean=None, std=None):
+    """The frozen FD teacher (see load_pretrained) giving `grid` x `grid` tokens, as the student."""
+    encoder = load_pretrained(name, weights, grid=grid, mean=mean, std=std)
+    return Teacher(encoder, encoder.source)
+
+
+def load_teachers(args, grid, device, is_main):
+    """distill.py's frozen teachers of --teacher A[,B...] giving `grid` x `grid` tokens, as the student, each printed
+    on rank 0; what the student's files record of each (name, weights file, its SHA-256, input statistics); their loss
+    weights, summing to 1."""
+    names = args.teacher.split(",")
+    files = args.teacher_weights.split(",") if args.teacher_weights is not None else [""] * len(names)
+    loss_weights = args.teacher_loss_weights or [1.0] * len(names)
+    if not len(names) == len(files) == len(loss_weights):
+        raise ValueError(f"--teacher names {len(names)} teacher(s), --teacher-weights {len(files)}, "
+                         f"--teacher-loss-weights {len(loss_weights)}: give one of each per teacher, comma-separated")
+    if len(names) > 1 and (args.teacher_mean or args.teacher_std):
+        raise ValueError("--teacher-mean and --teacher-std are for one teacher: several each keep their own statistics")
+    teachers, infos, loss_weights = [], [], [weight / sum(loss_weights) for weight in loss_weights]
+    for name, weights, loss_weight in zip(names, files, loss_weights):
+        teacher = load_teacher(name, weights or None, grid, args.teacher_mean, args.teacher_std).to(device)
+        arch = teacher.encoder.arch
+        sha256 = sha256sum(teacher.source) if is_main and Path(teacher.source).is_file() else None
+        infos.append(dict(name=name, weights=teacher.source, sha256=sha256, mean=arch["mean"], std=arch["std"]))
+        teachers.append(teacher)
+        if is_main:
+            stats = " std ".join(" ".join(f"{v:.4g}" for v in arch[k]) for k in ("mean", "std"))
+            print(f"teacher {name}: {f'{teacher.source} (sha256 {sha256})' if sha256 else 'random weights'}, "
+                  f"{teacher.encoder.grid[0]}x{teacher.encoder.grid[1]} tokens at {teacher.input_size} px, input mean "
+                  f"{stats} (--teacher-mean, --teacher-std), loss weight {loss_weight:.3g}")
+    return teachers, infos, loss_weights
+
+
+# ============================================================================= this project's files
+def load_model_file(path):
+    """Rebuild a model, strictly, from a file this project wrote ({'arch': ..., 'model': state_dict}: student.pth)."""
+    state = read_checkpoint(path)
+    if not isinstance(state, dict) or "arch" not in state or "model" not in state:
+        raise ValueError(f"{path}: not a model file written by this project (expected the keys 'arch' and 'model', "
+                         f"found {sorted(state) if isinstance(state, dict) else type(state).__name__})")
+    model = build_from_arch(state["arch"])
+    model.load_state_dict(state["model"])
+    return model
+
+
+def read_encoder_file(path):
+    """(arch, state dict, description) of the encoder in a file this project wrote: a model file (a distilled
+    student.pth; a fine-tuned Classifier, without its head) or a distillation checkpoint.pth (its student)."""
+    state = read_checkpoint(path)
+    if isinstance(state, dict) and "arch" in state and "student" in state:
+        return state["arch"], state["student"], f"the student of distillation checkpoint {path} (step {state['step']})"
+    if isinstance(state, dict) and "arch" in state and "model" in state:
+        if "encoder" in state["arch"]:
+            encoder = {k.removeprefix("encoder."): v for k, v in state["model"].items() if k.startswith("encoder.")}
+            return state["arch"]["encoder"], encoder, f"the encoder of classifier {path}"
+        return state["arch"], state["model"], f"model file {path}"
+    raise ValueError(f"{path}: expected a model file of this project ('arch', 'model') or a distillation checkpoint "
+                     f"('arch', 'student'), found {sorted(state) if isinstance(state, dict) else type(state).__name__}"
+                     f"; a published checkpoint is read by the name of its layout ({', '.join(TEACHERS)})")
+
+
+# ============================================================================= reading files
+DATA_ONLY_GLOBALS = {"argparse.Namespace": argparse.Namespace}  # pickled training arguments (EsViT, DINO)
+WRAPPER_KEYS = ("model", "state_dict", "teacher", "student", "module")  # where checkpoints nest a state dict
+
+
+def read_checkpoint(path):
+    """Whatever a checkpoint file holds, read without running code from it: a zip or legacy pickle through
+    torch.load(weights_only=True), a TorchScript archive by unpickling only its tensors, a safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("/constants.pkl") for name in archive.namelist()):
+                return read_torchscript(archive)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        try:
+            globals_ = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except ValueError:  # not a pickle at all: text, an HTML page saved under the file's name
+            raise not_a_checkpoint(path, error) from None
+        refused = sorted(g for g in globals_ if g not in DATA_ONLY_GLOBALS)
+        if refused:
+            raise ValueError(f"{path}: refused: unpickling it would call {', '.join(refused)}, which can run code. "
+                             f"Nothing from it was executed. If you trust the file, re-save its tensors as a plain "
+                             f"state dict") from None
+        with torch.serialization.safe_globals([DATA_ONLY_GLOBALS[g] for g in globals_]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    # OSError: the zip reader's 'Invalid argument' on a cut file; KeyError, IndexError: other bytes read as a pickle
+    except (RuntimeError, EOFError, OSError, KeyError, IndexError) as error:
+        raise not_a_checkpoint(path, error) from None
+
+
+def not_a_checkpoint(path, error):
+    return ValueError(f"{path}: not a readable checkpoint, probably truncated or not written by torch.save "
+                      f"({type(error).__name__}: {str(error).split('.')[0]}): download or copy it again")
+
+
+# Each dtype's names: a TorchScript archive's storage class (torch.FloatStorage, ...), a safetensors header's.
+DTYPE_NAMES = {torch.float32: ("Float", "F32"), torch.float16: ("Half", "F16"), torch.bfloat16: ("BFloat16", "BF16"),
+               torch.float64: ("Double", "F64"), torch.int64: ("Long", "I64"), torch.int32: ("Int", "I32"),
+               torch.int16: ("Short", "I16"), torch.int8: ("Char", "I8"), torch.uint8: ("Byte", "U8"),
+               torch.bool: ("Bool", "BOOL")}
+SAFETENSORS_DTYPES = {name: dtype for dtype, (_, name) in DTYPE_NAMES.items()}
+# All that a TorchScript archive's data.pkl may name besides its module classes (__torch__.*): no code.
+TORCHSCRIPT_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"):  # a view of the storage, without torch's hooks
+                       lambda storage, offset, size, stride, *_: storage.as_strided(size, stride, offset),
+                       ("collections", "OrderedDict"): collections.OrderedDict,
+                       **{("torch", f"{name}Storage"): dtype for dtype, (name, _) in DTYPE_NAMES.items()}}
+
+
+def read_torchscript(archive):
+    """The tensors of a TorchScript archive (OpenAI CLIP's .pt files), by name as in its state_dict(), without
+    torch.jit: data.pkl is unpickled refusing all globals but module placeholders and TORCHSCRIPT_GLOBALS."""
+    root = archive.namelist()[0].split("/")[0]
+    storages = {}
+
+    class ScriptModule:
+        """Stands in for a TorchScript module while unpickling: only holds its attributes."""
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.startswith("__torch__"):
+                return ScriptModule
+            if (module, name) not in TORCHSCRIPT_GLOBALS:
+                raise pickle.UnpicklingError(f"refused to load {module}.{name} from a TorchScript archive")
+            return TORCHSCRIPT_GLOBALS[module, name]
+
+        def persistent_load(self, pid):  # ('storage', dtype, key, location, numel)
+            _, dtype, key, _, numel = pid
+            if key not in storages:
+                raw = bytearray(archive.read(f"{root}/data/{key}"))
+                storages[key] = torch.frombuffer(raw, dtype=dtype)[:numel] if numel else torch.empty(0, dtype=dtype)
+            return storages[key]
+
+    def tensors(module, prefix=""):  # (name, tensor) of a module and, recursively, of its submodules
+        for name, value in vars(module).items():
+            if isinstance(value, torch.Tensor):
+                yield prefix + name, value
+            elif isinstance(value, ScriptModule):
+                yield from tensors(value, f"{prefix}{name}.")
+
+    return dict(tensors(Unpickler(io.BytesIO(archive.read(f"{root}/data.pkl"))).load()))
+
+
+def read_safetensors(path):
+    """A safetensors file: an 8-byte little-endian header length, a JSON header (dtype, shape, byte range), the data.
+    Anything else (text, a renamed .pth, a truncated download) is refused as not a readable checkpoint."""
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    try:
+        header, data = json.loads(raw[8:8 + header_len]), memoryview(raw)[8 + header_len:]
+        header.pop("__metadata__", None)  # strings, not a tensor
+        tensors = {}
+        for name, info in header.items():
+            dtype, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+            if end > len(data) or end - start != math.prod(info["shape"]) * dtype.itemsize:
+                raise ValueError(f"{name}: bytes {start}-{end} of {len(data)}")
+            tensors[name] = (torch.frombuffer(bytearray(data[start:end]), dtype=dtype) if end > start else
+                             torch.empty(0, dtype=dtype)).reshape(info["shape"])
+        return tensors
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError, UnicodeDecodeError too
+        raise ValueError(f"{path}: not a readable checkpoint (not a safetensors file, or truncated: "
+                         f"{type(error).__name__}: {str(error)[:80]}); download it again") from None
+
+
+def unwrap_state_dict(checkpoint, path, prefer=WRAPPER_KEYS):
+    """The state dict inside a checkpoint: the first of `prefer` that a nested dict is found under, with the
+    prefixes of wrappers removed (DDP's module., torch.compile's _orig_mod., DINO's backbone., its head dropped)."""
+    state = checkpoint
+    while isinstance(state, dict) and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        key = next((k for k in prefer if isinstance(state.get(k), dict)), None)
+        if key is None:
+            raise ValueError(f"{path}: no state dict found: expected tensors, or one of the entries "
+                             f"{', '.join(prefer)}; found {', '.join(map(str, state))}")
+        state = state[key]
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    return state
+
+
+def load_strict(model, state, source, check_only=False):
+    """load_state_dict, naming every missing, unexpected or misshapen key: a silently half-loaded teacher ruins runs.
+    `check_only`: the checks alone (a model on the meta device, which holds no values to load into)."""
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(expected[k].shape)})" for k in expected
+              if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or shapes:
+        problems = [f"{label}: {', '.join(keys[:12])}" + (f" and {len(keys) - 12} more" if len(keys) > 12 else "")
+                    for label, keys in (("missing", missing), ("unexpected", unexpected), ("different shapes", shapes))
+                    if keys]
+        raise ValueError(f"{source} does not fit this model ({'; '.join(problems)}). Is it the file of another "
+                         f"model? Check the model's name and its weights file")
+    if not check_only:
+        model.load_state_dict(state)  # casts fp16 weights (OpenAI CLIP) to the model's dtype
+
+
+def sha256sum(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def teacher_weights_file(name, flags=TEACHER_FLAGS):
+    """The cached published file of a teacher, downloaded and checked on first use."""
+    url = TEACHERS[name].get("url")
+    if url is None:
+        raise ValueError(f"{flags['name']} {name} reads any file of its layout: give it {flags['weights']}")
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"downloading the {name} teacher from {url} to {path}")
+        try:  # writes to a temporary file, checks the hash prefix, then renames
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=TEACHERS[name].get("sha256"))
+        except Exception as error:  # offline, a proxy, a changed file: the machine's error, in one line
+            raise OSError(f"could not download the {name} teacher ({error}): fetch {url} yourself and put it at "
+                          f"{path}, or pass it {flags['weights']}") from None
+    return path
+
+
+# Key conversions: pure functions from a published state dict to our names. Towers and heads the
+# FD target does not use are dropped by name; anything else unknown is left for the strict load.
+CLIP_TEXT_TOWER = ("transformer.", "token_embedding.", "ln_final.", "positional_embedding", "text_projection",
+                   "logit_scale", "visual.proj")  # visual.proj maps to the text space, after the FD target
+
+
+def rename(key, renames, regex=False):
+    for old, new in renames:
+        key = re.sub(old, new, key) if regex else key.replace(old, new)
+    return key
+
+
+def convert_openai_clip(state):
+    renames = [("visual.", ""), ("class_embedding", "cls_token"), ("positional_embedding", "pos_embed"),
+               ("conv1.", "patch_embed."), ("ln_pre.", "norm_pre."), ("ln_post.", "norm."), (".ln_1.", ".norm1."),
+               ("transformer.resblocks.", "blocks."), (".ln_2.", ".norm2."), (".attn.in_proj_", ".attn.qkv."),
+               (".attn.out_proj.", ".attn.proj."), (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2.")]
+    out = {rename(k, renames): v for k, v in state.items() if not k.startswith(CLIP_TEXT_TOWER)}
+    for key in out.keys() & {"cls_token", "pos_embed"}:  # (C,) and (1+N, C) in the file: add our batch axis
+        out[key] = out[key].reshape(1, -1, out[key].shape[-1])
+    return out
+
+
+def convert_timm(state):
+    """timm's layout (DINO, DeiT, timm checkpoints) and the official DINOv2 one."""
+    renames = [("patch_embed.proj.", "patch_embed."), (".ls1.gamma", ".gamma_1"), (".ls2.gamma", ".gamma_2")]
+    registers = {"register_tokens": "reg_tokens", "reg_token": "reg_tokens"}  # DINOv2's name, timm's name
+    out = {registers.get(k) or rename(k, renames): v for k, v in state.items()
+           if not k.startswith(("head.", "mask_token"))}  # classifier / CLIP projection; DINOv2's MIM token
+    pos = out.get("pos_embed")
+    if pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+        # timm's DINOv2-with-registers layout keeps no class position (it is folded into cls_token)
+        out["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[2]), pos], dim=1)
+    return out
+
+
+def convert_torchvision(state):
+    renames = [("class_token", "cls_token"), ("conv_proj.", "patch_embed."), ("encoder.pos_embedding", "pos_embed"),
+               ("encoder.layers.encoder_layer_", "blocks."), (".ln_1.", ".norm1."), (".ln_2.", ".norm2."),
+               (".self_attention.in_proj_", ".attn.qkv."), (".self_attention.out_proj.", ".attn.proj."),
+               (".mlp.0.", ".mlp.fc1."), (".mlp.3.", ".mlp.fc2."), ("encoder.ln.", "norm.")]
+    return {rename(k, renames): v for k, v in state.items() if not k.startswith("heads.")}
+
+
+def esvit_to_swin(state_dict):
+    """EsViT's checkpoint['student'] -> our V1 keys, without DDP's prefix 'module.', the DINO heads ('head.*' for the
+    image, 'head_dense.*' for the regions) and the index tables (derived from the window size; EsViT's checked)."""
+    converted = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.")
+        if key.endswith("attn.relative_position_index"):  # (window², window²)
+            if not torch.equal(value.cpu().long(), window_position_index(math.isqrt(value.shape[0]))):
+                raise ValueError(f"{key}: not the Swin relative position layout this model assumes")
+        elif not key.startswith(("head.", "head_dense.")):
+            converted[key] = value
+    return converted
+
+
+CONVERTERS = {"openai_clip": convert_openai_clip, "timm": convert_timm, "torchvision": convert_torchvision,
+              "esvit": esvit_to_swin}
+# No tensor shape gives the heads: 64 channels per head in published ViTs, 16 heads in ViT-H/14, ViT-g/14, ViT-bigG/14.
+HEADS_BY_WIDTH = {1280: 16, 1408: 16, 1664: 16}
+
+
+def infer_vit_arch(state, act="gelu"):
+    """The architecture of a converted ViT state dict, from its tensor shapes."""
+    embed_dim = state["cls_token"].shape[-1]
+    if embed_dim not in HEADS_BY_WIDTH and embed_dim % 64:
+        raise ValueError(f"a ViT of width {embed_dim}: its number of heads is unknown (not 64 channels per head)")
+    patch_size = state["patch_embed.weight"].shape[-1]
+    clip_like = "norm_pre.weight" in state  # CLIP towers: LayerNorm eps 1e-5 and CLIP statistics
+    clip_options = dict(norm_eps=1e-5, mean=CLIP_MEAN, std=CLIP_STD) if clip_like else {}
+    return dict(PLAIN_VIT, img_size=math.isqrt(state["pos_embed"].shape[1] - 1) * patch_size, patch_size=patch_size,
+                embed_dim=embed_dim, depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
+                num_heads=HEADS_BY_WIDTH.get(embed_dim) or embed_dim // 64,
+                mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim, act=act, norm_pre=clip_like,
+                layer_scale=1.0 if "blocks.0.gamma_1" in state else None, patch_bias="patch_embed.bias" in state,
+                num_registers=state["reg_tokens"].shape[1] if "reg_tokens" in state else 0, **clip_options)
+
+
+# ============================================================================= position tables, for fine-tuning
+def shared_bias_to_per_block(state):
+    """Copy a shared position bias into every block that shared it, as the official utils.py does for the ViT's
+    table: `rel_pos_bias.*` into `blocks.j.rel_pos_bias.*`, a SwinV2 stage's `layers.i.rel_pos_bias.*` into
+    `layers.i.blocks.j.rel_pos_bias.*`. The same function, each block's bias then free to fine-tune on its own."""
+    num_blocks = {}  # what precedes "blocks." -> how many blocks follow it
+    for key in state:
+        if match := re.match(r"(.*?)blocks\.(\d+)\.", key):
+            num_blocks[match[1]] = max(num_blocks.get(match[1], 0), int(match[2]) + 1)
+    converted = {}
+    for key, value in state.items():
+        prefix, shared, rest = key.partition("rel_pos_bias.")
+        if shared and "blocks." not in prefix:  # a bias shared by the blocks after `prefix`
+            for j in range(num_blocks[prefix]):
+                converted[f"{prefix}blocks.{j}.rel_pos_bias.{rest}"] = value.clone()
+        else:
+            converted[key] = value
+    return converted
+
+
+def resize_grid(values, old_grid, new_grid):
+    """Bicubically resample values laid out on a grid, (h*w, C) -> (h'*w', C), in raster order: how
+    absolute position embeddings and relative position tables follow a change of resolution."""
+    if tuple(old_grid) == tuple(new_grid):
+        return values
+    grid = rearrange(values, "(h w) c -> 1 c h w", h=old_grid[0], w=old_grid[1])
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
+    return rearrange(grid, "1 c h w -> (h w) c").to(values.dtype)
+
+
+def resize_pos_embed(pos_embed, old_grid, new_grid):
+    """Absolute position embeddings (1, [1 +] N, C) resampled to another grid, the class token's (if any) kept."""
+    prefix = pos_embed.shape[1] - old_grid[0] * old_grid[1]  # 0 for SigLIP, which has no class token
+    patches = resize_grid(pos_embed[0, prefix:], old_grid, new_grid)
+    return torch.cat([pos_embed[:, :prefix], patches[None]], dim=1)
+
+
+# ============================================================================= Hugging Face layouts
+# transformers' CLIPVisionModel, SiglipVisionModel, Dinov2Model and Dinov2WithRegistersModel (a full CLIPModel or
+# SiglipModel file holds its image tower under `vision_model.`), read without transformers: the architecture from
+# config.json, the input statistics from preprocessor_config.json. The target is every token after the final norm,
+# as for the other teachers: CLIP's post_layernorm too (transformers applies it to the pooled class token only).
+HF_FAMILIES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip",
+               "dinov2": "dinov2", "dinov2_with_registers": "dinov2"}
+HF_ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+# What a config.json leaves out has transformers' default (configuration_clip.py, _siglip.py, _dinov2.py, ...).
+HF_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+HF_DEFAULTS = {"clip": dict(HF_BASE, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5, image_mean=CLIP_MEAN,
+                            image_std=CLIP_STD),
+               "siglip": dict(HF_BASE, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                              image_mean=(0.5,) * 3, image_std=(0.5,) * 3),
+               "dinov2": dict(HF_BASE, mlp_ratio=4, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6,
+                              image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)}
+HF_DEFAULTS["dinov2_with_registers"] = dict(HF_DEFAULTS["dinov2"], patch_size=16, num_register_tokens=4)
+HF_UNUSED = ("text_model.", "visual_projection.", "text_projection.", "logit_scale", "logit_bias",  # text tower
+             "head.", "embeddings.mask_token", "embeddings.position_ids")  # SigLIP's pooling, DINOv2's MIM token
+# Both DINOv2 names: published files' (attention.attention.query, ...) and those of transformers 5 (q_proj, ...).
+HF_RENAMES = [("embeddings.patch_embeddings.projection.", "patch_embed."),
+              ("embeddings.patch_embedding.", "patch_embed."), ("embeddings.class_embedding", "cls_token"),
+              ("embeddings.cls_token", "cls_token"), ("embeddings.position_embedding.weight", "pos_embed"),
+              ("embeddings.position_embeddings", "pos_embed"), ("embeddings.register_tokens", "reg_tokens"),
+              ("pre_layrnorm.", "norm_pre."), ("post_layernorm.", "norm."), ("layernorm.", "norm."),
+              ("encoder.layers.", "blocks."), ("encoder.layer.", "blocks."), ("layer_norm1.", "norm1."),
+              ("layer_norm2.", "norm2."), ("self_attn.", "attn."),
+              ("attention.attention.query.", "attn.q_proj."), ("attention.attention.key.", "attn.k_proj."),
+              ("attention.attention.value.", "attn.v_proj."), ("attention.output.dense.", "attn.proj."),
+              ("attention.", "attn."), ("out_proj.", "proj."), ("o_proj.", "proj."),
+              (".layer_scale1.lambda1", ".gamma_1"), (".layer_scale2.lambda1", ".gamma_2")]
+
+
+def convert_hf(state):
+    state = {k.removeprefix("vision_model."): v for k, v in state.items()}
+    out = {rename(k, HF_RENAMES): v for k, v in state.items() if not k.startswith(HF_UNUSED)}
+    for key in out.keys() & {"cls_token", "pos_embed"}:  # CLIP's (C,), (1+N, C), SigLIP's (N, C): add our batch axis
+        out[key] = out[key].reshape(1, -1, out[key].shape[-1])
+    for key in [k for k in out if ".attn.q_proj." in k]:  # separate q, k, v projections -> our one qkv
+        out[key.replace("q_proj", "qkv")] = torch.cat([out.pop(key.replace("q_proj", f"{p}_proj")) for p in "qkv"])
+    return out
+
+
+def read_hf_model(path):
+    """(weights file, state dict in our names, arch) of a transformers model: a folder with config.json,
+    model.safetensors (or pytorch_model.bin) and maybe preprocessor_config.json, or a weights file beside them."""
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        path = next((path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()),
+                    path / "model.safetensors")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: no such file. A Hugging Face teacher (hf) takes its architecture from "
+                                f"config.json: put it beside {path.name} (a Hugging Face model folder holds "
+                                f"config.json, model.safetensors and preprocessor_config.json)")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
+    if str(model_type).startswith("siglip2"):
+        raise ValueError(f"{config_file}: a SigLIP 2 NaFlex model ({model_type}) has no fixed patch grid; use a "
+                         f"fixed-resolution SigLIP 2 model (e.g. google/siglip2-base-patch16-224, model_type siglip)")
+    if model_type not in HF_FAMILIES:
+        raise ValueError(f"{config_file}: model_type {model_type!r} is not a layout the hf teacher reads "
+                         f"({', '.join(HF_FAMILIES)})")
+    family = HF_FAMILIES[model_type]
+    c = {**HF_DEFAULTS.get(model_type, HF_DEFAULTS[family]), **config.get("vision_config", config)}
+    if (folder / "preprocessor_config.json").is_file():
+        preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+        c.update({k: preprocessor[k] for k in ("image_mean", "image_std") if k in preprocessor})
+    act = "swiglu" if c.get("use_swiglu_ffn") else c["hidden_act"]  # DINOv2-g's SwiGLU MLP has other weights
+    if act not in HF_ACTS:
+        raise ValueError(f"{config_file}: activation {act!r} is not supported ({', '.join(HF_ACTS)})")
+    state = convert_hf(unwrap_state_dict(read_checkpoint(path), path))
+    # The grid of the file's position embeddings (transformers' DINOv2 resizes them to any input on the fly).
+    prefix = int(family != "siglip")
+    grid = (math.isqrt(state["pos_embed"].shape[1] - prefix) if "pos_embed" in state
+            else c.get("image_size", 224) // c["patch_size"])
+    mlp_ratio = c["mlp_ratio"] if family == "dinov2" else c["intermediate_size"] / c["hidden_size"]
+    return path, state, dict(PLAIN_VIT, img_size=grid * c["patch_size"], patch_size=c["patch_size"],
+                             embed_dim=c["hidden_size"], depth=c["num_hidden_layers"],
+                             num_heads=c["num_attention_heads"], mlp_ratio=mlp_ratio, norm_eps=c["layer_norm_eps"],
+                             act=HF_ACTS[act], norm_pre=family == "clip", patch_bias=family != "clip",
+                             class_token=bool(prefix), layer_scale=1.0 if family == "dinov2" else None,
+                             num_registers=c.get("num_register_tokens", 0), mean=tuple(c["image_mean"]),
+                             std=tuple(c["image_std"]))
