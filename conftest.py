@@ -23,8 +23,8 @@ from PIL import Image
 import distill
 import finetune
 import training
-from checkpoints import load_teacher
 from models import VisionTransformer, build_student
+from teachers import load_teacher
 
 REPO = Path(__file__).resolve().parent
 # The micro runs train on the CPU, also on a GPU machine: they are compared with CPU computations here.
@@ -138,8 +138,8 @@ def script_in_process(script, *argv):
 
 
 def export_command(*args):
-    """`python checkpoints.py export ARGS`, as a user runs it: its __main__ block, in this process."""
-    return script_in_process("checkpoints.py", "export", *args)
+    """`python export.py ARGS`, as a user runs it: its __main__ block, in this process."""
+    return script_in_process("export.py", *args)
 
 
 def finetune_on_two_ranks(out, *extra):

@@ -22,9 +22,9 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from teachers import load_model_file, load_pretrained
 from data import SeededTransform, SyntheticShapes, eval_transform, image_dataset
 from models import Classifier, relative_position_index
+from teachers import load_model_file, load_pretrained
 from training import NON_NEGATIVE, POSITIVE, number, run_cli
 
 TOOLS = ("distance", "diversity", "maps", "landscape", "cka", "hessian")

@@ -28,7 +28,7 @@ import training
 from data import (FDCropBox, SeededTransform, SyntheticShapes, decode_and_crop, fd_transform, image_dataset,
                   load_rgb, read_undecoded, steps_of_batches, train_loader)
 from models import build_student, parse_vit_name, set_grad_checkpointing
-from teachers import TEACHERS, load_teachers
+from teachers import add_teacher_flags, load_teachers
 
 # ----------------------------------------------------------------------------- presets
 # The official distillation recipes (the official configs/pretrain/*.yaml); every value can be overridden by its flag.
@@ -52,27 +52,12 @@ DEFAULT_TEACHER = "vit_tiny_patch16"
 
 
 FROM_PRESET = " (unset: from the --teacher preset)"
-POSITIVE_FLOAT = training.number(float, 0.0, open_low=True)
 
 
 def get_args_parser():
     p = argparse.ArgumentParser("distill.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--teacher", default=DEFAULT_TEACHER,
-                   help=f"a published teacher ({', '.join(TEACHERS)}; the paper's bring their recipe for the flags "
-                        f"left unset), a plain ViT such as vit_small_patch16 (random weights), or any name with "
-                        f"--teacher-weights FILE of this project; several, comma-separated, are distilled together "
-                        f"(the first one's recipe)")
-    p.add_argument("--teacher-weights", default=None, help="the teacher's file in its published layout (if not "
-                   "given, downloaded), a model file of this project, or 'random' (random weights); several "
-                   "teachers: one per teacher, comma-separated, empty as if not given (e.g. ',dinov2.pth')")
-    p.add_argument("--teacher-loss-weights", type=lambda text: [POSITIVE_FLOAT(w) for w in text.split(",")],
-                   default=None, help="several teachers: the weight of each one's loss, comma-separated [equal]")
-    p.add_argument("--teacher-mean", type=float, nargs=3, metavar=("R", "G", "B"), default=None,
-                   help="one teacher's input mean (unset: its own, printed at start; e.g. 0.5 0.5 0.5 for timm's "
-                        "augreg and SigLIP files)")
-    p.add_argument("--teacher-std", type=float, nargs=3, metavar=("R", "G", "B"), default=None,
-                   help="one teacher's input standard deviation (unset: its own)")
+    add_teacher_flags(p, DEFAULT_TEACHER)
     p.add_argument("--student", default=None, help="student architecture, e.g. vit_base_patch16" + FROM_PRESET)
     p.add_argument("--data", default=None, help="ImageFolder root (train/ used if present) or a flat folder of "
                                                 "images; the built-in synthetic dataset if not given")

@@ -25,6 +25,7 @@ from einops import rearrange
 
 from models import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, Teacher, build_from_arch, parse_vit_name, swin_arch,
                     window_position_index)
+from training import number
 
 # ============================================================================= the published teachers
 # Each entry: its image tower's architecture (models.PretrainedViT's options), its file's layout (as OpenAI's
@@ -131,7 +132,7 @@ def load_pretrained(name, weights=None, img_size=None, grid=None, mean=None, std
         try:
             arch, state = teacher_arch(*parse_vit_name(name)), None
         except ValueError:
-            raise ValueError(f"{named}: unknown teacher: expected one of {', '.join(TEACHERS)}, a plain ViT such as "
+            raise ValueError(f"unknown teacher {name!r}: expected one of {', '.join(TEACHERS)}, a plain ViT such as "
                              f"vit_base_patch16 (random weights), or a model file of this project as weights") from None
 
     # Only absolute positions follow a new grid; relative ones (students, Swin) don't: distill.py resizes their tokens.
@@ -166,6 +167,26 @@ def load_teacher(name, weights=None, grid=None, mean=None, std=None):
     return Teacher(encoder, encoder.source)
 
 
+def add_teacher_flags(p, default):
+    """distill.py's flags naming its teachers, their files, their loss weights and input statistics."""
+    positive = number(float, 0.0, open_low=True)
+    p.add_argument("--teacher", default=default,
+                   help=f"a published teacher ({', '.join(TEACHERS)}; the paper's bring their recipe for the flags "
+                        f"left unset), a plain ViT such as vit_small_patch16 (random weights), or any name with "
+                        f"--teacher-weights FILE of this project; several, comma-separated, are distilled together "
+                        f"(the first one's recipe)")
+    p.add_argument("--teacher-weights", default=None, help="the teacher's file in its published layout (if not "
+                   "given, downloaded), a model file of this project, or 'random' (random weights); several "
+                   "teachers: one per teacher, comma-separated, empty as if not given (e.g. ',dinov2.pth')")
+    p.add_argument("--teacher-loss-weights", type=lambda text: [positive(w) for w in text.split(",")],
+                   default=None, help="several teachers: the weight of each one's loss, comma-separated [equal]")
+    p.add_argument("--teacher-mean", type=float, nargs=3, metavar=("R", "G", "B"), default=None,
+                   help="one teacher's input mean (unset: its own, printed at start; e.g. 0.5 0.5 0.5 for timm's "
+                        "augreg and SigLIP files)")
+    p.add_argument("--teacher-std", type=float, nargs=3, metavar=("R", "G", "B"), default=None,
+                   help="one teacher's input standard deviation (unset: its own)")
+
+
 def load_teachers(args, grid, device, is_main):
     """distill.py's frozen teachers of --teacher A[,B...] giving `grid` x `grid` tokens, as the student, each printed
     on rank 0; what the student's files record of each (name, weights file, its SHA-256, input statistics); their loss
@@ -181,12 +202,12 @@ def load_teachers(args, grid, device, is_main):
     teachers, infos, loss_weights = [], [], [weight / sum(loss_weights) for weight in loss_weights]
     for name, weights, loss_weight in zip(names, files, loss_weights):
         teacher = load_teacher(name, weights or None, grid, args.teacher_mean, args.teacher_std).to(device)
-        arch = teacher.encoder.arch
+        stats = dict(mean=teacher.encoder.mean.flatten().tolist(), std=teacher.encoder.std.flatten().tolist())
         sha256 = sha256sum(teacher.source) if is_main and Path(teacher.source).is_file() else None
-        infos.append(dict(name=name, weights=teacher.source, sha256=sha256, mean=arch["mean"], std=arch["std"]))
+        infos.append(dict(name=name, weights=teacher.source, sha256=sha256, **stats))
         teachers.append(teacher)
         if is_main:
-            stats = " std ".join(" ".join(f"{v:.4g}" for v in arch[k]) for k in ("mean", "std"))
+            stats = " std ".join(" ".join(f"{v:.4g}" for v in stats[k]) for k in ("mean", "std"))
             print(f"teacher {name}: {f'{teacher.source} (sha256 {sha256})' if sha256 else 'random weights'}, "
                   f"{teacher.encoder.grid[0]}x{teacher.encoder.grid[1]} tokens at {teacher.input_size} px, input mean "
                   f"{stats} (--teacher-mean, --teacher-std), loss weight {loss_weight:.3g}")

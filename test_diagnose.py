@@ -14,10 +14,10 @@ from PIL import Image
 import diagnose
 import distill
 import models
-from checkpoints import load_pretrained
 from conftest import script_in_process
 from diagnose import attention_maps
 from models import Classifier, build_student
+from teachers import load_pretrained
 
 HERE = Path(__file__).parent
 MICRO = ["--teacher", "vit_micro_patch8", "--student", "vit_micro_patch8", "--img-size", "32", "--synthetic-images",
@@ -277,11 +277,11 @@ def test_teacher_without_weights_is_told_the_spec_form(tmp_path, monkeypatch):
         raise OSError("offline")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(ValueError, match=r"could not download the dino teacher .* or pass it as --model dino:FILE$"):
+    with pytest.raises(OSError, match=r"could not download the dino teacher .* or pass it as --model dino:FILE$"):
         diagnose.load_models(["D=dino"])
     torch.save({"w": torch.zeros(2)}, tmp_path / "bare.pth")  # a state dict of unknown layout
-    with pytest.raises(ValueError, match=r"found \['w'\]; for a published checkpoint name its layout as --model "
-                                         r"NAME:FILE, NAME one of \(clip, "):
+    with pytest.raises(ValueError, match=r"found \['w'\]; a published checkpoint is read by the name of its layout "
+                                         r"\(clip, "):
         diagnose.load_models([str(tmp_path / "bare.pth")])
 
 

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 import distill
 import finetune
 import models
-import training
-from checkpoints import load_model_file, load_teacher
+import teachers
 from conftest import (CPU_ONLY, MICRO, REPO, crash_at_call, distill_cli_in_process, fd_closure, micro_pair,
                       needs_cuda, parse, read_log, timm_layout, write_images)
 from models import SwinTransformer, build_from_arch, build_student
+from teachers import load_model_file, load_teacher
 
 
 # Comparisons with the CPU turn TF32 off: cuDNN's convolutions (the patch embedding) use it by default.
@@ -61,7 +61,7 @@ def test_loss_of_main_is_smooth_l1_on_projected_tokens_class_token_only_when_bot
     if teacher_name == "swin":  # a Swin V1 teacher with a 4x4 output grid and no class token
         swin = models.SwinTransformer(version=1, img_size=32, embed_dim=16, depths=[2, 2], num_heads=[2, 2],
                                       window_size=4, position_bias="per_block")
-        monkeypatch.setattr(distill, "load_teacher", lambda *args, **kwargs: models.Teacher(swin))
+        monkeypatch.setattr(teachers, "load_teacher", lambda *args, **kwargs: models.Teacher(swin))
     seen, real_loss, real_target = {}, distill.fd_loss, distill.distillation_target
 
     def target_spy(teacher, images, grid, with_cls=True):
@@ -98,7 +98,7 @@ def test_bf16_autocast_tracks_fp32_and_the_bf16_teacher_is_exact():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = compute_loss(model, images)
         target = distill.distillation_target(teacher, images, (4, 4))
-        training.prepare_teacher(teacher, torch.bfloat16)
+        teacher.compute_in(torch.bfloat16)
         assert teacher.encoder.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
         assert torch.equal(distill.distillation_target(teacher, images, (4, 4)), target)
     assert abs(bf16.item() - fp32.item()) < 0.02 * fp32.item()  # bf16 keeps 8 bits of mantissa
@@ -125,8 +125,8 @@ def test_two_teachers_loss_is_the_weighted_mean_of_each_ones_smooth_l1(tmp_path,
     # recomputed here from the images seen, the student returned and the row blocks of the projector saved.
     swin = models.SwinTransformer(version=1, img_size=32, embed_dim=24, depths=[2], num_heads=[2], window_size=4,
                                   position_bias="per_block")
-    real_teacher, real_target, seen = distill.load_teacher, distill.distillation_target, {"teachers": []}
-    monkeypatch.setattr(distill, "load_teacher", lambda name, weights, grid: models.Teacher(swin) if name == "swin"
+    real_teacher, real_target, seen = teachers.load_teacher, distill.distillation_target, {"teachers": []}
+    monkeypatch.setattr(teachers, "load_teacher", lambda name, weights, grid, *_: models.Teacher(swin) if name == "swin"
                         else real_teacher(name, weights, grid=grid))
 
     def target_spy(teacher, images, grid, with_cls=True):

@@ -1,10 +1,9 @@
-"""The export for timm and transformers (`python checkpoints.py export`): every exported model must give our outputs
+"""The export for timm and transformers (`python export.py`): every exported model must give our outputs
 on random images, with every weight randomised first so that a mis-mapped tensor cannot hide behind zeros or ones;
 ours take images in [0, 1], theirs the images normalised with the statistics the export wrote, which this checks too.
 timm and transformers are test-only dependencies (`pip install timm transformers`); the tests that need one skip
 without it.
 """
-import ast
 import json
 import math
 
@@ -12,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
 import distill
+import export
 import models
-from conftest import REPO, export_command, normalise, vit
+import teachers
+from conftest import export_command, normalise, vit
 from models import Classifier, PretrainedViT, SwinTransformer
 
 
@@ -46,7 +46,7 @@ def swinv2(position_bias="shared", pretrained_windows=None):
 def export_model(model, tmp_path, **options):
     path = tmp_path / "model.pth"
     torch.save({"arch": model.arch, "model": model.state_dict()}, path)
-    return checkpoints.export_model_file(path, tmp_path / "export", **options)
+    return export.export_model_file(path, tmp_path / "export", **options)
 
 
 def assert_same(case, library, theirs, ours):
@@ -104,12 +104,12 @@ def test_swinv2_offsets_and_index_are_those_of_timm_and_transformers():
 def test_safetensors_writer_reads_back_with_ours_and_the_library(tmp_path):
     state = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(2, 2).bfloat16(),
              "d": torch.tensor([True, False, True]), "e": torch.tensor(2.5, dtype=torch.float16)}
-    checkpoints.write_safetensors(state, tmp_path / "x.safetensors")
-    for name, value in checkpoints.read_safetensors(tmp_path / "x.safetensors").items():
+    export.write_safetensors(state, tmp_path / "x.safetensors")
+    for name, value in teachers.read_safetensors(tmp_path / "x.safetensors").items():
         assert value.dtype == state[name].dtype and torch.equal(value, state[name]), name
     safetensors_torch = pytest.importorskip("safetensors.torch")
-    state["f"] = torch.randn(0, 3)  # an empty tensor too (checkpoints.read_safetensors cannot read one back)
-    checkpoints.write_safetensors(state, tmp_path / "x.safetensors")
+    state["f"] = torch.randn(0, 3)  # an empty tensor too (teachers.read_safetensors cannot read one back)
+    export.write_safetensors(state, tmp_path / "x.safetensors")
     loaded = safetensors_torch.load_file(tmp_path / "x.safetensors")
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
 
@@ -186,7 +186,7 @@ def test_export_command_on_a_distilled_student(tmp_path):
     done = export_command(run / "student.pth", "--out", tmp_path / "x")
     assert done.returncode == 0, done.stderr
     assert "timm.create_model(model_name='beit_base_patch16_224'" in done.stdout and "BeitModel" in done.stdout
-    student = checkpoints.load_model_file(run / "student.pth").eval()
+    student = teachers.load_model_file(run / "student.pth").eval()
     spec = json.loads((tmp_path / "x" / "timm" / "create_model.json").read_text())
     model = timm.create_model(**spec["create_model"]).eval()
     model.load_state_dict(torch.load(tmp_path / "x" / "timm" / "model.pth", weights_only=True), strict=True)
@@ -218,16 +218,16 @@ def test_export_command_on_a_distilled_student(tmp_path):
 def test_export_refuses_what_is_not_a_model_file_of_this_project(tmp_path):
     torch.save({"model": {"w": torch.zeros(1)}}, tmp_path / "state.pth")
     with pytest.raises(ValueError, match=r"state\.pth: cannot export: not a model file of this project"):
-        checkpoints.export_model_file(tmp_path / "state.pth", tmp_path / "x")
+        export.export_model_file(tmp_path / "state.pth", tmp_path / "x")
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     with pytest.raises(ValueError, match=r"notes\.pth: cannot export: "):
-        checkpoints.export_model_file(tmp_path / "notes.pth", tmp_path / "x")
+        export.export_model_file(tmp_path / "notes.pth", tmp_path / "x")
     student = vit()
     state = student.state_dict()
     state.pop("norm.weight")
     torch.save({"arch": student.arch, "model": state}, tmp_path / "cut.pth")
     with pytest.raises(ValueError, match=r"cut\.pth: cannot export: .*missing: norm\.weight"):
-        checkpoints.export_model_file(tmp_path / "cut.pth", tmp_path / "x")
+        export.export_model_file(tmp_path / "cut.pth", tmp_path / "x")
     assert not (tmp_path / "x").exists()  # nothing half-written
 
 
@@ -248,15 +248,5 @@ def test_export_command_exits_non_zero_naming_the_file_and_the_reason(tmp_path):
     torch.save({"arch": teacher.arch, "model": teacher.state_dict()}, tmp_path / "teacher.pth")
     done = export_command(tmp_path / "teacher.pth", "--out", tmp_path / "x")
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr  # one line, no traceback
-    assert done.stderr.startswith(f"checkpoints.py: error: {tmp_path / 'teacher.pth'}: cannot export: ")
+    assert done.stderr.startswith(f"export.py: error: {tmp_path / 'teacher.pth'}: cannot export: ")
     assert "abs_pos" in done.stderr and not (tmp_path / "x").exists()
-
-
-def test_checkpoints_imports_models_alone_and_neither_library():
-    tree = ast.parse((REPO / "checkpoints.py").read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    project = {path.stem for path in REPO.glob("*.py")}
-    assert imported & project <= {"models"}, imported & project
-    assert not imported & {"timm", "transformers", "safetensors"}

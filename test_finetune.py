@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import checkpoints
 import finetune
 import models
+import teachers
 import training
-from checkpoints import load_model_file, load_pretrained
 from conftest import (FT_MICRO, crash_at_call, ft_log, ft_parse, randomise_, scaled, stop_signals_restored,
                       timm_layout, write_images)
 from data import SeededTransform, SyntheticShapes
 from models import Classifier, SwinTransformer, VisionTransformer, build_from_arch, build_student
+from teachers import load_model_file, load_pretrained
 
 TABLE = "rel_pos_bias.relative_position_bias_table"
 
@@ -80,8 +80,8 @@ def test_relative_position_table_resized_bicubically_keeping_class_rows():
 
 def test_absolute_position_embedding_resized_keeping_the_class_token():
     pos_embed = torch.randn(1, 1 + 4 * 4, 8)
-    assert torch.equal(checkpoints.resize_pos_embed(pos_embed, (4, 4), (4, 4)), pos_embed)
-    resized = checkpoints.resize_pos_embed(pos_embed, (4, 4), (6, 6))
+    assert torch.equal(teachers.resize_pos_embed(pos_embed, (4, 4), (4, 4)), pos_embed)
+    resized = teachers.resize_pos_embed(pos_embed, (4, 4), (6, 6))
     assert resized.shape == (1, 1 + 36, 8) and torch.equal(resized[:, 0], pos_embed[:, 0])
     image = pos_embed[0, 1:].T.reshape(1, 8, 4, 4)
     expected = F.interpolate(image, size=(6, 6), mode="bicubic", align_corners=False).reshape(8, 36).T

@@ -9,15 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoints
 import models
-from checkpoints import load_teacher, shared_bias_to_per_block
+import teachers
 from conftest import (ESVIT_TINY, REPO, fd_closure, layer_norm, micro_pair, needs_cuda, randomise_,
                       reference_window_attention)
 from diagnose import attention_maps
 from models import (Attention, Classifier, SWIN_SIZES, SwinTransformer, VisionTransformer, build_from_arch,
                     build_student, log_spaced_offsets, relative_position_index, window_partition,
                     window_position_index, window_reverse)
+from teachers import load_teacher, shared_bias_to_per_block
 
 
 def build_swin(name, img_size, drop_path=0.0):
@@ -398,7 +398,7 @@ def test_large_student_sizes_match_published_parameter_counts():
             if name == "vit_giant_patch14":  # the 48/11 MLP ratio survives the arch round trip
                 assert model.blocks[0].mlp.fc1.out_features == 6144
                 assert build_from_arch(model.arch).blocks[-1].mlp.fc1.out_features == 6144
-    assert checkpoints.teacher_arch("giant", 14)["mlp_ratio"] == 48 / 11  # a plain ViT-g teacher too
+    assert teachers.teacher_arch("giant", 14)["mlp_ratio"] == 48 / 11  # a plain ViT-g teacher too
 
 
 # ----------------------------------------------------------------------------- speed options keep the maths

@@ -20,15 +20,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoints
 import diagnose
 import distill
 import finetune
 import models
-from checkpoints import esvit_to_swin, load_model_file, load_pretrained, load_teacher
+import teachers
 from conftest import (ESVIT_TINY, MICRO, REPO, distill_cli_in_process, export_command, layer_norm, normalise, parse,
                       reference_window_attention, scaled, timm_layout, vit)
 from models import Classifier, SwinTransformer, build_from_arch
+from teachers import esvit_to_swin, load_model_file, load_pretrained, load_teacher
 
 
 # ----------------------------------------------------------------------------- published layouts, written here
@@ -260,7 +260,7 @@ TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_atten
 
 def save_safetensors(tensors, path):
     """The safetensors format: an 8-byte little-endian header length, a JSON header, the raw data. Written here, not
-    with checkpoints.write_safetensors: the fixtures must not share a mistake with the reader they test."""
+    with export.write_safetensors: the fixtures must not share a mistake with the reader they test."""
     codes = {torch.float32: "F32", torch.float16: "F16", torch.int64: "I64"}
     header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
     for name, t in tensors.items():
@@ -469,10 +469,10 @@ TRANSFORMERS_MODELS = {"clip_vision": "CLIPVisionModel", "clip_full": "CLIPModel
 # ----------------------------------------------------------------------------- published files
 @pytest.mark.parametrize("name", sorted(PUBLISHED_LAYOUTS))
 def test_published_layout_fits_the_teacher_architecture_exactly(name):
-    published = checkpoints.unwrap_state_dict(PUBLISHED_LAYOUTS[name](), name)
-    converted = checkpoints.CONVERTERS[checkpoints.TEACHERS[name]["layout"]](published)
+    published = teachers.unwrap_state_dict(PUBLISHED_LAYOUTS[name](), name)
+    converted = teachers.CONVERTERS[teachers.TEACHERS[name]["layout"]](published)
     with torch.device("meta"):
-        expected = models.build_from_arch(checkpoints.TEACHERS[name]["arch"]).state_dict()
+        expected = models.build_from_arch(teachers.TEACHERS[name]["arch"]).state_dict()
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in expected.items()}
 
 
@@ -516,7 +516,7 @@ def test_openai_clip_torchscript_archive_read_without_jit_matches_the_original(t
     archive.save(str(tmp_path / "ViT-tiny.pt"))
 
     with zipfile.ZipFile(tmp_path / "ViT-tiny.pt") as zf:
-        tensors = checkpoints.read_torchscript(zf)
+        tensors = teachers.read_torchscript(zf)
     reference = torch.jit.load(str(tmp_path / "ViT-tiny.pt")).state_dict()
     assert set(tensors) == set(reference)
     assert all(torch.equal(tensors[k], reference[k]) and tensors[k].dtype == reference[k].dtype for k in reference)
@@ -563,7 +563,7 @@ def test_torchvision_vit_file_matches_torchvision(tmp_path):
 def test_clip_teachers_normalise_with_clip_statistics(name):
     # OpenAI's clip/clip.py, _transform: Normalize((0.48145466, 0.4578275, 0.40821073),
     # (0.26862954, 0.26130258, 0.27577711)); a one-block tower of the teacher's arch keeps them.
-    tower = build_from_arch(dict(checkpoints.TEACHERS[name]["arch"], depth=1, embed_dim=64, num_heads=1))
+    tower = build_from_arch(dict(teachers.TEACHERS[name]["arch"], depth=1, embed_dim=64, num_heads=1))
     assert tower.mean.flatten().tolist() == pytest.approx(CLIP_MEAN_REF, abs=1e-7)
     assert tower.std.flatten().tolist() == pytest.approx(CLIP_STD_REF, abs=1e-7)
 
@@ -583,7 +583,7 @@ def test_teacher_of_another_grid_resizes_positions_and_input_to_the_student_grid
 
 def test_loading_a_timm_layout_teacher_at_another_size_warns_nothing(tmp_path):
     # timm's layout (vision_transformer.py): ours but for patch_embed.proj; a 64 px file for a 32 px student.
-    native = build_from_arch(dict(checkpoints.teacher_arch("micro", 16, img_size=64), embed_dim=64, num_heads=1))
+    native = build_from_arch(dict(teachers.teacher_arch("micro", 16, img_size=64), embed_dim=64, num_heads=1))
     torch.save({k.replace("patch_embed.", "patch_embed.proj."): v for k, v in native.state_dict().items()},
                tmp_path / "timm.pth")
     with warnings.catch_warnings():
@@ -632,15 +632,15 @@ def test_esvit_checkpoint_loads_strictly_and_matches_an_independent_forward(tmp_
     assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == expected_keys
     with pytest.raises(pickle.UnpicklingError):  # the pickled Namespace needs the safe way around
         torch.load(tmp_path / "checkpoint.pth", weights_only=True)
-    loaded = checkpoints.read_checkpoint(tmp_path / "checkpoint.pth")["student"]
+    loaded = teachers.read_checkpoint(tmp_path / "checkpoint.pth")["student"]
     model.load_state_dict(esvit_to_swin(loaded))  # strict
     images = torch.rand(2, 3, 64, 64)
     expected = reference_swin_v1(backbone, images, ESVIT_TINY["depths"], ESVIT_TINY["num_heads"], 4)
     torch.testing.assert_close(model(images), expected, rtol=1e-4, atol=1e-4)
     assert model(images).shape == (2, 4, 256)
     # The same file through the teacher loader, as `--teacher esvit` reads it (with a tiny architecture).
-    tiny = dict(checkpoints.TEACHERS["esvit"], arch=dict(model.arch, img_size=64))
-    monkeypatch.setitem(checkpoints.TEACHERS, "esvit", tiny)
+    tiny = dict(teachers.TEACHERS["esvit"], arch=dict(model.arch, img_size=64))
+    monkeypatch.setitem(teachers.TEACHERS, "esvit", tiny)
     torch.testing.assert_close(load_teacher("esvit", tmp_path / "checkpoint.pth")(images), expected,
                                rtol=1e-4, atol=1e-4)
 
@@ -654,7 +654,7 @@ def test_esvit_checkpoint_loads_strictly_and_matches_an_independent_forward(tmp_
 def test_esvit_swin_b_layout_fits_the_teacher_architecture_exactly():
     layout = esvit_backbone_layout(224, 4, 128, [2, 2, 18, 2], [4, 8, 16, 32], 14)
     with torch.device("meta"):
-        teacher = models.build_from_arch(checkpoints.TEACHERS["esvit"]["arch"])
+        teacher = models.build_from_arch(teachers.TEACHERS["esvit"]["arch"])
     assert {k: tuple(v.shape) for k, v in teacher.state_dict().items()} == {
         k: shape for k, shape in layout.items() if not k.endswith("relative_position_index")}
     assert sum(v.numel() for v in teacher.state_dict().values()) == 86_917_944  # timm's Swin-B/W14 count
@@ -742,7 +742,7 @@ def test_bad_hf_folders_give_clear_errors(tmp_path):
         save_safetensors(sd, tmp_path / name / "model.safetensors")
         (tmp_path / name / "config.json").write_text(json.dumps(config))
         return tmp_path / name
-    with pytest.raises(ValueError, match=r"config.json: model_type 'beit' is not a layout --teacher hf reads"):
+    with pytest.raises(ValueError, match=r"config.json: model_type 'beit' is not a layout the hf teacher reads"):
         load_teacher("hf", with_config("beit", model_type="beit"))
     with pytest.raises(ValueError, match=r"SigLIP 2 NaFlex model \(siglip2\) has no fixed patch grid"):
         load_teacher("hf", with_config("naflex", model_type="siglip2"))
@@ -813,10 +813,10 @@ def test_encoders_of_classifiers_and_checkpoints_serve_as_teachers(distilled, tm
     torch.testing.assert_close(from_checkpoint(images), student(images))
     from_classifier = load_teacher("mine", tmp_path / "classifier.pth", grid=4)
     torch.testing.assert_close(from_classifier.encoder.forward_features(images), student.forward_features(images))
-    huge = checkpoints.convert_timm(timm_layout(1280, 1, 14, 2, make=meta))
-    assert checkpoints.infer_vit_arch(huge)["num_heads"] == 16
+    huge = teachers.convert_timm(timm_layout(1280, 1, 14, 2, make=meta))
+    assert teachers.infer_vit_arch(huge)["num_heads"] == 16
     with pytest.raises(ValueError, match="width 100: its number of heads is unknown"):
-        checkpoints.infer_vit_arch(checkpoints.convert_timm(timm_layout(100, 1, 14, 2, make=meta)))
+        teachers.infer_vit_arch(teachers.convert_timm(timm_layout(100, 1, 14, 2, make=meta)))
 
 
 def test_a_model_file_of_another_architecture_than_its_name_is_refused(tmp_path):
@@ -878,7 +878,7 @@ def test_bad_teacher_files_give_clear_errors_and_run_no_code(tmp_path, monkeypat
     good = tmp_path / "good.safetensors"
     header = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}).encode()
     good.write_bytes(len(header).to_bytes(8, "little") + header + torch.arange(4.0).numpy().tobytes())
-    assert torch.equal(checkpoints.read_checkpoint(good)["w"], torch.arange(4.0).view(2, 2))
+    assert torch.equal(teachers.read_checkpoint(good)["w"], torch.arange(4.0).view(2, 2))
     (tmp_path / "text.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\n")
     (tmp_path / "renamed.safetensors").write_bytes((tmp_path / "dino.pth").read_bytes())
     (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:-4])
@@ -908,7 +908,7 @@ def test_a_text_file_named_pth_is_one_line_for_distill_and_export(tmp_path, monk
     assert error.startswith(f"distill.py: error: {notes}: ") and "not a readable checkpoint" in error
     done = export_command(notes, "--out", tmp_path / "x")
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
-    assert done.stderr.startswith(f"checkpoints.py: error: {notes}: ") and "not a readable checkpoint" in done.stderr
+    assert done.stderr.startswith(f"export.py: error: {notes}: ") and "not a readable checkpoint" in done.stderr
 
 
 def test_an_offline_download_is_one_line_naming_the_url_and_the_way_out(tmp_path, monkeypatch, capsys):
@@ -924,4 +924,4 @@ def test_an_offline_download_is_one_line_naming_the_url_and_the_way_out(tmp_path
     error = capsys.readouterr().err
     assert status.value.code == 2 and len(error.splitlines()) == 1, error
     assert error.startswith("distill.py: error: could not download the clip teacher (<urlopen error")
-    assert checkpoints.TEACHERS["clip"]["url"] in error and "or pass it with --teacher-weights FILE" in error
+    assert teachers.TEACHERS["clip"]["url"] in error and "or pass it with --teacher-weights FILE" in error

@@ -24,11 +24,11 @@ import bench
 import distill
 import finetune
 import training
-from checkpoints import load_model_file, load_teacher
 from conftest import (FT_MICRO, FT_TWO_RANKS, MICRO, REPO, crash_at_call, distill_cli_in_process,
                       finetune_on_two_ranks, ft_log, ft_parse, micro_pair, needs_cuda, parse, read_log,
                       stop_signals_restored)
 from models import build_student
+from teachers import load_model_file, load_teacher
 
 # The runs of the FSDP2 tests: 64 synthetic images, a global batch of 8: 8 steps per epoch, 16 in all. No drop path,
 # so that runs on different numbers of processes (whose drop-path draws differ) compute the same function; gloo ranks
@@ -160,11 +160,11 @@ def test_run_length_and_sizes_are_checked_before_training(tmp_path, capsys, monk
 
 def test_the_default_run_saves_a_checkpoint_every_tenth_of_the_way():
     args = distill.apply_preset(parse())  # the built-in default: 2 epochs of 64 steps
-    training.schedule(args, batches_per_epoch=64, world_size=1)
-    assert args.save_every == 12  # 128 steps // 10: resumable within a minute
+    assert training.schedule(args, batches_per_epoch=64, world_size=1).save_every == 12  # 128 steps // 10: a minute
+    assert args.save_every is None  # the flags as given: recorded with the run
     long = distill.apply_preset(parse("--teacher", "clip"))
-    training.schedule(long, batches_per_epoch=1251, world_size=8)
-    assert long.save_every == 1000 and parse("--save-every", "50").save_every == 50
+    assert training.schedule(long, batches_per_epoch=1251, world_size=8).save_every == 1000
+    assert training.schedule(distill.apply_preset(parse("--save-every", "50")), 64, 1).save_every == 50
 
 
 def test_a_fraction_of_an_epoch_distils_and_finetunes(tmp_path, capsys):
@@ -364,7 +364,7 @@ def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, monkeypatch, 
 
 
 def test_files_written_by_an_earlier_version_still_load_and_resume(tmp_path):
-    # testdata/ holds tiny files written before the code was reorganised into checkpoints.py and
+    # testdata/ holds tiny files written before the code was reorganised into checkpoints.py (now teachers.py and export.py) and
     # training.py: a distilled micro ViT (student.pth and its checkpoint.pth at step 2 of 2), a
     # classifier fine-tuned from it (best.pth), a micro SwinV2 student, and what each gave then on
     # fixed images. They must load to the same functions, and the checkpoint must resume.
@@ -604,17 +604,29 @@ def test_fsdp_reduces_gradients_in_fp32_as_the_official_ddp_does():
 
 # ----------------------------------------------------------------------------- the modules' imports
 def test_imports_run_one_way():
-    # Entry points on top, never importing each other; the helpers below never import an entry point.
+    # Entry points on top, never imported by a module of the project; the rooms below them import each other in one
+    # direction only (no circle), models.py imports none of them, and nothing imports timm or transformers.
     import ast
-    entry_points, helpers = {"distill", "finetune", "diagnose", "bench"}, {"models", "checkpoints", "data", "training"}
-    for name in entry_points | helpers:
+    entry_points = {"distill", "finetune", "diagnose", "bench", "export"}
+    rooms = {path.stem for path in REPO.glob("*.py") if not path.stem.startswith(("test_", "conftest"))}
+    assert entry_points <= rooms and {"models", "teachers", "data", "training"} <= rooms, rooms
+    imports = {}
+    for name in rooms:
         tree = ast.parse((REPO / f"{name}.py").read_text())
         imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                     for alias in node.names}
         imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-        assert not imported & entry_points, (name, imported & entry_points)
-        if name == "models":
-            assert not imported & helpers, imported & helpers
+        assert not imported & {"timm", "transformers", "safetensors"}, name
+        imports[name] = imported & rooms - {name}
+        assert not imports[name] & entry_points, (name, imports[name] & entry_points)
+    assert imports["models"] == set()
+    below = {}  # every module a module reaches through its imports: itself among them would be a circle
+
+    def reach(name, seen=()):
+        assert name not in seen, f"an import circle: {' -> '.join([*seen, name])}"
+        return below.setdefault(name, set().union(*[{m} | reach(m, (*seen, name)) for m in imports[name]]))
+    for name in rooms:
+        reach(name)
 
 
 # ----------------------------------------------------------------------------- GPU only
