@@ -14,7 +14,6 @@ also a model file). OUT/best.pth holds the classifier of the best epoch; OUT/log
 lines (step, epoch, loss, lr, img_per_s) and one eval line per epoch (top1, top5, loss, images).
 """
 import argparse
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,9 +30,8 @@ from tqdm import tqdm
 import training
 from data import (SeededTransform, SyntheticShapes, eval_transform, image_dataset, leave_the_process_group,
                   skip_unreadable, steps_of_batches, train_loader)
-from models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student, swin_stage_windows
-from teachers import (load_model_file, load_pretrained, read_encoder_file, resize_grid, resize_pos_embed,
-                      shared_bias_to_per_block)
+from models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student
+from teachers import encoder_for_finetuning, finetuning_arch, load_model_file, read_encoder
 
 # ----------------------------------------------------------------------------- presets
 # The official fine-tuning configs (configs/finetune/*.yaml); lr, min_lr and warmup_lr are
@@ -135,66 +133,14 @@ def apply_recipe(args):
     return args
 
 
-# ----------------------------------------------------------------------------- loading an encoder
-# Pure state_dict -> state_dict conversions, from the encoder as distilled (or pretrained) to the encoder as fine-tuned.
-def resize_rel_pos_table(table, old_grid, new_grid):
-    """A BEiT table ((2h-1)(2w-1) + 3, heads) for h x w patches, resampled to another grid: the offsets form a
-    (2h-1) x (2w-1) grid of their own; the 3 class-token rows are kept. The official utils.remap_pretrained_keys_vit
-    puts the old offsets on a geometric progression for scipy's interp2d; we use our one bicubic resampler."""
-    offsets = [(2 * h - 1, 2 * w - 1) for h, w in (old_grid, new_grid)]
-    return torch.cat([resize_grid(table[:-3], *offsets), table[-3:]])
-
-
-def finetuning_arch(arch, img_size, drop_path):
-    """The encoder's arch as fine-tuned: at img_size, with the recipe's drop path, a position bias in every block."""
-    if "depths" in arch:  # Swin; V2 keeps the offset scale of the windows it was trained with
-        windows = arch.get("pretrained_windows") or swin_stage_windows(arch)
-        return dict(arch, img_size=img_size, drop_path=drop_path, position_bias="per_block",
-                    pretrained_windows=windows if arch["version"] == 2 else None)
-    return dict(arch, img_size=img_size, drop_path=drop_path, rel_pos="per_block" if arch.get("rel_pos") else None)
-
-
-def encoder_for_finetuning(state, arch, img_size):
-    """Encoder weights of an `arch` model made ready for Classifier(finetuning_arch(...)) at img_size: per-block
-    relative position tables (SwinV2's per-stage MLP, a function of the offset, is copied into the blocks), resized
-    to the new grid, or for Swin V1 where a stage's window changes (as where it was clipped to a small map). A ViT
-    loses its final norm (its classifier pools before it), a Swin keeps it (its classifier pools after it)."""
-    swin = "depths" in arch
-    if not swin:
-        state = {k: v for k, v in state.items() if k not in ("norm.weight", "norm.bias")}
-    state = shared_bias_to_per_block(state)
-    old_grid, new_grid = (arch["img_size"] // arch["patch_size"],) * 2, (img_size // arch["patch_size"],) * 2
-    for key in [k for k in state if k.endswith("relative_position_bias_table")]:
-        if swin:  # layers.STAGE.blocks...: the window of that stage, before and after
-            old, new = (swin_stage_windows(arch, size)[int(key.split(".")[1])] for size in (None, img_size))
-            state[key] = resize_grid(state[key], (2 * old - 1,) * 2, (2 * new - 1,) * 2)
-        else:
-            state[key] = resize_rel_pos_table(state[key], old_grid, new_grid)
-    if "pos_embed" in state:
-        state["pos_embed"] = resize_pos_embed(state["pos_embed"], old_grid, new_grid)
-    return state
-
-
-def read_init(init, init_weights):
-    """(arch, encoder state_dict, description) of what --init names, at its own resolution (encoder_for_finetuning
-    resizes its position tables)."""
-    path = Path(init)
-    if path.is_file():
-        return read_encoder_file(path)
-    if path.suffix in (".pth", ".pt") or os.sep in init:
-        raise FileNotFoundError(f"--init {init}: no such file")
-    encoder = load_pretrained(init, init_weights, flags=dict(name="--init", weights="with --init-weights FILE"))
-    return encoder.arch, encoder.state_dict(), f"{init} " + (f"weights {init_weights}" if init_weights else
-                                                             "(random weights from a fixed seed)")
-
-
+# ----------------------------------------------------------------------------- the classifier
 def build_classifier(args, num_classes, verbose=True):
     """The classifier to fine-tune, with the --init encoder loaded into it. Loading is strict except
     for what the recipe replaces, and says what it loaded and replaced."""
     if args.init is None:  # the FD student's architecture and initialisation, per-block tables as after distillation
         arch = build_student(args.model, args.img_size, args.drop_path).arch
     else:
-        arch, source, description = read_init(args.init, args.init_weights)
+        arch, source, description = read_encoder(args.init, args.init_weights)
         state = encoder_for_finetuning(source, arch, args.img_size)
     model = Classifier(build_from_arch(finetuning_arch(arch, args.img_size, args.drop_path)), num_classes,
                        args.linear_probe)

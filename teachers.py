@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import pickle
 import re
 import zipfile
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from models import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, Teacher, build_from_arch, parse_vit_name, swin_arch,
-                    window_position_index)
+                    swin_stage_windows, window_position_index)
 from training import number
 
 # ============================================================================= the published teachers
@@ -489,7 +490,8 @@ def infer_vit_arch(state, act="gelu"):
                 num_registers=state["reg_tokens"].shape[1] if "reg_tokens" in state else 0, **clip_options)
 
 
-# ============================================================================= position tables, for fine-tuning
+# ============================================================================= the encoder as fine-tuned
+# Pure state_dict -> state_dict conversions, from the encoder as distilled (or pretrained) to the encoder as fine-tuned.
 def shared_bias_to_per_block(state):
     """Copy a shared position bias into every block that shared it, as the official utils.py does for the ViT's
     table: `rel_pos_bias.*` into `blocks.j.rel_pos_bias.*`, a SwinV2 stage's `layers.i.rel_pos_bias.*` into
@@ -524,6 +526,57 @@ def resize_pos_embed(pos_embed, old_grid, new_grid):
     prefix = pos_embed.shape[1] - old_grid[0] * old_grid[1]  # 0 for SigLIP, which has no class token
     patches = resize_grid(pos_embed[0, prefix:], old_grid, new_grid)
     return torch.cat([pos_embed[:, :prefix], patches[None]], dim=1)
+
+
+def resize_rel_pos_table(table, old_grid, new_grid):
+    """A BEiT table ((2h-1)(2w-1) + 3, heads) for h x w patches, resampled to another grid: the offsets form a
+    (2h-1) x (2w-1) grid of their own; the 3 class-token rows are kept. The official utils.remap_pretrained_keys_vit
+    puts the old offsets on a geometric progression for scipy's interp2d; we use our one bicubic resampler."""
+    offsets = [(2 * h - 1, 2 * w - 1) for h, w in (old_grid, new_grid)]
+    return torch.cat([resize_grid(table[:-3], *offsets), table[-3:]])
+
+
+def finetuning_arch(arch, img_size, drop_path):
+    """The encoder's arch as fine-tuned: at img_size, with the recipe's drop path, a position bias in every block."""
+    if "depths" in arch:  # Swin; V2 keeps the offset scale of the windows it was trained with
+        windows = arch.get("pretrained_windows") or swin_stage_windows(arch)
+        return dict(arch, img_size=img_size, drop_path=drop_path, position_bias="per_block",
+                    pretrained_windows=windows if arch["version"] == 2 else None)
+    return dict(arch, img_size=img_size, drop_path=drop_path, rel_pos="per_block" if arch.get("rel_pos") else None)
+
+
+def encoder_for_finetuning(state, arch, img_size):
+    """Encoder weights of an `arch` model made ready for Classifier(finetuning_arch(...)) at img_size: per-block
+    relative position tables (SwinV2's per-stage MLP, a function of the offset, is copied into the blocks), resized
+    to the new grid, or for Swin V1 where a stage's window changes (as where it was clipped to a small map). A ViT
+    loses its final norm (its classifier pools before it), a Swin keeps it (its classifier pools after it)."""
+    swin = "depths" in arch
+    if not swin:
+        state = {k: v for k, v in state.items() if k not in ("norm.weight", "norm.bias")}
+    state = shared_bias_to_per_block(state)
+    old_grid, new_grid = (arch["img_size"] // arch["patch_size"],) * 2, (img_size // arch["patch_size"],) * 2
+    for key in [k for k in state if k.endswith("relative_position_bias_table")]:
+        if swin:  # layers.STAGE.blocks...: the window of that stage, before and after
+            old, new = (swin_stage_windows(arch, size)[int(key.split(".")[1])] for size in (None, img_size))
+            state[key] = resize_grid(state[key], (2 * old - 1,) * 2, (2 * new - 1,) * 2)
+        else:
+            state[key] = resize_rel_pos_table(state[key], old_grid, new_grid)
+    if "pos_embed" in state:
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], old_grid, new_grid)
+    return state
+
+
+def read_encoder(init, init_weights):
+    """(arch, encoder state_dict, description) of what finetune.py's --init names, at its own resolution
+    (encoder_for_finetuning resizes its position tables)."""
+    path = Path(init)
+    if path.is_file():
+        return read_encoder_file(path)
+    if path.suffix in (".pth", ".pt") or os.sep in init:
+        raise FileNotFoundError(f"--init {init}: no such file")
+    encoder = load_pretrained(init, init_weights, flags=dict(name="--init", weights="with --init-weights FILE"))
+    return encoder.arch, encoder.state_dict(), f"{init} " + (f"weights {init_weights}" if init_weights else
+                                                             "(random weights from a fixed seed)")
 
 
 # ============================================================================= Hugging Face layouts

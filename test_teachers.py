@@ -27,7 +27,7 @@ import models
 import teachers
 from conftest import (ESVIT_TINY, MICRO, REPO, distill_cli_in_process, export_command, layer_norm, normalise, parse,
                       reference_window_attention, scaled, timm_layout, vit)
-from models import Classifier, SwinTransformer, build_from_arch
+from models import Classifier, SwinTransformer, VisionTransformer, build_from_arch, build_student
 from teachers import esvit_to_swin, load_model_file, load_pretrained, load_teacher
 
 
@@ -925,3 +925,77 @@ def test_an_offline_download_is_one_line_naming_the_url_and_the_way_out(tmp_path
     assert status.value.code == 2 and len(error.splitlines()) == 1, error
     assert error.startswith("distill.py: error: could not download the clip teacher (<urlopen error")
     assert teachers.TEACHERS["clip"]["url"] in error and "or pass it with --teacher-weights FILE" in error
+
+
+# ----------------------------------------------------------------------------- the encoder as fine-tuned
+TABLE = "rel_pos_bias.relative_position_bias_table"  # the student's shared table
+
+
+def test_shared_bias_copied_into_every_block_keeps_the_encoder_output():
+    torch.manual_seed(0)
+    student = build_student("vit_micro_patch8", 32).eval()
+    with torch.no_grad():
+        student.rel_pos_bias.relative_position_bias_table.normal_()
+    source = student.state_dict()
+    state = teachers.encoder_for_finetuning(source, student.arch, 32)
+    for i in range(2):
+        assert torch.equal(state[f"blocks.{i}.{TABLE}"], source[TABLE])
+    assert TABLE in source and TABLE not in state and "norm.weight" not in state  # pure: the input is unchanged
+    state[f"blocks.0.{TABLE}"].add_(1)  # each block owns its copy
+    assert torch.equal(state[f"blocks.1.{TABLE}"], source[TABLE])
+    state[f"blocks.0.{TABLE}"].sub_(1)
+    per_block = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                  rel_pos="per_block").eval()
+    result = per_block.load_state_dict(state, strict=False)
+    assert sorted(result.missing_keys) == ["norm.bias", "norm.weight"] and not result.unexpected_keys
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(per_block.forward_features(images), student.forward_features(images))
+
+
+def test_relative_position_table_resized_bicubically_keeping_class_rows():
+    heads = 3
+    table = torch.randn((2 * 3 - 1) * (2 * 4 - 1) + 3, heads)  # a 3 x 4 grid of patches
+    assert torch.equal(teachers.resize_rel_pos_table(table, (3, 4), (3, 4)), table)
+    resized = teachers.resize_rel_pos_table(table, (3, 4), (5, 6))
+    assert resized.shape == ((2 * 5 - 1) * (2 * 6 - 1) + 3, heads)
+    # Independent reference: the offsets as a (heads, 5, 7) image, row offset major (relative_position_index).
+    image = table[:-3].T.reshape(1, heads, 5, 7)
+    expected = F.interpolate(image, size=(9, 11), mode="bicubic", align_corners=False).reshape(heads, -1).T
+    torch.testing.assert_close(resized[:-3], expected)
+    assert torch.equal(resized[-3:], table[-3:])
+
+
+def test_absolute_position_embedding_resized_keeping_the_class_token():
+    pos_embed = torch.randn(1, 1 + 4 * 4, 8)
+    assert torch.equal(teachers.resize_pos_embed(pos_embed, (4, 4), (4, 4)), pos_embed)
+    resized = teachers.resize_pos_embed(pos_embed, (4, 4), (6, 6))
+    assert resized.shape == (1, 1 + 36, 8) and torch.equal(resized[:, 0], pos_embed[:, 0])
+    image = pos_embed[0, 1:].T.reshape(1, 8, 4, 4)
+    expected = F.interpolate(image, size=(6, 6), mode="bicubic", align_corners=False).reshape(8, 36).T
+    torch.testing.assert_close(resized[0, 1:], expected)
+
+
+def test_swin_v1_tables_follow_a_window_that_grows_with_the_image():
+    torch.manual_seed(0)
+    teacher = SwinTransformer(version=1, img_size=32, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=8,
+                              position_bias="per_block")  # stage maps 8 and 4: the second window clipped to 4
+    state = teachers.encoder_for_finetuning(teacher.state_dict(), teacher.arch, 64)  # maps 16 and 8: windows 8, 8
+    model = build_from_arch(teachers.finetuning_arch(teacher.arch, 64, 0.0))
+    model.load_state_dict(dict(state, **{k: v for k, v in model.state_dict().items() if k.startswith("norm.")}))
+    table = teacher.state_dict()["layers.1.blocks.0.attn.relative_position_bias_table"]  # (7 x 7, heads)
+    expected = F.interpolate(table.T.reshape(1, 2, 7, 7), size=(15, 15), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(state["layers.1.blocks.0.attn.relative_position_bias_table"],
+                               expected.reshape(2, 225).T)
+    assert torch.equal(state["layers.0.blocks.0.attn.relative_position_bias_table"],
+                       teacher.state_dict()["layers.0.blocks.0.attn.relative_position_bias_table"])
+
+
+def test_swinv2_keeps_its_offset_scale_when_its_window_grows():
+    student = build_student("swinv2_micro_window8_shared", 32)  # stage windows 8 and 4 (clipped to the 4x4 map)
+    arch = teachers.finetuning_arch(student.arch, 64, 0.0)  # at 64 px: windows 8 and 8
+    model = build_from_arch(arch)
+    assert arch["pretrained_windows"] == [8, 4] and model.layers[1].window == 8
+    grown = model.layers[1].blocks[0].rel_pos_bias.relative_coords_table.view(15, 15, 2)
+    trained = student.layers[1].rel_pos_bias.relative_coords_table.view(7, 7, 2)
+    assert torch.equal(grown[4:11, 4:11], trained)  # offsets up to 3: the inputs the MLP was trained on
+    assert grown.abs().max() > trained.abs().max()  # larger offsets extrapolate beyond them
