@@ -1,12 +1,9 @@
 """Models for Feature Distillation (Wei et al., 2022, arXiv 2205.14141).
 
-Reading order: the ViT student, with one relative position bias shared by all its blocks (this first section
-needs only torch and einops: it runs when copied alone into a notebook); Swin V1 and V2; the published ViTs that
-serve as teachers and the frozen teacher wrapper; the classifier of fine-tuning; named sizes and builders.
-Reading published checkpoint files is teachers.py's job.
-
-Every model takes images in [0, 1] and normalises them itself, so that each teacher brings its own input
-statistics (CLIP's differ from ImageNet's) while the data pipeline stays the same.
+The ViT student, with one relative position bias shared by all its blocks (this first section needs only
+torch and einops: it runs when copied alone into a notebook); Swin V1 and V2; the published ViTs that serve
+as teachers and the frozen teacher wrapper; the classifier of fine-tuning; named sizes and builders. Every
+model takes images in [0, 1] and normalises them with its own input statistics (CLIP's are not ImageNet's).
 """
 import math
 import re
@@ -238,15 +235,12 @@ class VisionTransformer(nn.Module):
 
 
 # ============================================================================= Swin
-# Swin Transformer: V1 is the EsViT teacher, V2 the FD student distilled from it (FD-EsViT). Both cut feature maps
-# (B, H, W, C) into windows of w x w tokens; every other block shifts them by w/2 so that information crosses window
-# borders; stages halve the map and double the width.
-#   V1 (Liu et al. 2021): pre-norm, scaled dot-product attention, a learned bias table per block.
-#   V2 (Liu et al. 2022): residual post-norm, cosine attention with a learned temperature, and a continuous
-#       position bias, an MLP of the log-spaced offset, in every block (or shared per stage).
-# Names follow the official code, so an EsViT checkpoint loads strictly (teachers.esvit_to_swin), except V2's
-# per-block bias MLP: `layers.i.blocks.j.rel_pos_bias.rpe_mlp` (official: `attn.rpe_mlp`), mirroring the shared
-# `layers.i.rel_pos_bias.rpe_mlp` as the ViT's per-block tables mirror its own.
+# V1 (Liu et al. 2021) is the EsViT teacher: pre-norm, scaled dot-product attention, a bias table per block.
+# V2 (Liu et al. 2022) is the FD student distilled from it: residual post-norm, cosine attention with a learned
+# temperature, a bias that is an MLP of the log-spaced offset, in every block or shared per stage. Both attend
+# within windows of w x w tokens, shifted by w/2 in every other block so that information crosses window borders;
+# stages halve the map and double the width. Names are the official code's (an EsViT file loads strictly), but
+# V2's per-block MLP is `layers.i.blocks.j.rel_pos_bias.rpe_mlp` (official: `attn.rpe_mlp`), as the shared one.
 
 
 def window_partition(x, window):
@@ -266,9 +260,8 @@ def cyclic_shift(x, shift):
 
 
 def shifted_window_mask(height, width, window, shift):
-    """Additive mask (num_windows, w*w, w*w) for the shifted windows: after the cyclic shift, the windows along the
-    bottom and right edges hold tokens that were far apart in the image. Label the up to 3 x 3 regions that were
-    contiguous before the roll; tokens of different regions must not see each other. -inf, not the official -100,
+    """Additive mask (num_windows, w*w, w*w) for the shifted windows, whose tokens along the bottom and right edges
+    were far apart before the roll: tokens of different regions must not see each other. -inf, not the official -100,
     so that their probabilities are exactly 0: V2's logits can differ by 2 x 100 + 16, which -100 would not hide."""
     labels = torch.zeros(1, height, width, 1)
     bands = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
@@ -286,10 +279,9 @@ def window_position_index(window):
 
 
 def log_spaced_offsets(window, scale_window=None):
-    """((2w-1)^2, 2) input of V2's position-bias MLP, rows in the order of window_position_index: each (row, column)
-    offset scaled to [-8, 8], then sign(x) * log2(1 + |x|) / 3, so that a model can move to larger windows with
-    little extrapolation (SwinV2 §3.3, 'norm8_log'). Moved, it keeps the scale of the window it was trained with
-    (`scale_window`, the official `pretrained_window_size`): the same offset, the same input."""
+    """((2w-1)^2, 2) input of V2's position-bias MLP, in the order of window_position_index: each (row, column) offset
+    scaled to [-8, 8], then sign(x) * log2(1 + |x|) / 3, so that larger windows need little extrapolation (SwinV2
+    §3.3). `scale_window` (official: `pretrained_window_size`) keeps the scale a model was trained with."""
     steps = torch.arange(-(window - 1), window, dtype=torch.float32) * 8 / max((scale_window or window) - 1, 1)
     offsets = torch.stack(torch.meshgrid(steps, steps, indexing="ij"), dim=-1).reshape(-1, 2)
     return torch.sign(offsets) * torch.log2(offsets.abs() + 1.0) / math.log2(8)
@@ -313,11 +305,9 @@ class ContinuousPositionBias(nn.Module):
 
 
 class WindowAttention(nn.Module):
-    """Multi-head self-attention inside each window, plus a relative position bias.
-    V1 (`cosine=False`): softmax(q k^T / sqrt(d) + bias) with a qkv bias and its own bias table.
-    V2 (`cosine=True`): softmax(cos(q, k) * temperature + bias), the temperature learned per head and capped at
-    100; q and v biases only (a k bias cancels in the softmax); the caller brings the bias. `keep_probs` as for
-    Attention. (Parameters in the official order, which optimizer states saved earlier rely on.)"""
+    """Self-attention inside each window plus a relative position bias: V1 (`cosine=False`) softmax(q k^T / sqrt(d)
+    + bias) with its own bias table; V2 softmax(cos(q, k) * temperature + bias), the temperature learned per head,
+    capped at 100, the bias brought by the caller. `keep_probs` as for Attention. Parameters in the official order."""
     keep_probs = False
 
     def __init__(self, dim, num_heads, window, cosine):
@@ -453,11 +443,9 @@ class SwinStage(nn.Module):
 
 
 class SwinTransformer(nn.Module):
-    """Swin V1 (`version=1`, the EsViT teacher) or V2 (`version=2`, the FD student): images in [0, 1] (B, 3, H, W)
-    -> the last stage's tokens after the final norm (B, N, C), no class token. `position_bias`: V2 gives every
-    block its own bias MLP ('per_block', the official FD-EsViT student and fine-tuning) or shares one per stage
-    ('shared', the paper's shared bias applied to Swin; fine-tuning copies it into the blocks,
-    teachers.shared_bias_to_per_block). V1 always has a table per block ('per_block')."""
+    """Swin V1 (`version=1`, the EsViT teacher) or V2 (the FD student): images in [0, 1] (B, 3, H, W) -> the last
+    stage's tokens after the final norm (B, N, C), no class token. V2's `position_bias`: an MLP in every block
+    ('per_block', the official FD-EsViT student) or one per stage ('shared', the paper's shared bias)."""
 
     def __init__(self, version=2, img_size=224, patch_size=4, embed_dim=128, depths=(2, 2, 18, 2),
                  num_heads=(4, 8, 16, 32), window_size=14, position_bias="per_block", drop_path=0.0,
@@ -495,23 +483,18 @@ class SwinTransformer(nn.Module):
         self._init_weights(version)
 
     def _init_weights(self, version):
-        # Official: normal of std .02 for Linear and conv weights (timm's trunc_normal_ cuts at
-        # +-2, i.e. practically untruncated), zero biases, LayerNorm 1 and 0, V1 tables .02.
+        # Official: normal of std .02 for Linear and conv weights (timm's trunc_normal_ cuts at +-2, i.e. practically
+        # untruncated), zero biases, V1 tables .02; LayerNorms as built (1 and 0).
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
             elif isinstance(m, WindowAttention) and version == 1:
                 nn.init.trunc_normal_(m.relative_position_bias_table, std=0.02)
         if version == 2:
-            # The official V2 starts every block's post-norm gain at 1e-5 (`init_values`): each
-            # block begins near the identity, like LayerScale. It also divides the output projections
-            # of block i (counted from 1 across stages) by sqrt(2 i) (`fix_init`): the forward barely
-            # changes behind the post-norm, but AdamW's steps are larger relative to smaller weights.
+            # The official V2 starts every post-norm gain at 1e-5 (`init_values`: each block begins near the identity)
+            # and divides block i's output projections by sqrt(2 i) (`fix_init`, i from 1 across stages).
             for i, block in enumerate((block for stage in self.layers for block in stage.blocks), start=1):
                 nn.init.constant_(block.norm1.weight, 1e-5)
                 nn.init.constant_(block.norm2.weight, 1e-5)
@@ -540,10 +523,9 @@ class QuickGELU(nn.Module):
 
 
 class PretrainedViT(VisionTransformer):
-    """The ViT of published models (CLIP, SigLIP, DINO, DeiT, DINOv2, torchvision): the student with their options.
-    An absolute position embedding (`abs_pos`), one bias for q, k and v (`qv_bias=False`), OpenAI CLIP's QuickGELU
-    or SigLIP's tanh GELU (`act`), LayerNorm before the blocks (`norm_pre`), bias-free patch embedding, no class token
-    (SigLIP), DINOv2's register tokens (dropped from the output), their own LayerNorm eps and statistics."""
+    """The ViT of published models (CLIP, SigLIP, DINO, DeiT, DINOv2, torchvision): the student with their options:
+    absolute positions, a full qkv bias, CLIP's QuickGELU or SigLIP's tanh GELU, a LayerNorm before the blocks, a
+    bias-free patch embedding, no class token (SigLIP), DINOv2's registers (not in the output), their norms' eps."""
 
     def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  rel_pos=None, abs_pos=True, qv_bias=False, layer_scale=None, drop_path=0.0, norm_eps=1e-6,
@@ -599,8 +581,7 @@ class PretrainedViT(VisionTransformer):
 
 class Teacher(nn.Module):
     """A frozen teacher: images in [0, 1] (B, 3, H, W) -> its output tokens after its own final norm (B, 1+N, C),
-    class token included (Swin has none), before whitening. Images are resized to the teacher's input size when it
-    differs (a teacher with patch 14 for a student with patch 16)."""
+    class token included (Swin has none), before whitening; images resized to its input size (patch 14 for 16)."""
 
     def __init__(self, encoder, source="random weights"):
         super().__init__()
@@ -631,11 +612,10 @@ class Teacher(nn.Module):
 
 # ============================================================================= fine-tuning
 class Classifier(nn.Module):
-    """An encoder with a linear classification head, for fine-tuning, pooled as the official code pools:
-    - a ViT (main_finetune.py, BEiT-style): the patch tokens' mean before the final norm (removed), a fresh `fc_norm`;
-    - a Swin (models/swin_transformer_v2.py, forward_features): the mean after its own final norm, kept.
-    `linear_probe=True` puts a BatchNorm without affine parameters before the head (MAE's linear probe). `pooling`
-    is recorded so that files of earlier versions, whose Swin classifiers pooled as the ViT, rebuild as trained."""
+    """An encoder with a linear head, pooled as the official code pools: a ViT (main_finetune.py) the patch tokens'
+    mean before the final norm (removed), then a fresh `fc_norm`; a Swin (swin_transformer_v2.py) the mean after its
+    own final norm. `linear_probe`: a BatchNorm without affine parameters before the head (MAE's linear probe).
+    `pooling` is recorded: files of earlier versions, whose Swin classifiers pooled as the ViT, rebuild as trained."""
 
     def __init__(self, encoder, num_classes, linear_probe=False, pooling=None):
         super().__init__()
@@ -660,15 +640,12 @@ class Classifier(nn.Module):
 
 
 # ============================================================================= named sizes, builders
-# (embed dim, depth, heads[, mlp ratio, else 4]) and (embed dim, depths, heads); "micro" exists for tests. "huge" is
-# ViT-H/14; "giant" is EVA's and timm's ViT-g/14 (MLP 6144 = 48/11 x 1408), not DINOv2's (1536 wide, 24 heads,
-# SwiGLU): the student keeps its GELU MLP. Swin "giant" is SwinV2-G (SwinV2 paper, Table 1).
+# (embed dim, depth, heads[, mlp ratio, else 4]) and (embed dim, depths, heads); "micro" is for tests. ViT "giant" is
+# EVA's and timm's ViT-g/14 (MLP 48/11 x 1408), not DINOv2's SwiGLU one; Swin "giant" is SwinV2-G (SwinV2, Table 1).
 VIT_SIZES = {"micro": (32, 2, 2), "tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
              "large": (1024, 24, 16), "huge": (1280, 32, 16), "giant": (1408, 40, 16, 48 / 11)}
 SWIN_SIZES = {"micro": (32, (2, 2), (2, 4)), "tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
               "base": (128, (2, 2, 18, 2), (4, 8, 16, 32)), "giant": (512, (2, 2, 42, 4), (16, 32, 64, 128))}
-VIT_OPTIONS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "rel_pos", "layer_scale",
-               "drop_path")  # the arguments of the student, VisionTransformer
 
 
 def parse_vit_name(name):
@@ -681,9 +658,8 @@ def parse_vit_name(name):
 
 
 def swin_arch(name, img_size=224, drop_path=0.0):
-    """The arch of a named Swin: 'swinv2_base_window14', the FD-EsViT student (V2 with a position-bias MLP in every
-    block, as the official recipe: its config leaves MODEL.SWIN.USE_SHARED_RPB False); 'swinv2_base_window14_shared',
-    the paper's shared bias applied to SwinV2 (one MLP per stage); or 'swin_base_window14', the EsViT teacher (V1)."""
+    """The arch of a named Swin: 'swinv2_base_window14', the FD-EsViT student (a bias MLP per block, as the official
+    config: USE_SHARED_RPB False), 'swinv2_base_window14_shared' (one per stage), 'swin_base_window14' (EsViT's V1)."""
     match = re.fullmatch(r"(swin|swinv2)_(\w+?)_window(\d+)(_shared)?", name)
     if not match or match[2] not in SWIN_SIZES or (match[4] and match[1] == "swin"):
         sizes = ", ".join(f"swinv2_{s}_window7" for s in SWIN_SIZES)
@@ -691,8 +667,7 @@ def swin_arch(name, img_size=224, drop_path=0.0):
                          f"end for one position-bias MLP per stage, or 'swin_' in front for version 1")
     embed_dim, depths, num_heads = SWIN_SIZES[match[2]]
     version = 2 if match[1] == "swinv2" else 1
-    # EsViT trained its V1 with LayerNorm eps 1e-6 (FD's rebuild keeps the 1e-5 default, a negligible difference);
-    # the official V2 uses 1e-5.
+    # LayerNorm eps: EsViT trained its V1 with 1e-6 (FD's rebuild keeps 1e-5, a negligible difference); V2 uses 1e-5.
     return dict(version=version, img_size=img_size, patch_size=4, embed_dim=embed_dim, depths=list(depths),
                 num_heads=list(num_heads), window_size=int(match[3]),
                 position_bias="shared" if match[4] else "per_block", drop_path=drop_path,
@@ -722,4 +697,4 @@ def build_from_arch(arch):
                           arch.get("pooling", "mean_then_fc_norm"))
     if "depths" in arch:
         return SwinTransformer(**arch)
-    return (VisionTransformer if set(arch) <= set(VIT_OPTIONS) else PretrainedViT)(**arch)
+    return (PretrainedViT if "abs_pos" in arch else VisionTransformer)(**arch)  # a published ViT's options, or none
