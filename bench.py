@@ -77,7 +77,7 @@ def bench_teacher(name, grid):
 
 def make_step(cfg, device):
     """step(images): one optimizer step as distill.py (or finetune.py) takes it, on models built
-    here: the same modules, loss and optimizer, one micro-batch (test_fd.py checks that its loss is
+    here: the same modules, loss and optimizer, one micro-batch (test_bench.py checks that its loss is
     distill.py's)."""
     torch.manual_seed(0)
     student = build_student(cfg.student, cfg.img_size, drop_path=0.1)
