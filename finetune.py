@@ -287,25 +287,20 @@ def evaluate(model, loader, device, autocast, world_size):
     return dict(top1=100 * top1 / count, top5=100 * top5 / count, loss=loss / count, images=int(count))
 
 
-def load_classifier(path, num_classes):
-    """A fine-tuned classifier file (OUT/best.pth or OUT/checkpoint.pth), for --eval-only."""
-    if path is None or not Path(path).is_file():
-        raise ValueError("--eval-only needs --init FILE, a fine-tuned classifier such as OUT/best.pth")
-    model = load_model_file(path)
-    if not isinstance(model, Classifier):
-        raise ValueError(f"--eval-only: {path} holds an encoder without a head: fine-tune it first")
-    if model.arch["num_classes"] != num_classes:
-        raise ValueError(f"--eval-only: {path} has {model.arch['num_classes']} classes, the data {num_classes}")
-    return model
-
-
 # ----------------------------------------------------------------------------- main
 RESUME_FLAGS = ("init", "init_weights", "recipe", "model", "img_size", "linear_probe", "seed")  # and the global batch
 
 
 def evaluate_file(args, val_images, num_classes, device, autocast, rank, world_size):
-    """--eval-only: the classifier file --init at its own resolution; returns (classifier, evaluation)."""
-    model = load_classifier(args.init, num_classes).to(device)
+    """--eval-only: the classifier file --init (OUT/best.pth, OUT/checkpoint.pth) at its own resolution; returns
+    (classifier, evaluation)."""
+    if args.init is None or not Path(args.init).is_file():
+        raise ValueError("--eval-only needs --init FILE, a fine-tuned classifier such as OUT/best.pth")
+    model = load_model_file(args.init).to(device)
+    if not isinstance(model, Classifier):
+        raise ValueError(f"--eval-only: {args.init} holds an encoder without a head: fine-tune it first")
+    if model.arch["num_classes"] != num_classes:
+        raise ValueError(f"--eval-only: {args.init} has {model.arch['num_classes']} classes, the data {num_classes}")
     img_size = model.arch["encoder"]["img_size"]
     val = val_loader(SeededTransform(val_images, eval_transform(img_size)), args.batch_size, args.workers, rank,
                      world_size)
