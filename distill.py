@@ -11,7 +11,8 @@ encoder alone is written to OUT/student.pth, the input of finetune.py.
 
 Reading order: the recipes and flags; the FD objective (the projector, whitening, the target, the
 smooth-L1 loss); main, with the training step written out. The student and the teacher wrapper
-are in models.py; what this file shares with finetune.py is in training.py.
+are in models.py, the published teachers in teachers.py, the run's state (resume, save, the log,
+DDP or FSDP2) shared with finetune.py in training.py.
 """
 import argparse
 import math
