@@ -178,7 +178,7 @@ def load_models(specs, img_size=None):
     default, also for the teachers (whose position embeddings are resized to it)."""
     parsed = [s.split("=", 1) if "=" in s else (None, s) for s in specs]
     is_file = [Path(spec).is_file() or (":" not in spec and spec.endswith((".pth", ".pt"))) for _, spec in parsed]
-    labels = [label or (Path(spec).with_suffix("").as_posix() if file else spec)  # default: the spec
+    labels = [label or (Path(spec).with_suffix("").as_posix() if file else spec)
               for (label, spec), file in zip(parsed, is_file)]
     for i, label in enumerate(labels):  # results are keyed by label: a second model would replace the first
         if label in labels[:i]:
@@ -221,39 +221,6 @@ def token_layout(attn, batch, num_prefix, img_size):
     return (side, side), img_size / math.sqrt(windows * n)
 
 
-class LinearProbe(nn.Module):
-    """A headless encoder and a linear readout of its mean patch token, in buffers: a measuring device, never moved."""
-
-    def __init__(self, encoder, head):
-        super().__init__()
-        self.encoder = encoder
-        self.register_buffer("weight", head.weight.detach().clone())
-        self.register_buffer("bias", head.bias.detach().clone())
-
-    def forward(self, images):
-        return F.linear(self.encoder(images)[:, self.encoder.num_prefix_tokens:].mean(1), self.weight, self.bias)
-
-
-def fit_linear_head(features, labels, num_classes, weight_decay=1e-3, steps=100):
-    """A Linear head by full-batch L-BFGS from zero on standardised features (folded in after): cheap, deterministic."""
-    mean, std = features.mean(0), features.std(0) + 1e-6
-    z, head = (features - mean) / std, nn.Linear(features.shape[1], num_classes)
-    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
-    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(head(z), labels) + weight_decay * head.weight.square().sum()
-        loss.backward()
-        return loss
-    with torch.enable_grad():
-        optimizer.step(closure)
-    with torch.no_grad():
-        head.bias -= (head.weight / std) @ mean
-        head.weight /= std
-    return head.requires_grad_(False)
-
-
 @torch.no_grad()
 def run_attention(model, images, batch_size, renorm, keep_layers, desc=""):
     """Per layer attention statistics averaged over images (windows); each block's output per image; pooled features."""
@@ -282,6 +249,53 @@ def run_attention(model, images, batch_size, renorm, keep_layers, desc=""):
     return stats, [torch.cat(x) for x in layers if x], torch.cat(features)
 
 
+class LinearProbe(nn.Module):
+    """An encoder read out linearly from its mean output patch token; the readout in buffers, never perturbed."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("weight", head.weight.detach())
+        self.register_buffer("bias", head.bias.detach())
+
+    def forward(self, images):
+        return F.linear(self.encoder(images)[:, self.encoder.num_prefix_tokens:].mean(1), self.weight, self.bias)
+
+
+def fit_linear_head(features, labels, num_classes, weight_decay=1e-3, steps=100):
+    """A Linear head by full-batch L-BFGS from zero on standardised features (folded in after): cheap, deterministic."""
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    z, head = (features - mean) / std, nn.Linear(features.shape[1], num_classes)
+    nn.init.zeros_(head.weight), nn.init.zeros_(head.bias)
+    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(head(z), labels) + weight_decay * head.weight.square().sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        head.bias -= (head.weight / std) @ mean
+        head.weight /= std
+    return head.requires_grad_(False)
+
+
+def classifiers_of(models, features, labels, weight_decay):
+    """{label: (classifier, its head in words)}: an encoder has no head for the loss, so it gets a probe."""
+    classifiers = {}
+    for label, _, model in models:
+        if isinstance(model, Classifier):
+            classifiers[label] = model, "the model's own fine-tuned head; encoder and head perturbed"
+        else:
+            head = fit_linear_head(features[label], labels, int(labels.max()) + 1, weight_decay)
+            classifiers[label] = LinearProbe(model, head).eval(), (
+                f"a linear head fitted on the frozen mean output patch token of these images (L-BFGS, "
+                f"L2 {weight_decay:g}), then held fixed; only the encoder perturbed")
+    return classifiers
+
+
 @torch.no_grad()
 def landscape(model, images, labels, alphas, seeds, batch_size, plane=None, desc=""):
     """Loss and accuracy at theta + alpha d for a filter-normalised direction d per seed ([seed][alpha]); with `plane`
@@ -291,7 +305,7 @@ def landscape(model, images, labels, alphas, seeds, batch_size, plane=None, desc
     def evaluate(*steps):  # mean cross-entropy and top-1 accuracy at theta + the sum of step * direction
         params = {n: t + sum(a * d[n] for a, d in steps) for n, t in theta.items()}
         batches = zip(images.split(batch_size), labels.split(batch_size))
-        outputs = [(functional_call(model, params, (x,)), y) for x, y in batches]  # (logits, labels) per batch
+        outputs = [(functional_call(model, params, (x,)), y) for x, y in batches]
         loss = sum(F.cross_entropy(logits, y, reduction="sum").item() for logits, y in outputs)
         return loss / len(images), sum((logits.argmax(-1) == y).sum().item() for logits, y in outputs) / len(images)
     rows = []  # [seed][alpha]: (loss, accuracy)
@@ -306,24 +320,163 @@ def landscape(model, images, labels, alphas, seeds, batch_size, plane=None, desc
     return curves
 
 
-# ----------------------------------------------------------------------------- outputs and main
-@contextlib.contextmanager
-def figure(path, dpi, count, width, height, rows=None):
-    """Yields a figure of rows x count panels of width x height inches and its axes (rows=None: one row's), saves it."""
-    import matplotlib.pyplot as plt
-    plt.switch_backend("Agg")  # files only: no display needed
-    fig, axes = plt.subplots(rows or 1, count, figsize=(width * count, height * (rows or 1)), squeeze=False,
-                             layout="constrained")  # room for titles, labels and colour bars
-    yield fig, axes[0] if rows is None else axes
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+# ----------------------------------------------------------------------------- the tools
+def attention_distance_tool(models, stats, renorm, report):
+    """The paper's Fig. 1: a dot per head at (layer, mean attention distance in px), one y-range for all."""
+    results = {}
+    for label, spec, model in models:
+        layers = stats[label]
+        px = [(s["distance"] * s["pixels"]).tolist() for s in layers]
+        results[label] = dict(
+            source=spec, grids=[s["grid"] for s in layers], pixels_per_token=[s["pixels"] for s in layers],
+            distance_px=px, distance_tokens=[s["distance"].tolist() for s in layers],
+            cls_mass=[s["prefix"].tolist() for s in layers] if encoder_of(model).num_prefix_tokens else None,
+            layer_mean=[sum(h) / len(h) for h in px], layer_range=[[min(h), max(h)] for h in px],
+            layer_std=[torch.tensor(h).std(unbiased=False).item() for h in px],
+            uniform_px=[(token_distances(s["grid"]).mean() * s["pixels"]).item() for s in layers])
+    report.json("attn_distance.json", renorm=renorm, eps=1e-32, models=results)
+    top = 1.1 * max(max(max(map(max, r["distance_px"])), max(r["uniform_px"])) for r in results.values())
+    with report.figure("attn_distance.png", len(results), 3.6, 3) as (fig, axes):
+        for ax, (label, r) in zip(axes, results.items()):
+            for layer, heads in enumerate(r["distance_px"]):
+                ax.scatter([layer] * len(heads), heads, c=list(range(len(heads))), cmap="viridis", s=14,
+                           label=None if layer else "a head (colour: its index)")
+            ax.plot(r["uniform_px"], "--", color="grey", lw=1, label="uniform attention")
+            ax.set(title=label, xlabel="Network layer", ylabel="Attention distance (px)", ylim=(0, top),
+                   xticks=range(0, len(r["distance_px"]), max(1, len(r["distance_px"]) // 6)))
+        axes[0].legend(fontsize=7)
 
 
-def write_json(path, obj):
-    """obj as indented JSON, an undefined number (NaN: the score of a constant map) as null: JSON has no NaN."""
-    Path(path).write_text(json.dumps(json.loads(json.dumps(obj), parse_constant=lambda constant: None), indent=1))
+def head_diversity_tool(stats, renorm, report):
+    """Per layer, the mean cosine similarity and KL divergence between heads; the KL also per head."""
+    results = {label: dict(
+        cosine=[off_diagonal_mean(s["cosine"]).item() for s in layers],
+        kl=[off_diagonal_mean(s["kl"]).item() for s in layers],
+        kl_per_head=[(s["kl"].sum(1) / max(1, len(s["kl"]) - 1)).tolist() for s in layers],
+        cosine_matrix=[s["cosine"].tolist() for s in layers], kl_matrix=[s["kl"].tolist() for s in layers])
+        for label, layers in stats.items()}
+    report.json("head_diversity.json", renorm=renorm, kl_eps=1e-8, models=results)
+    with report.figure("head_diversity.png", 2, 4, 3) as (fig, (cos_ax, kl_ax)):
+        for label, r in results.items():
+            line, = cos_ax.plot(r["cosine"], "o-", label=label, ms=4)
+            for layer, heads in enumerate(r["kl_per_head"]):
+                kl_ax.scatter([layer] * len(heads), heads, s=6, color=line.get_color(), alpha=0.5)
+            kl_ax.plot(r["kl"], "o", ms=7, color=line.get_color())  # the layer mean
+        cos_ax.set(xlabel="Network layer", ylabel="Cosine similarity between heads")
+        kl_ax.set(xlabel="Network layer", ylabel="KL divergence between heads")
+        cos_ax.legend(fontsize=8)
 
 
+def attention_maps_tool(stats, report):
+    """Averaged maps, scored for diagonal and column patterns; per layer a figure: a row per model, a head each."""
+    maps = {label: [s["maps"] for s in layers] for label, layers in stats.items()}
+    scores = {label: dict(diag_score=[diag_score(s["maps"], s["grid"]).tolist() for s in layers],
+                          col_score=[col_score(s["maps"]).tolist() for s in layers]) for label, layers in stats.items()}
+    torch.save(maps, report.folder / "attn_maps.pt")  # {label: [(heads, N, N) per layer]}: too large for JSON
+    report.json("attn_maps.json", maps_file="attn_maps.pt", models=scores)
+    for layer in range(max(len(m) for m in maps.values())):
+        shown = {label: m[layer] for label, m in maps.items() if layer < len(m)}  # (heads, N, N) per model
+        columns = max(map(len, shown.values()))
+        with report.figure(f"attn_maps_L{layer}.png", columns, 2.4, 2.4, rows=len(shown)) as (fig, axes):
+            for row, (label, heads) in zip(axes, shown.items()):
+                for ax in row[len(heads):]:  # a model with fewer heads than another
+                    ax.axis("off")
+                for h, (ax, m) in enumerate(zip(row, heads)):
+                    image = ax.imshow(m.numpy(), cmap="viridis", interpolation="nearest")
+                    fig.colorbar(image, ax=ax, fraction=0.046).ax.tick_params(labelsize=6)  # each its own scale
+                    ax.set(xticks=[], yticks=[], xlabel="key", ylabel="query")
+                    ax.set_title(f"{label} h{h}\ndiag {scores[label]['diag_score'][layer][h]:.2f} "
+                                 f"col {scores[label]['col_score'][layer][h]:.2f}", fontsize=7)
+            fig.suptitle(f"Averaged attention maps, layer {layer}", fontsize=9)
+
+
+def cka_tool(layers, report):
+    """Linear CKA between every layer of one model and every layer of another (or of itself, if alone)."""
+    labels = list(layers)
+    pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]] or [(labels[0], labels[0])]
+    results = [dict(x=a, y=b, cka=[[linear_cka(u, v) for v in layers[b]] for u in layers[a]])
+               for a, b in tqdm(pairs, desc="CKA", leave=False)]
+    report.json("cka.json", representation="each block's output tokens, flattened per image", pairs=results)
+    with report.figure("cka.png", len(results), 3.6, 3.2) as (fig, axes):
+        for ax, pair in zip(axes, results):  # colours span the values: CKA near 1 everywhere still shows structure
+            low, high = min(map(min, pair["cka"])), max(map(max, pair["cka"]))
+            image = ax.imshow(pair["cka"], origin="lower", vmin=low, vmax=high, cmap="magma", aspect="auto")
+            ax.set(xlabel=f"{pair['y']}: layer", ylabel=f"{pair['x']}: layer",
+                   title=f"Linear CKA\n{low:.6g} to {high:.6g}")
+            ax.locator_params(integer=True)  # layers are whole numbers
+            fig.colorbar(image, ax=ax, format="%.6g")
+
+
+def landscape_tool(classifiers, images, labels, args, report):
+    """Loss and accuracy along random directions, mean +- std over seeds; with --grid-2d, log-loss contours."""
+    alphas = torch.linspace(-1, 1, args.points).tolist()
+    plane = torch.linspace(-1, 1, args.grid_2d).tolist() if args.grid_2d else None
+    seeds, results = [args.seed + i for i in range(args.seeds)], {}
+    for label, (model, head) in classifiers.items():
+        r = landscape(model, images, labels, alphas, seeds, args.batch_size, plane, desc=label)
+        results[label] = dict(r, head=head, loss_flatness=flatness(alphas, r["loss"]),
+                              acc_flatness=flatness(alphas, r["acc"]),
+                              excluded_keys=[n for n, p in model.named_parameters() if is_excluded(n, p)])
+    report.json("loss_landscape.json", alphas=alphas, plane_2d=plane, seeds=seeds, norm="filter", ignore="biasbn",
+                models=results)
+    with report.figure("loss_landscape_1d.png", 2, 4, 3) as (fig, axes):
+        for label, r in results.items():
+            for ax, key in zip(axes, ("loss", "acc")):
+                std, mean = torch.std_mean(torch.tensor(r[key]), 0, unbiased=False)  # over the seeds
+                line, = ax.plot(alphas, mean, label=label)
+                ax.fill_between(alphas, mean - std, mean + std, alpha=0.25, color=line.get_color())
+        axes[0].set(xlabel="alpha (filter-normalised direction)", ylabel="Cross-entropy", yscale="log")
+        axes[1].set(xlabel="alpha (filter-normalised direction)", ylabel="Top-1 accuracy", ylim=(0, 1))
+        axes[0].legend(fontsize=8)
+    if plane:
+        with report.figure("loss_landscape_2d.png", len(results), 3.4, 3) as (fig, axes):
+            for ax, (label, r) in zip(axes, results.items()):
+                ax.contour(plane, plane, torch.tensor(r["loss_2d"]).log10().T.tolist(), levels=12)
+                ax.set(title=f"{label}: log10 loss", xlabel="alpha", ylabel="beta")
+
+
+def hessian_tool(classifiers, images, labels, args, report):
+    """The top Hessian eigenvalue in the parameters the landscape perturbs, and its power iteration."""
+    x, y, results = images[:args.hessian_images], labels[:args.hessian_images], {}
+    for label, (model, head) in tqdm(classifiers.items(), desc="Hessian", leave=False):
+        names, params = zip(*[(n, p) for n, p in model.named_parameters() if not is_excluded(n, p)])
+        loss_fn = lambda ps: F.cross_entropy(functional_call(model, dict(zip(names, ps)), (x,)), y)  # noqa: E731
+        value, trace = top_hessian_eigenvalue(loss_fn, params, args.hessian_iters, seed=args.seed)
+        results[label] = dict(lambda_max=value, trace=trace, head=head, n_params=sum(p.numel() for p in params))
+    report.json("hessian.json", n_images=len(x), params="those the landscape perturbs", models=results)
+    with report.figure("hessian.png", 1, 4, 3) as (fig, (ax,)):
+        for label, r in results.items():
+            ax.plot(r["trace"], label=f"{label}: {r['lambda_max']:.3g}")
+        ax.set(xlabel="Power iteration", ylabel="v.Hv", title="Top Hessian eigenvalue", yscale="symlog")
+        ax.legend(fontsize=8)
+
+
+# ----------------------------------------------------------------------------- outputs
+class Report:
+    """The output folder: OUT/<name>.json, each opening with the images measured, and OUT/<name>.png."""
+
+    def __init__(self, folder, dpi, **images):
+        self.folder, self.dpi, self.images = Path(folder), dpi, images
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def json(self, name, **fields):
+        """NaN (the score of a constant map) written as null: JSON has no NaN."""
+        text = json.dumps(dict(self.images, **fields))
+        (self.folder / name).write_text(json.dumps(json.loads(text, parse_constant=lambda constant: None), indent=1))
+
+    @contextlib.contextmanager
+    def figure(self, name, count, width, height, rows=None):
+        """Yields a figure of rows x count panels of width x height inches, and its axes (rows=None: a row's)."""
+        import matplotlib.pyplot as plt
+        plt.switch_backend("Agg")  # files only: no display needed
+        fig, axes = plt.subplots(rows or 1, count, figsize=(width * count, height * (rows or 1)), squeeze=False,
+                                 layout="constrained")  # room for titles, labels and colour bars
+        yield fig, axes[0] if rows is None else axes
+        fig.savefig(self.folder / name, dpi=self.dpi)
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- parser and main
 def checked(parse, test, expected):
     """An argparse type: `parse` (training.number), then a value failing `test` refused, saying what is expected."""
     def check(text):
@@ -373,142 +526,33 @@ def main(args):
     if args.model is None and not Path(student := DEFAULT_MODELS[1].split("=")[1]).is_file():
         raise ValueError(f"no --model given and {student} is missing: run `python distill.py` first, or name the "
                          "models (python diagnose.py --help)")
-    (out := Path(args.out)).mkdir(parents=True, exist_ok=True)
     models, img_size = load_models(args.model or DEFAULT_MODELS, args.img_size)
     images, labels, source = load_images(args.data, args.images, img_size)
-    common = dict(images=source, n_images=len(images), img_size=img_size)
+    report = Report(args.out, args.dpi, images=source, n_images=len(images), img_size=img_size)
     print(f"{len(images)} images at {img_size} px ({source['unreadable']} unreadable skipped); models: "
           + ", ".join(f"{l} ({s})" for l, s, _ in models))
-    runs = {label: run_attention(model, images, args.batch_size, args.renorm, "cka" in tools, label)
-            for label, _, model in models}
-    if "distance" in tools:  # the paper's Fig. 1: a dot per head at (layer, distance in px), one y-range for all
-        results = {}
-        for (label, spec, model), (stats, _, _) in zip(models, runs.values()):
-            px = [(s["distance"] * s["pixels"]).tolist() for s in stats]
-            results[label] = dict(
-                source=spec, grids=[s["grid"] for s in stats], pixels_per_token=[s["pixels"] for s in stats],
-                distance_px=px, distance_tokens=[s["distance"].tolist() for s in stats],
-                cls_mass=[s["prefix"].tolist() for s in stats] if encoder_of(model).num_prefix_tokens else None,
-                layer_mean=[sum(h) / len(h) for h in px], layer_range=[[min(h), max(h)] for h in px],
-                layer_std=[torch.tensor(h).std(unbiased=False).item() for h in px],
-                uniform_px=[(token_distances(s["grid"]).mean() * s["pixels"]).item() for s in stats])
-        write_json(out / "attn_distance.json", dict(common, renorm=args.renorm, eps=1e-32, models=results))
-        top = 1.1 * max(max(max(map(max, r["distance_px"])), max(r["uniform_px"])) for r in results.values())
-        with figure(out / "attn_distance.png", args.dpi, len(results), 3.6, 3) as (fig, axes):
-            for ax, (label, r) in zip(axes, results.items()):
-                for layer, heads in enumerate(r["distance_px"]):
-                    ax.scatter([layer] * len(heads), heads, c=list(range(len(heads))), cmap="viridis", s=14,
-                               label=None if layer else "a head (colour: its index)")
-                ax.plot(r["uniform_px"], "--", color="grey", lw=1, label="uniform attention")
-                ax.set(title=label, xlabel="Network layer", ylabel="Attention distance (px)", ylim=(0, top),
-                       xticks=range(0, len(r["distance_px"]), max(1, len(r["distance_px"]) // 6)))
-            axes[0].legend(fontsize=7)
-    if "diversity" in tools:  # per layer: the heads' mean cosine similarity; their KL, a small dot per head
-        results = {label: dict(
-            cosine=[off_diagonal_mean(s["cosine"]).item() for s in stats],
-            kl=[off_diagonal_mean(s["kl"]).item() for s in stats],
-            kl_per_head=[(s["kl"].sum(1) / max(1, len(s["kl"]) - 1)).tolist() for s in stats],
-            cosine_matrix=[s["cosine"].tolist() for s in stats], kl_matrix=[s["kl"].tolist() for s in stats])
-            for label, (stats, _, _) in runs.items()}
-        write_json(out / "head_diversity.json", dict(common, renorm=args.renorm, kl_eps=1e-8, models=results))
-        with figure(out / "head_diversity.png", args.dpi, 2, 4, 3) as (fig, (cos_ax, kl_ax)):
-            for label, r in results.items():
-                line, = cos_ax.plot(r["cosine"], "o-", label=label, ms=4)
-                for layer, heads in enumerate(r["kl_per_head"]):
-                    kl_ax.scatter([layer] * len(heads), heads, s=6, color=line.get_color(), alpha=0.5)
-                kl_ax.plot(r["kl"], "o", ms=7, color=line.get_color())  # the layer mean
-            cos_ax.set(xlabel="Network layer", ylabel="Cosine similarity between heads")
-            kl_ax.set(xlabel="Network layer", ylabel="KL divergence between heads")
-            cos_ax.legend(fontsize=8)
-    if "maps" in tools:  # a figure per layer: a row per model, a column per head (map rows: queries, columns: keys)
-        maps = {label: [s["maps"] for s in stats] for label, (stats, _, _) in runs.items()}
-        scores = {label: dict(diag_score=[diag_score(s["maps"], s["grid"]).tolist() for s in stats],
-                              col_score=[col_score(s["maps"]).tolist() for s in stats])
-                  for label, (stats, _, _) in runs.items()}
-        torch.save(maps, out / "attn_maps.pt")  # {label: [(heads, N, N) per layer]}: too large for JSON
-        write_json(out / "attn_maps.json", dict(common, maps_file="attn_maps.pt", models=scores))
-        for layer in range(max(len(m) for m in maps.values())):
-            shown = {label: m[layer] for label, m in maps.items() if layer < len(m)}  # (heads, N, N) per model
-            with figure(out / f"attn_maps_L{layer}.png", args.dpi, max(map(len, shown.values())), 2.4, 2.4,
-                        rows=len(shown)) as (fig, axes):
-                for row, (label, heads) in zip(axes, shown.items()):
-                    for ax in row[len(heads):]:  # a model with fewer heads than another
-                        ax.axis("off")
-                    for h, (ax, m) in enumerate(zip(row, heads)):
-                        image = ax.imshow(m.numpy(), cmap="viridis", interpolation="nearest")
-                        fig.colorbar(image, ax=ax, fraction=0.046).ax.tick_params(labelsize=6)  # each its own scale
-                        ax.set(xticks=[], yticks=[], xlabel="key", ylabel="query")
-                        ax.set_title(f"{label} h{h}\ndiag {scores[label]['diag_score'][layer][h]:.2f} "
-                                     f"col {scores[label]['col_score'][layer][h]:.2f}", fontsize=7)
-                fig.suptitle(f"Averaged attention maps, layer {layer}", fontsize=9)
-    if "cka" in tools:  # linear CKA between every layer of one model and every layer of another
-        names = list(runs)
-        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]] or [(names[0], names[0])]
-        results = [dict(x=a, y=b, cka=[[linear_cka(u, v) for v in runs[b][1]] for u in runs[a][1]])
-                   for a, b in tqdm(pairs, desc="CKA", leave=False)]
-        write_json(out / "cka.json", dict(common, representation="each block's output tokens, flattened per image",
-                                          pairs=results))
-        with figure(out / "cka.png", args.dpi, len(results), 3.6, 3.2) as (fig, axes):
-            for ax, pair in zip(axes, results):  # colours span the values: CKA near 1 everywhere still shows structure
-                low, high = min(map(min, pair["cka"])), max(map(max, pair["cka"]))
-                image = ax.imshow(pair["cka"], origin="lower", vmin=low, vmax=high, cmap="magma", aspect="auto")
-                ax.set(xlabel=f"{pair['y']}: layer", ylabel=f"{pair['x']}: layer",
-                       title=f"Linear CKA\n{low:.6g} to {high:.6g}")
-                ax.locator_params(integer=True)  # layers are whole numbers
-                fig.colorbar(image, ax=ax, format="%.6g")
+    stats, layers, features = {}, {}, {}
+    for label, _, model in models:
+        stats[label], layers[label], features[label] = run_attention(model, images, args.batch_size, args.renorm,
+                                                                     "cka" in tools, label)
+    if "distance" in tools:
+        attention_distance_tool(models, stats, args.renorm, report)
+    if "diversity" in tools:
+        head_diversity_tool(stats, args.renorm, report)
+    if "maps" in tools:
+        attention_maps_tool(stats, report)
+    if "cka" in tools:
+        cka_tool(layers, report)
     if tools & {"landscape", "hessian"} and (labels < 0).any():
         print("skipping the landscape and the Hessian: they need labelled images (an ImageFolder --data)")
         tools -= {"landscape", "hessian"}
-    classifiers, head_notes = {}, {}
-    for label, _, model in models if tools & {"landscape", "hessian"} else []:
-        if isinstance(model, Classifier):
-            classifiers[label], head_notes[label] = model, "the model's own fine-tuned head; encoder and head perturbed"
-        else:  # an encoder: first fit a head on its frozen features of the same images
-            head = fit_linear_head(runs[label][2], labels, int(labels.max()) + 1, args.probe_wd)
-            classifiers[label] = LinearProbe(model, head).eval()
-            head_notes[label] = (f"a linear head fitted on the frozen mean output patch token of these images (L-BFGS, "
-                                 f"L2 {args.probe_wd:g}), then held fixed; only the encoder perturbed")
-    if "landscape" in tools:  # loss and accuracy, mean +- std over the seeds' directions; 2-D: log-loss contours
-        alphas = torch.linspace(-1, 1, args.points).tolist()
-        plane = torch.linspace(-1, 1, args.grid_2d).tolist() if args.grid_2d else None
-        seeds, results = [args.seed + i for i in range(args.seeds)], {}
-        for label, model in classifiers.items():
-            r = landscape(model, images, labels, alphas, seeds, args.batch_size, plane, desc=label)
-            results[label] = dict(r, head=head_notes[label], loss_flatness=flatness(alphas, r["loss"]),
-                                  acc_flatness=flatness(alphas, r["acc"]),
-                                  excluded_keys=[n for n, p in model.named_parameters() if is_excluded(n, p)])
-        write_json(out / "loss_landscape.json", dict(common, alphas=alphas, plane_2d=plane, seeds=seeds, norm="filter",
-                                                     ignore="biasbn", models=results))
-        with figure(out / "loss_landscape_1d.png", args.dpi, 2, 4, 3) as (fig, axes):
-            for label, r in results.items():
-                for ax, key in zip(axes, ("loss", "acc")):
-                    std, mean = torch.std_mean(torch.tensor(r[key]), 0, unbiased=False)  # over the seeds
-                    line, = ax.plot(alphas, mean, label=label)
-                    ax.fill_between(alphas, mean - std, mean + std, alpha=0.25, color=line.get_color())
-            axes[0].set(xlabel="alpha (filter-normalised direction)", ylabel="Cross-entropy", yscale="log")
-            axes[1].set(xlabel="alpha (filter-normalised direction)", ylabel="Top-1 accuracy", ylim=(0, 1))
-            axes[0].legend(fontsize=8)
-        if plane:
-            with figure(out / "loss_landscape_2d.png", args.dpi, len(results), 3.4, 3) as (fig, axes):
-                for ax, (label, r) in zip(axes, results.items()):
-                    ax.contour(plane, plane, torch.tensor(r["loss_2d"]).log10().T.tolist(), levels=12)
-                    ax.set(title=f"{label}: log10 loss", xlabel="alpha", ylabel="beta")
-    if "hessian" in tools:  # the power iteration's trace per model, its last value in the legend
-        x, y, results = images[:args.hessian_images], labels[:args.hessian_images], {}
-        for label, model in tqdm(classifiers.items(), desc="Hessian", leave=False):
-            names, params = zip(*[(n, p) for n, p in model.named_parameters() if not is_excluded(n, p)])
-            loss_fn = lambda ps: F.cross_entropy(functional_call(model, dict(zip(names, ps)), (x,)), y)  # noqa: E731
-            value, trace = top_hessian_eigenvalue(loss_fn, params, args.hessian_iters, seed=args.seed)
-            results[label] = dict(lambda_max=value, trace=trace, head=head_notes[label],
-                                  n_params=sum(p.numel() for p in params))
-        write_json(out / "hessian.json", dict(common, n_images=len(x), params="those the landscape perturbs",
-                                              models=results))
-        with figure(out / "hessian.png", args.dpi, 1, 4, 3) as (fig, (ax,)):
-            for label, r in results.items():
-                ax.plot(r["trace"], label=f"{label}: {r['lambda_max']:.3g}")
-            ax.set(xlabel="Power iteration", ylabel="v.Hv", title="Top Hessian eigenvalue", yscale="symlog")
-            ax.legend(fontsize=8)
-    print(f"wrote {len(list(out.iterdir()))} files to {out} in {time.perf_counter() - start:.0f} s")
+    if tools & {"landscape", "hessian"}:
+        classifiers = classifiers_of(models, features, labels, args.probe_wd)
+    if "landscape" in tools:
+        landscape_tool(classifiers, images, labels, args, report)
+    if "hessian" in tools:
+        hessian_tool(classifiers, images, labels, args, report)
+    print(f"wrote {len(list(report.folder.iterdir()))} files to {report.folder} in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
