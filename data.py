@@ -4,10 +4,10 @@ resuming change nothing, a loader that starts mid-epoch, and (--decode-on-device
 import functools
 import io
 import itertools
-import math
 import os
 import random
 import warnings
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -20,46 +20,42 @@ from torchvision.transforms import InterpolationMode
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
+def random_colour(rng):
+    return tuple(rng.randint(0, 255) for _ in range(3))
+
+
 class SyntheticShapes(Dataset):
-    """`size` RGB images of `image_size` px in 10 classes: a shape (circle, square, triangle, cross, ring), solid or
-    striped, preferring a band of the image; colours, sizes, stripe angles, clutter and a distractor vary at random,
-    and crops can cut the object out (fine-tuning should not reach 100%). Image i of a split is fixed; splits differ."""
+    """`size` RGB images of `image_size` px in 10 classes: 5 shapes, solid or striped, each preferring a band, with
+    random colours and sizes, clutter and a distractor (no 100% fine-tuning); image i of a split is fixed."""
 
     SHAPES = ("circle", "square", "triangle", "cross", "ring")
-    FILLS = ("solid", "striped")
-    num_classes = len(SHAPES) * len(FILLS)
 
     def __init__(self, size=2048, image_size=128, split="train"):
         self.size, self.image_size, self.split = size, image_size, split
-        self.classes = [f"{s}-{f}" for f in self.FILLS for s in self.SHAPES]
+        self.classes = [f"{shape}-{fill}" for fill in ("solid", "striped") for shape in self.SHAPES]
 
     def __len__(self):
         return self.size
 
     def __getitem__(self, index):
         rng = random.Random(f"{self.split}-{index}")  # string seeds are stable across processes
-        label = index % self.num_classes
-        shape, fill = self.SHAPES[label % len(self.SHAPES)], self.FILLS[label // len(self.SHAPES)]
-        s = self.image_size
-        image = Image.new("RGB", (s, s), self._colour(rng))
+        label, s = index % len(self.classes), self.image_size
+        shape, fill = self.classes[label].split("-")
+        image = Image.new("RGB", (s, s), random_colour(rng))
         draw = ImageDraw.Draw(image)
         for _ in range(rng.randint(3, 8)):  # clutter
-            draw.line([(rng.uniform(0, s), rng.uniform(0, s)) for _ in range(2)],
-                      fill=self._colour(rng), width=rng.randint(1, 3))
+            draw.line([(rng.uniform(0, s), rng.uniform(0, s)) for _ in range(2)], fill=random_colour(rng),
+                      width=rng.randint(1, 3))
         distractor = rng.choice([k for k in self.SHAPES if k != shape])
-        self._paste_shape(image, rng, distractor, "solid", rng.uniform(0.12, 0.2) * s,
-                          (rng.uniform(0.1, 0.9) * s, rng.uniform(0.1, 0.9) * s))
+        self.paste_shape(image, rng, distractor, "solid", rng.uniform(0.12, 0.2) * s,
+                         (rng.uniform(0.1, 0.9) * s, rng.uniform(0.1, 0.9) * s))
         band = (label % 3 + 0.5) / 3  # the class's preferred band: a weak positional cue, as in real photos
         centre = (rng.uniform(0.25, 0.75) * s, min(max(rng.gauss(band, 0.15), 0.2), 0.8) * s)
-        self._paste_shape(image, rng, shape, fill, rng.uniform(0.2, 0.35) * s, centre)
+        self.paste_shape(image, rng, shape, fill, rng.uniform(0.2, 0.35) * s, centre)
         return image, label
 
-    @staticmethod
-    def _colour(rng):
-        return tuple(rng.randint(0, 255) for _ in range(3))
-
-    def _paste_shape(self, image, rng, shape, fill, radius, centre):
-        s, (x, y), r = self.image_size, centre, radius
+    def paste_shape(self, image, rng, shape, fill, r, centre):
+        s, (x, y) = self.image_size, centre
         mask = Image.new("L", (s, s), 0)
         draw = ImageDraw.Draw(mask)
         if shape in ("circle", "ring"):
@@ -69,18 +65,16 @@ class SyntheticShapes(Dataset):
         elif shape in ("square", "triangle"):  # turned by a random part of its symmetry angle
             sides = 4 if shape == "square" else 3
             draw.regular_polygon((x, y, r), sides, rotation=rng.uniform(0, 360 / sides), fill=255)
-        else:  # cross
-            w = r / 3
-            draw.rectangle([x - r, y - w, x + r, y + w], fill=255)
-            draw.rectangle([x - w, y - r, x + w, y + r], fill=255)
-        colour = Image.new("RGB", (s, s), self._colour(rng))
-        if fill == "striped":
-            stripes, period = Image.new("L", (2 * s, 2 * s), 0), rng.randint(4, 9)
-            stripe_draw = ImageDraw.Draw(stripes)
-            for i in range(0, 2 * s, period):
-                stripe_draw.rectangle([i, 0, i + period // 2, 2 * s], fill=255)
-            stripes = stripes.rotate(rng.uniform(0, 180)).crop((s // 2, s // 2, s // 2 + s, s // 2 + s))
-            colour = Image.composite(colour, Image.new("RGB", (s, s), self._colour(rng)), stripes)
+        else:  # a cross: two bars a third as wide as long
+            draw.rectangle([x - r, y - r / 3, x + r, y + r / 3], fill=255)
+            draw.rectangle([x - r / 3, y - r, x + r / 3, y + r], fill=255)
+        colour = Image.new("RGB", (s, s), random_colour(rng))
+        if fill == "striped":  # a row of stripes repeated, turned, the middle cut out
+            period = rng.randint(4, 9)
+            row = bytes(255 if i % period <= period // 2 else 0 for i in range(2 * s))
+            stripes = Image.frombytes("L", (2 * s, 2 * s), row * (2 * s)).rotate(rng.uniform(0, 180))
+            stripes = stripes.crop((s // 2, s // 2, s // 2 + s, s // 2 + s))
+            colour = Image.composite(colour, Image.new("RGB", (s, s), random_colour(rng)), stripes)
         image.paste(colour, (0, 0), mask)
 
 
@@ -116,54 +110,48 @@ class ImageFiles(Dataset):
 
 
 def image_dataset(root, split="train", loader=load_rgb, labelled=False):
-    """The untransformed images under `root`, or `root/<split>/` if it exists: an ImageFolder (labels: the sorted class
-    folders' indices) if every image is in a class folder, else all of them unlabelled, which `labelled=True`
-    (fine-tuning) refuses. `loader` (load_rgb, or read_undecoded) reads each file; `.summary` says what was found."""
+    """The untransformed images under `root` (or `root/<split>/`), read by `loader`: an ImageFolder (labels: the sorted
+    class folders' indices) if every image is in one, else unlabelled (`labelled` refuses it); `.summary` tells what."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {root}: no such folder (give an ImageFolder root, a folder "
                                 f"with train/ and val/, or a folder of images)")
     root = root / split if (root / split).is_dir() else root
     files = []  # every image file, sorted, in subfolders and links; hidden ones (.ipynb_checkpoints, ._*) are not data
-    visited = set()  # folders seen, by device and inode: a symbolic link back up the tree is followed once
+    visited = set()  # folders seen: a symbolic link back up the tree is followed once
     for parent, folders, names in os.walk(root, followlinks=True):
-        folder = os.stat(parent)
-        if (folder.st_dev, folder.st_ino) in visited:
+        if os.path.realpath(parent) in visited:
             folders[:] = []
             continue
-        visited.add((folder.st_dev, folder.st_ino))
+        visited.add(os.path.realpath(parent))
         folders[:] = sorted(name for name in folders if not name.startswith("."))
         files += [Path(parent, name) for name in sorted(names)
                   if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS]
     if not files:
         raise ValueError(f"--data {root}: no images found (expected files ending in {', '.join(IMAGE_EXTENSIONS)}, "
                          f"directly in it or in subfolders)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = [f for f in files if f.parent == root]
-    if labelled and (loose or not classes):
+    loose = [f for f in files if f.parent == root]  # then every image is unlabelled
+    if labelled and loose:
         raise ValueError(f"--data {root}: {len(loose)} images lie outside class subfolders; fine-tuning needs "
                          f"every image in a folder named after its class")
-    if loose or not classes:
-        dataset = ImageFiles(files, [-1] * len(files), [], loader)
-    else:
-        folder_of = [f.relative_to(root).parts[0] for f in files]
-        empty = sorted(set(classes) - set(folder_of))
-        if empty and labelled:
-            raise ValueError(f"--data {root}: no images in the class folders {', '.join(empty)}; remove them or "
-                             f"add images")
-        classes = [c for c in classes if c not in empty]
-        if labelled and len(classes) == 1:  # one class: trivially 100% correct, a loss of 0, and nothing learnt
-            raise ValueError(f"--data {root}: one class folder ({classes[0]}); fine-tuning a classifier needs two "
-                             f"classes or more, each in a folder of its own")
-        dataset = ImageFiles(files, [classes.index(folder) for folder in folder_of], classes, loader)
+    folder_of = [f.relative_to(root).parts[0] for f in files]
+    classes = [] if loose else sorted(set(folder_of))
+    empty = sorted(p.name for p in root.iterdir()
+                   if p.is_dir() and not p.name.startswith(".") and p.name not in classes)
+    if labelled and empty:
+        raise ValueError(f"--data {root}: no images in the class folders {', '.join(empty)}; remove them or "
+                         f"add images")
+    if labelled and len(classes) == 1:  # one class: trivially 100% correct, a loss of 0, and nothing learnt
+        raise ValueError(f"--data {root}: one class folder ({classes[0]}); fine-tuning a classifier needs two "
+                         f"classes or more, each in a folder of its own")
+    dataset = ImageFiles(files, [classes.index(f) if classes else -1 for f in folder_of], classes, loader)
     dataset.summary = f"{len(files)} images in {root}" + (f", {len(classes)} class{'es' * (len(classes) != 1)}"
                                                           if dataset.classes else " (no class folders: unlabelled)")
     return dataset
 
 
 def fd_transform(img_size, min_scale=0.08):
-    """FD's augmentation (arXiv 2205.14141; FDTransform in the official data/data_fd.py), for teacher and student
-    alike: a random resized crop and a horizontal flip only. In [0, 1]: the models normalise."""
+    """FD's augmentation (the official FDTransform), for teacher and student: crop, flip, [0, 1] (models normalise)."""
     return transforms.Compose([transforms.RandomResizedCrop(img_size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3)),
                                transforms.RandomHorizontalFlip(), transforms.ToTensor()])
 
@@ -176,8 +164,7 @@ def eval_transform(img_size):
 
 class SeededTransform(Dataset):
     """A random transform with the torch RNG seeded by (seed, epoch, index), whatever the workers, ranks, resume point
-    (set `.epoch` before each epoch's iterator). An unreadable image: its UnreadableImage, a warning; the collate
-    drops it."""
+    (set `.epoch` before each epoch). An unreadable image: its UnreadableImage, with a warning; the collate drops it."""
 
     def __init__(self, dataset, transform, seed=0):
         self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
@@ -207,26 +194,23 @@ def skip_unreadable(samples, stack=True):
         images, labels = default_collate(readable)
     else:
         data, crops, labels = zip(*((data, crop, label) for (data, crop), label in readable))
-        images = (torch.cat([d.flatten() for d in data]), [tuple(d.shape) for d in data], torch.stack(crops))
+        images = (torch.cat([d.flatten() for d in data]), [d.shape for d in data], torch.stack(crops))
         labels = torch.tensor(labels)
     return images, labels, torch.tensor(len(samples) - len(readable))
 
 
 class ResumableSampler(DistributedSampler):
-    """A DistributedSampler (with one process, a seeded shuffle) that skips the first `start` samples of its epoch."""
+    """A DistributedSampler (with one process, a seeded shuffle) that skips the first `start` samples of its epoch;
+    its len stays the whole epoch's, which the schedule counts."""
 
     start = 0
 
     def __iter__(self):
         return itertools.islice(super().__iter__(), self.start, None)
 
-    def __len__(self):
-        return super().__len__() - self.start
-
 
 def leave_the_process_group(worker_id):
-    """A worker's init: Ctrl-C in a terminal and torchrun's SIGTERM go to the process group; out of it, the workers
-    leave them to the training process, which finishes its step and saves (training.stop_requested), then ends them."""
+    """A worker's init: out of the process group, Ctrl-C and torchrun's SIGTERM reach the training process alone."""
     os.setpgrp()
 
 
@@ -255,19 +239,16 @@ def steps_of_batches(loader, sampler, dataset, step, steps_per_epoch, total_step
             step += 1
 
 
-# ===== GPU extra: --decode-on-device, for when the workers cannot keep up: they only read the files and draw each
-# image's crop and flip (read_undecoded, FDCropBox); decode_and_crop decodes (nvJPEG), crops and resizes on the device.
+# ===== GPU extra: --decode-on-device, for workers that cannot keep up: they only read files and draw crops.
 def read_undecoded(path):
     """For FDCropBox: a JPEG the device decoder takes as (its bytes, a 1-D uint8 tensor; PIL's lazy header, for the
     size); others by load_rgb: not JPEG, CMYK (nvJPEG has none), EXIF-rotated (nvJPEG ignores it), or truncated."""
-    try:
+    with suppress(OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # then load_rgb names the error
         data = Path(path).read_bytes()
         if data.startswith(b"\xff\xd8\xff") and data.endswith(b"\xff\xd9"):  # a JPEG's start and end markers
             header = Image.open(io.BytesIO(data))  # lazy: the pixels are never decoded here
             if header.mode in ("RGB", "L") and header.getexif().get(0x0112, 1) == 1:  # 0x0112: EXIF orientation
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), header
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        pass  # load_rgb raises UnreadableImage, naming the file and the error
     return load_rgb(path)
 
 
@@ -288,23 +269,21 @@ def decode_and_crop(images, img_size, device):
     """The rest of fd_transform on `device` for skip_unreadable(stack=False)'s batch: float (B, 3, S, S) in [0, 1] less
     undecodable images, as fd_transform up to rounding (nvJPEG upsamples 4:2:0 chroma more plainly than PIL)."""
     data, shapes, crops = images
-    images = [part.view(shape) for part, shape in zip(data.split([math.prod(s) for s in shapes]), shapes)]
-    encoded = [i for i, image in enumerate(images) if image.ndim == 1]  # bytes; the others are pixels
+    images = [part.view(shape) for part, shape in zip(data.split([shape.numel() for shape in shapes]), shapes)]
+    jpegs = [image for image in images if image.ndim == 1]  # bytes; the others are pixels
     try:  # in one call: nvJPEG decodes a list as a batch
-        decoded = decode_jpeg([images[i] for i in encoded], mode=ImageReadMode.RGB, device=device) if encoded else []
+        decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else []
     except RuntimeError:  # then each alone on the CPU: one that fails there too is left out, with a warning
-        decoded = [None] * len(encoded)
-        for j, i in enumerate(encoded):
+        decoded = [None] * len(jpegs)
+        for i, jpeg in enumerate(jpegs):
             try:
-                decoded[j] = decode_jpeg(images[i], mode=ImageReadMode.RGB).to(device)
+                decoded[i] = decode_jpeg(jpeg, mode=ImageReadMode.RGB)
             except RuntimeError as error:
                 warnings.warn(f"skipping an image that cannot be decoded: {error}")
-    for i, image in zip(encoded, decoded):
-        images[i] = image
-    out = []
-    for image, crop in zip(images, crops):
+    decoded, out = iter(decoded), []
+    for image, (top, left, height, width, flip) in zip(images, crops.tolist()):
+        image = next(decoded) if image.ndim == 1 else image
         if image is not None:
-            top, left, height, width, flip = crop.tolist()
             image = image.to(device, non_blocking=True)[:, top:top + height, left:left + width].float() / 255
             image = transforms.functional.resize(image, [img_size] * 2, InterpolationMode.BILINEAR, antialias=True)
             out.append(image.flip(-1) if flip else image)

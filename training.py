@@ -1,6 +1,6 @@
 """What distill.py and finetune.py share: their common flags, the distributed setup from torchrun's
 environment, autocast, AdamW parameter groups, the learning rate as a pure function of the step, DDP or
-FSDP2, atomic checkpoints and resuming, stopping on SIGTERM or Ctrl-C, and the JSON-lines training log."""
+FSDP2, atomic checkpoints (plain or sharded), resuming, stopping on a signal, the log and the lock on OUT."""
 import argparse
 import atexit
 import fcntl
@@ -20,7 +20,6 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -28,28 +27,25 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- flags
-def number(kind, low=None, high=None, open_low=False, open_high=False):
+def number(kind, low=-math.inf, high=math.inf, open_low=False, open_high=False):
     """An argparse type: a `kind` (int or float) in [low, high], ends open if asked; bad values stop the run at once."""
     def parse(text):
         try:
             value = kind(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        below = low is not None and (value <= low if open_low else value < low)
-        if value != value or below or (high is not None and (value >= high if open_high else value > high)):
-            bounds = (f"{'(' if open_low else '['}{low}, {high if high is not None else 'inf'}"
-                      f"{')' if open_high or high is None else ']'}")
+        # NaN is in no range: every comparison with it is false.
+        if not ((low < value if open_low else low <= value) and (value < high if open_high else value <= high)):
+            bounds = f"{'(' if open_low else '['}{low}, {high}{')' if open_high or high == math.inf else ']'}"
             raise argparse.ArgumentTypeError(f"{text} is out of range: expected a value in {bounds}")
         return value
     return parse
 
 
 def whole_or_fraction(text):
-    """'2' -> 2 (printed as given), '0.15' -> 0.15: a run of part of an epoch, on a folder too small for a whole one."""
+    """'2' -> 2 (printed as given), '0.15' -> 0.15: part of an epoch, for a folder too small for one."""
     value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(text)
-    return int(value) if value.is_integer() else value
+    return int(value) if value == int(value) else value  # int() refuses inf and NaN
 
 
 POSITIVE, NON_NEGATIVE = number(int, 1), number(float, 0.0)
@@ -69,27 +65,22 @@ def count(n, noun):
 
 
 def run_cli(main, args):
-    """Run an entry point. A user's error (ValueError, OSError, FloatingPointError) prints one line, on rank
-    0 only, and exits with status 2; FD_TRACEBACK=1 shows the whole traceback. SIGTERM and Ctrl-C stop the run
-    after its step, saved (stop_requested); a second one leaves at once. Either exits with 128 + the signal."""
+    """Run an entry point. A user's error (ValueError, OSError, FloatingPointError): one line on rank 0,
+    status 2 (FD_TRACEBACK=1 shows where). SIGTERM or Ctrl-C: the step saved (a second: at once), 128 + it."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, receive_stop_signal)
     try:
         return main(args)
     except (Stopped, KeyboardInterrupt) as stop:
-        leave(stop if isinstance(stop, Stopped) else "interrupted: left at once, the last checkpoint as it was",
-              128 + (STOP_SIGNALS[-1] if STOP_SIGNALS else signal.SIGINT))
+        line = stop if isinstance(stop, Stopped) else "interrupted: left at once, the last checkpoint as it was"
+        status = 128 + (STOP_SIGNALS[-1] if STOP_SIGNALS else signal.SIGINT)
     except (ValueError, OSError, FloatingPointError) as error:
         if os.environ.get("FD_TRACEBACK"):
             raise
         # An error raised in a DataLoader worker comes wrapped, its traceback in the message, the error last.
         message = str(error).strip().splitlines()[-1].removeprefix(f"{type(error).__name__}: ")
-        leave(f"{Path(sys.argv[0]).name}: error: {message} (FD_TRACEBACK=1 shows where)", 2)
-
-
-def leave(line, status):
-    """Print `line` on rank 0, after any progress bar left open has ended its line, and exit with `status`."""
-    for bar in list(getattr(tqdm, "_instances", ())):
+        line, status = f"{Path(sys.argv[0]).name}: error: {message} (FD_TRACEBACK=1 shows where)", 2
+    for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar left open ends its line first
         bar.close()
     if int(os.environ.get("RANK", 0)) == 0:
         print(line, file=sys.stderr)
@@ -129,15 +120,13 @@ def stopped(signum, step):
 
 def add_schedule_flags(p, unset):
     """The length, batch and learning-rate flags; `unset` says where an unset flag takes its value from."""
-    p.add_argument("--epochs", type=number(whole_or_fraction, 0, open_low=True), default=None,
-                   help="training length, whole or a fraction (finetune.py evaluates at each epoch's end and the run's)"
-                   + unset)
-    p.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=None, help="linear warmup length, shorter than "
-                   "the run" + unset)
-    p.add_argument("--batch-size", type=POSITIVE, default=None, help="images per process per micro-step" + unset)
+    p.add_argument("--epochs", type=number(whole_or_fraction, 0, open_low=True), help="training length, whole or a "
+                   "fraction (finetune.py evaluates at each epoch's end and the run's)" + unset)
+    p.add_argument("--warmup-epochs", type=NON_NEGATIVE, help="linear warmup length, shorter than the run" + unset)
+    p.add_argument("--batch-size", type=POSITIVE, help="images per process per micro-step" + unset)
     p.add_argument("--accum", type=POSITIVE, default=1, help="micro-steps per optimizer step")
     for flag, which in (("--lr", "peak"), ("--min-lr", "final"), ("--warmup-lr", "initial")):
-        p.add_argument(flag, type=NON_NEGATIVE, default=None, help=f"{which} learning rate per 512 images" + unset)
+        p.add_argument(flag, type=NON_NEGATIVE, help=f"{which} learning rate per 512 images" + unset)
 
 
 def add_run_flags(p):
@@ -167,14 +156,12 @@ def add_run_flags(p):
 
 # ----------------------------------------------------------------------------- setup
 def setup_distributed(device=None):
-    """(rank, world_size, device) from torchrun's environment and --device: unset, this process's GPU (cuda:LOCAL_RANK)
-    if there is one, else the CPU. The backend follows the device: nccl for GPUs, gloo for CPUs (--device cpu runs
-    torchrun's ranks on the CPU of a GPU machine, e.g. to debug)."""
+    """(rank, world_size, device) from torchrun's environment and --device (unset: this process's GPU if any,
+    else the CPU). The backend follows the device: nccl, or gloo on CPUs (--device cpu on a GPU machine)."""
     world_size, local_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        if device.index is None:  # --device cuda: under torchrun each process its own GPU
-            device = torch.device("cuda", local_rank)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":  # cuda without an index: under torchrun each process its own GPU
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
         if device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
                              f"use --device cpu, or a GPU it has")
@@ -188,9 +175,8 @@ def setup_distributed(device=None):
                           is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
                           timeout=timedelta(minutes=30))
     # A dead rank should end the job with an error, not hang it forever.
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
-                            world_size=world_size, timeout=timedelta(minutes=30))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                            store=dist.PrefixStore(f"attempt{attempt}", store), timeout=timedelta(minutes=30))
     atexit.register(dist.destroy_process_group)
     return dist.get_rank(), world_size, device
 
@@ -216,19 +202,16 @@ def param_groups(model, weight_decay, lr_scale=None):
     `lr_scale(name)`, a per-parameter lr multiplier (layer-wise decay), becomes the group's 'lr_scale'."""
     groups = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        no_decay = param.ndim <= 1 or any(key in name for key in NO_WEIGHT_DECAY)
-        scale = lr_scale(name) if lr_scale else 1.0
-        group = groups.setdefault((no_decay, scale), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                                                      "lr_scale": scale})
-        group["params"].append(param)
+        if param.requires_grad:
+            no_decay = param.ndim <= 1 or any(key in name for key in NO_WEIGHT_DECAY)
+            scale = lr_scale(name) if lr_scale else 1.0
+            group = dict(params=[], weight_decay=0.0 if no_decay else weight_decay, lr_scale=scale)
+            groups.setdefault((no_decay, scale), group)["params"].append(param)
     return list(groups.values())
 
 
 class Schedule(NamedTuple):
-    """A run's length in steps, its global batch, its learning rates (per 512 images in the flags, here scaled to the
-    global batch) and how often it saves."""
+    """A run's length in steps, global batch, learning rates (scaled to the global batch), save interval."""
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
@@ -265,13 +248,6 @@ def describe(args, plan, world_size, dtype, device):
             f"{dtype or 'off (fp32)'} on {device}")
 
 
-def refuse_endless_warmup(args):
-    """A new run's warmup must be shorter than the run (a run under way keeps the schedule it started with)."""
-    if args.warmup_epochs >= args.epochs:
-        raise ValueError(f"--warmup-epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the lr "
-                         f"would never reach its peak; shorten the warmup or lengthen the run")
-
-
 def lr_at(step, total_steps, warmup_steps, lr, min_lr, warmup_lr):
     """Linear warmup from warmup_lr to lr, then cosine decay to min_lr: a pure function of the step."""
     if step < warmup_steps:
@@ -290,7 +266,7 @@ def wrap_model(model, device, world_size, fsdp, dtype):
     if fsdp and world_size > 1:
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         for name, module in model.named_modules():
-            if name.split(".")[-1] == "blocks" and isinstance(module, nn.ModuleList):
+            if name.split(".")[-1] == "blocks" and isinstance(module, torch.nn.ModuleList):
                 for block in module:
                     fully_shard(block, mp_policy=policy)
         return fully_shard(model, mp_policy=policy)
@@ -310,52 +286,9 @@ def gradient_sync(train_model, enabled):
         yield
 
 
-def full_state_dict(model):
-    """`model`'s weights as plain CPU tensors; under FSDP2 gathered (a collective), whole on rank 0 only."""
-    if any(isinstance(module, FSDPModule) for module in model.modules()):
-        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        dist.barrier()  # no rank leaves while another still gathers (gloo aborts a process torn down mid-use)
-        return weights
-    return {key: value.cpu() for key, value in model.state_dict().items()}  # a GPU's file loads on a laptop too
-
-
-def save_sharded_checkpoint(model, optimizer, meta, out, keep, world_size, is_main):
-    """OUT/checkpoint.dcp, a folder of every rank's shards of the model and optimizer (a collective), `meta`
-    and the RNG states in its meta.pth; written as checkpoint.dcp.tmp and swapped in whole: a crash mid-save
-    leaves the previous checkpoint (or, mid-swap, checkpoint.dcp.old). `keep` as in save_checkpoint."""
-    tmp, final, old = (out / f"checkpoint.dcp{suffix}" for suffix in (".tmp", "", ".old"))
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    meta = dict(meta, rng=rng_states(world_size), world_size=world_size)  # also a barrier
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
-    if is_main:
-        save_atomic(meta, tmp / "meta.pth")
-        shutil.rmtree(old, ignore_errors=True)  # left by a run killed while it swapped the folders
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-        if keep > 0:
-            shutil.copytree(final, out / f"checkpoint-{meta['step']:07d}.dcp", dirs_exist_ok=True)
-            for stale in sorted(out.glob("checkpoint-*.dcp"))[:-keep]:
-                shutil.rmtree(stale)
-    if world_size > 1:
-        dist.barrier()  # nobody reads or rewrites the folder before it is complete
-
-
-def load_sharded_checkpoint(folder, model, optimizer):
-    """Load OUT/checkpoint.dcp into `model` and `optimizer` as this run shards them, on any number of processes."""
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=folder)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
 # ----------------------------------------------------------------------------- checkpoints and log
 def save_atomic(obj, path):
     """torch.save to a flushed temporary file renamed over `path`: a crash or a full disk leaves the old file."""
-    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -372,81 +305,74 @@ def save_atomic(obj, path):
         raise
     os.replace(tmp, path)
     directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def save_checkpoint(state, out, keep, world_size, is_main):
-    """OUT/checkpoint.pth, the state to resume from, with every rank's RNG states (a collective); with `keep` > 0
-    also a snapshot OUT/checkpoint-STEP.pth, the newest `keep` kept."""
-    state = dict(state, rng=rng_states(world_size), world_size=world_size)
-    if not is_main:
-        return
-    save_atomic(state, out / "checkpoint.pth")
-    if keep > 0:
-        save_atomic(state, out / f"checkpoint-{state['step']:07d}.pth")
-        for old in sorted(out.glob("checkpoint-*.pth"))[:-keep]:
-            old.unlink()
+    os.fsync(directory)
+    os.close(directory)
 
 
 def save(out, args, model, optimizer, scaler, parts, meta, world_size, is_main):
-    """The state to resume from (a collective): with --fsdp the shards of `model` and the optimizer in
-    OUT/checkpoint.dcp, else OUT/checkpoint.pth holding the modules of `parts` by key and the optimizer; both with the
-    loss scaler, the flags and `meta` (step, epoch, what rebuilds the model and where it came from)."""
-    meta = dict(meta, scaler=scaler.state_dict(), args=vars(args))
+    """The state to resume from (a collective): `meta` (step, epoch, arch, origin), the flags, the loss scaler,
+    every rank's RNG states (drop path, mixup), the model, the optimizer. --fsdp: OUT/checkpoint.dcp, the
+    ranks' shards and meta.pth, written as checkpoint.dcp.tmp and swapped in whole (mid-swap: .dcp.old);
+    else OUT/checkpoint.pth, `parts` by key. --keep N: also the newest N as checkpoint-STEP.pth (or .dcp)."""
+    kind = ".dcp" if args.fsdp else ".pth"
+    final, tmp, old = (out / f"checkpoint{kind}{suffix}" for suffix in ("", ".tmp", ".old"))
+    if args.fsdp and is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    gpu = torch.cuda.is_initialized()  # a run on the CPU of a GPU machine leaves the GPU alone
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if gpu else None}
+    rngs = [rng] * world_size
+    if world_size > 1:  # also a barrier: no rank writes into the folder before it is emptied
+        dist.all_gather_object(rngs, rng)
+    state = dict(meta, scaler=scaler.state_dict(), args=vars(args), rng=rngs, world_size=world_size)
     if args.fsdp:
-        save_sharded_checkpoint(model, optimizer, meta, out, args.keep, world_size, is_main)
+        dcp.save(dict(zip(("model", "optimizer"), get_state_dict(model, optimizer))), checkpoint_id=tmp)
     else:
-        weights = {key: module.state_dict() for key, module in parts.items()}
-        save_checkpoint(dict(meta, **weights, optimizer=optimizer.state_dict()), out, args.keep, world_size, is_main)
+        state.update({key: part.state_dict() for key, part in parts.items()}, optimizer=optimizer.state_dict())
+    if is_main:
+        if args.fsdp:
+            save_atomic(state, tmp / "meta.pth")
+            shutil.rmtree(old, ignore_errors=True)  # left by a run killed while it swapped the folders
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            save_atomic(state, final)
+        if args.keep > 0:
+            snapshot = out / f"checkpoint-{meta['step']:07d}{kind}"
+            if args.fsdp:
+                shutil.copytree(final, snapshot, dirs_exist_ok=True)
+            else:
+                save_atomic(state, snapshot)
+            for stale in sorted(out.glob(f"checkpoint-*{kind}"))[:-args.keep]:
+                (shutil.rmtree if args.fsdp else Path.unlink)(stale)
+    if world_size > 1:
+        dist.barrier()  # no rank reads or rewrites the checkpoint before it is complete
 
 
 def save_model_file(path, model, is_main, prefix="", **record):
     """A model file (a collective under FSDP): the weights of `model` under `prefix`, as plain CPU tensors without
     it, and `record` (arch: what rebuilds the model; where it came from): student.pth, best.pth."""
-    weights = full_state_dict(model)
+    if any(isinstance(module, FSDPModule) for module in model.modules()):  # gathered, whole on rank 0 only
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        dist.barrier()  # no rank leaves while another still gathers (gloo aborts a process torn down mid-use)
+    else:
+        weights = {key: value.cpu() for key, value in model.state_dict().items()}  # a GPU's file loads on a laptop too
     if is_main:
-        save_atomic(dict(record, model={k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}),
-                    path)
-
-
-def rng_states(world_size):
-    """Every rank's states of the RNGs training draws from (a collective): the CPU's and the GPU's (drop path,
-    mixup). Data augmentation is seeded per image (data.SeededTransform) and needs none."""
-    gpu = torch.cuda.is_initialized()  # a run on the CPU of a GPU machine leaves the GPU alone
-    state = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if gpu else None}
-    if world_size == 1:
-        return [state]
-    states = [None] * world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-def restore_rng(states, rank, world_size, fresh_seed):
-    if len(states) != world_size:
-        print(f"rank {rank}: the checkpoint holds RNG states of {len(states)} processes, this run has "
-              f"{world_size}: drop path continues from seed {fresh_seed}")
-        torch.manual_seed(fresh_seed)
-        return
-    torch.set_rng_state(states[rank]["torch"])
-    if states[rank]["cuda"] is not None and torch.cuda.is_initialized():
-        torch.cuda.set_rng_state(states[rank]["cuda"])
+        weights = {k.removeprefix(prefix): value for k, value in weights.items() if k.startswith(prefix)}
+        save_atomic(dict(record, model=weights), path)
 
 
 class TrainingLog:
-    """OUT/log.jsonl (rank 0): every --log-every steps the loss (averaged over the interval and ranks; given as a vector
-    of the loss and its terms, also the terms, as loss_terms), lr, images/s, steps skipped for a non-finite gradient
-    (`max_nonfinite` in a row stop the run) and unreadable images (over `max_bad_frac` of an epoch stop it). Lines
-    after `start_step`, written again, move to OUT/log.discarded.jsonl."""
+    """OUT/log.jsonl (rank 0): every --log-every steps the loss (averaged over the interval and ranks; a
+    vector gives its terms too, as loss_terms), lr, images/s, non-finite steps skipped and unreadable images.
+    Lines after `start_step` move to log.discarded.jsonl. It stops runs at --max-nonfinite, --max-bad-frac."""
 
     def __init__(self, out, args, plan, device, world_size, is_main, start_step=0):
-        self.path, self.images_per_step = out / "log.jsonl", plan.global_batch
-        self.images_per_epoch = plan.steps_per_epoch * plan.global_batch
-        self.checkpoint = out / ("checkpoint.dcp" if getattr(args, "fsdp", False) else "checkpoint.pth")
-        self.max_nonfinite, self.max_bad_frac, self.device = args.max_nonfinite, args.max_bad_frac, device
+        self.path, self.args, self.device = out / "log.jsonl", args, device
         self.world_size, self.is_main, self.in_a_row, self.epoch, self.epoch_bad = world_size, is_main, 0, None, 0
+        self.images_per_step, self.images_per_epoch = plan.global_batch, plan.steps_per_epoch * plan.global_batch
+        self.checkpoint = out / ("checkpoint.dcp" if args.fsdp else "checkpoint.pth")  # named by the non-finite stop
         self.reset()
         if is_main and self.path.exists():
             kept, later = [], []
@@ -465,32 +391,31 @@ class TrainingLog:
         self.loss, self.steps, self.skipped, self.bad, self.start = 0.0, 0, 0, 0, time.perf_counter()
 
     def add(self, loss, finite, step, epoch, bad_images=0):
-        if epoch != self.epoch:
-            self.epoch, self.epoch_bad = epoch, 0
-        self.bad, self.epoch_bad = self.bad + bad_images, self.epoch_bad + bad_images
-        # This rank's count is a lower bound of all ranks': past the bound, stop at once, before any checkpoint.
-        if self.epoch_bad > self.max_bad_frac * self.images_per_epoch:
-            error = self.too_many_bad()
-            if not self.is_main:  # run_cli prints rank 0's errors only, and rank 0 may not have seen it
-                print(f"rank {dist.get_rank()}: {error}", file=sys.stderr)
-            raise error
+        self.epoch_bad = bad_images + (self.epoch_bad if epoch == self.epoch else 0)
+        self.epoch, self.bad = epoch, self.bad + bad_images
+        self.stop_on_bad_images(alone=True)  # before any checkpoint
         if finite:
             self.loss, self.steps, self.in_a_row = self.loss + loss, self.steps + 1, 0
             return
         self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
         if self.is_main:
             print(f"step {step}: non-finite loss or gradient, step skipped ({self.in_a_row} in a row)")
-        if self.in_a_row >= self.max_nonfinite:
+        if self.in_a_row >= self.args.max_nonfinite:
             kept = (f"{self.checkpoint} holds the last good state" if self.checkpoint.exists() else
                     "no checkpoint was written")
             raise FloatingPointError(f"step {step}: {self.in_a_row} steps in a row had a non-finite loss or gradient "
-                                     f"(--max-nonfinite {self.max_nonfinite}); {kept}. Try --amp bf16 or fp32, or a "
-                                     f"lower --lr")
+                                     f"(--max-nonfinite {self.args.max_nonfinite}); {kept}. Try --amp bf16 or fp32, "
+                                     f"or a lower --lr")
 
-    def too_many_bad(self):
-        return ValueError(f"epoch {self.epoch}: {self.epoch_bad} of its {self.images_per_epoch} images were "
-                          f"unreadable, more than --max-bad-frac {self.max_bad_frac}: the warnings name them; fix or "
-                          f"remove them")
+    def stop_on_bad_images(self, alone=False):
+        """`alone`: on this rank's count, a lower bound of all ranks' that the others may not reach."""
+        if self.epoch_bad > self.args.max_bad_frac * self.images_per_epoch:
+            error = ValueError(f"epoch {self.epoch}: {self.epoch_bad} of its {self.images_per_epoch} images were "
+                               f"unreadable, more than --max-bad-frac {self.args.max_bad_frac}: the warnings name "
+                               f"them; fix or remove them")
+            if alone and not self.is_main:  # run_cli prints rank 0's errors only
+                print(f"rank {dist.get_rank()}: {error}", file=sys.stderr)
+            raise error
 
     def write(self, epoch, **fields):
         """Log the interval that ends now; returns the record (on every rank)."""
@@ -500,8 +425,7 @@ class TrainingLog:
             dist.all_reduce(totals)
         (loss, *terms), bad = (totals[:-1] / self.world_size).tolist(), int(totals[-1].item())
         self.epoch_bad += bad - self.bad  # the other ranks' of the interval
-        if self.epoch_bad > self.max_bad_frac * self.images_per_epoch:
-            raise self.too_many_bad()
+        self.stop_on_bad_images()
         record = dict(fields, epoch=epoch, loss=loss if self.steps else None, skipped=self.skipped, bad_images=bad,
                       img_per_s=(self.steps + self.skipped) * self.images_per_step / (time.perf_counter() - self.start))
         if terms:  # distill.py's term per teacher
@@ -531,49 +455,45 @@ _HELD_LOCKS = {}  # OUT folder -> its open lock file, held for this process's li
 def lock_out(out):
     """Hold an exclusive lock on OUT (rank 0): a second run writing the same folder would interleave its log and race
     for the checkpoint. The OS drops the lock when the process ends, however it ends: a crash leaves nothing behind."""
-    key = str(out.resolve())
-    if key in _HELD_LOCKS:  # this process already holds it (a run started again in-process)
+    if out.resolve() in _HELD_LOCKS:  # this process already holds it (a run started again in-process)
         return
     lock = open(out / ".lock", "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        if not isinstance(error, BlockingIOError):  # a file system without locks (some NFS, Lustre): run unguarded
-            print(f"warning: cannot lock {out} ({error}): a second run in it would not be noticed")
-            return
+    except BlockingIOError:
         lock.seek(0)
         raise ValueError(f"--out {out}: another run is writing to it ({lock.read().strip() or 'a running process'}); "
                          f"wait for it to end, or use another --out") from None
+    except OSError as error:  # a file system without locks (some NFS, Lustre): run unguarded
+        print(f"warning: cannot lock {out} ({error}): a second run in it would not be noticed")
+        return
     lock.truncate(0)
-    lock.write(f"pid {os.getpid()} on {os.uname().nodename}")
-    lock.flush()
-    _HELD_LOCKS[key] = lock
+    print(f"pid {os.getpid()} on {os.uname().nodename}", file=lock, flush=True)
+    _HELD_LOCKS[out.resolve()] = lock
 
 
 def resume(out, args, resume_flags, world_size, is_main=True, arch=None, teachers=None):
-    """The state to resume from, or None for a new run (whose warmup must be shorter than the run): OUT/checkpoint.pth
-    (with --fsdp OUT/checkpoint.dcp's meta.pth, its "sharded" entry naming the folder), else the newest snapshot
-    (--keep). Refused: other `resume_flags`, global batch or seed (the step would mean another place in the data and
-    the schedule), another `arch` of the model, or `teachers` whose weights have another SHA-256. The number of
-    processes may change with the global batch (every step still sees the same images); other flags (the length,
-    workers, logging) are reported."""
-    kind, other = (".dcp", ".pth") if getattr(args, "fsdp", False) else (".pth", ".dcp")
+    """The state to resume from, or None for a new run (whose warmup must be shorter than the run): from
+    OUT/checkpoint.pth (--fsdp: checkpoint.dcp's meta.pth), else the newest snapshot; "source" names it.
+    Refused: other `resume_flags` or global batch (the step would be elsewhere in the data and schedule),
+    another `arch`, `teachers` of other SHA-256s. Other changes (processes too) are reported."""
+    kind, other = (".dcp", ".pth") if args.fsdp else (".pth", ".dcp")
     if (out / f"checkpoint{other}").exists():
-        raise ValueError(f"{out} holds checkpoint{other}, written {'without' if kind == '.dcp' else 'with'} "
+        raise ValueError(f"{out} holds checkpoint{other}, written {'without' if args.fsdp else 'with'} "
                          f"--fsdp: resume it as it was written, or use another --out")
-    path = out / f"checkpoint{kind}"
-    if kind == ".dcp" and not path.exists() and (out / "checkpoint.dcp.old").exists():
-        path = out / "checkpoint.dcp.old"  # a save died while swapping the folders
-    snapshots = sorted(out.glob(f"checkpoint-*{kind}"))
-    if not path.exists():
-        if not snapshots:
-            refuse_endless_warmup(args)
-            return None
-        if is_main:
-            print(f"{out / ('checkpoint' + kind)} is missing: resuming from the newest snapshot, {snapshots[-1]}")
-        path = snapshots[-1]
+    path, snapshots = out / f"checkpoint{kind}", sorted(out.glob(f"checkpoint-*{kind}"))
+    # checkpoint.dcp.old: a save died while swapping the folders
+    found = [p for p in (path, out / f"checkpoint{kind}.old", *snapshots[-1:]) if p.exists()]
+    if not found:  # a new run (a run under way keeps the schedule it started with)
+        if args.warmup_epochs >= args.epochs:
+            raise ValueError(f"--warmup-epochs {args.warmup_epochs:g} is not shorter than --epochs {args.epochs}: the "
+                             f"lr would never reach its peak; shorten the warmup or lengthen the run")
+        return None
+    if found[0] in snapshots and is_main:
+        print(f"{path} is missing: resuming from the newest snapshot, {found[0]}")
+    path = found[0]
     try:
-        state = torch.load(path / "meta.pth" if kind == ".dcp" else path, map_location="cpu", weights_only=True)
+        state = torch.load(path / "meta.pth" if path.is_dir() else path, map_location="cpu", weights_only=True)
     except Exception as error:
         offer = (f"the newest snapshot is {snapshots[-1]}: copy it to {path} to resume from it" if snapshots
                  and snapshots[-1] != path else "move it away to start afresh")
@@ -605,24 +525,34 @@ def resume(out, args, resume_flags, world_size, is_main=True, arch=None, teacher
         if is_main and old["sha256"] != new["sha256"]:  # one teacher was recorded as a dict
             raise ValueError(f"{out} was distilled from teacher weights {old['weights']} (sha256 {old['sha256']}), "
                              f"not {new['weights']}: use another --out, or that file")
-    return dict(state, source=path, **({"sharded": path} if kind == ".dcp" else {}))
+    return dict(state, source=path)
 
 
 def restore(state, model, optimizer, scaler, parts, rank, world_size, seed):
-    """The step a run starts from: 0 for a new one (`state` None), whose ranks then draw drop path and mixup each from
-    its own seed; else `state` loaded: the modules of `parts` (the checkpoint's keys) or the shards of `model`, the
-    optimizer, the loss scaler and the RNG states (a fresh seed per rank when the number of processes changed)."""
+    """The step a run starts from: 0 for a new one (`state` None), its ranks drawing drop path and mixup each
+    from its own seed; else `state` loaded: `parts` by key (from checkpoint.dcp: the shards of `model`), the
+    optimizer, the loss scaler and the RNG states (a fresh seed per rank if the processes are more or fewer)."""
     if state is None:
         torch.manual_seed(seed + rank)
         return 0
-    if "sharded" in state:
-        load_sharded_checkpoint(state["sharded"], model, optimizer)
+    if state["source"].is_dir():
+        shards = dict(zip(("model", "optimizer"), get_state_dict(model, optimizer)))
+        dcp.load(shards, checkpoint_id=state["source"])
+        set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
     else:
         for key, module in parts.items():
             module.load_state_dict(state[key])
         optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    restore_rng(state["rng"], rank, world_size, fresh_seed=seed + rank + state["step"])
+    rngs = state["rng"]
+    if len(rngs) == world_size:
+        torch.set_rng_state(rngs[rank]["torch"])
+        if rngs[rank]["cuda"] is not None and torch.cuda.is_initialized():
+            torch.cuda.set_rng_state(rngs[rank]["cuda"])
+    else:
+        print(f"rank {rank}: the checkpoint holds RNG states of {len(rngs)} processes, this run has "
+              f"{world_size}: drop path continues from seed {seed + rank + state['step']}")
+        torch.manual_seed(seed + rank + state["step"])
     if rank == 0:
         print(f"resuming from {state['source']} at step {state['step']}")
     return state["step"]
