@@ -151,7 +151,8 @@ def image_dataset(root, split="train", loader=load_rgb, labelled=False):
 
 
 def fd_transform(img_size, min_scale=0.08):
-    """FD's augmentation (the official FDTransform), for teacher and student: crop, flip, [0, 1] (models normalise)."""
+    """FD's augmentation (the official data/data_fd.py, FDTransform), for teacher and student alike: a random
+    resized crop and a flip, in [0, 1] (the models normalise)."""
     return transforms.Compose([transforms.RandomResizedCrop(img_size, scale=(min_scale, 1.0), ratio=(3 / 4, 4 / 3)),
                                transforms.RandomHorizontalFlip(), transforms.ToTensor()])
 
