@@ -1,20 +1,18 @@
 """Export a model file of this project (a distilled student.pth: its encoder; a fine-tuned classifier's best.pth or
-checkpoint.pth) for timm and transformers; neither library is needed to export.
+checkpoint.pth) for timm and transformers, without either library:
 
     python export.py out/fd/student.pth --out out/fd/export        # --to timm|hf|both, --per-block
 
-timm: OUT/timm/model.pth loads strictly into `timm.create_model(**json.load(open("OUT/timm/create_model.json"))
-["create_model"])`, a call printed too: timm's Beit (beit.py) or SwinTransformerV2 (swin_transformer_v2.py).
-transformers: OUT/hf/ (config.json, model.safetensors, preprocessor_config.json) loads with BeitModel, Swinv2Model or
-their ...ForImageClassification (modeling_beit.py, modeling_swinv2.py) `.from_pretrained("OUT/hf")`.
-
-Their outputs equal ours (test_export.py): the ViT's tokens after its final norm (timm forward_features,
-transformers last_hidden_state), the SwinV2's last stage, a classifier's logits. A position bias shared by blocks is
-copied into each (theirs have one per block; the same function): always for SwinV2, with --per-block for the ViT.
-Not carried over: ours take images in [0, 1], theirs normalised ones (the statistics are in create_model.json's
-pretrained_cfg_overlay and preprocessor_config.json); the resolution is the file's (at another, they resize position
-tables their own way, not as finetune.py does); SwinV2's shifted windows are masked with -inf by ours, -100 by timm
-and -200 by transformers (the same while every learned temperature stays well below 100); nothing of training.
+OUT/timm/model.pth loads strictly into timm's Beit or SwinTransformerV2 with the printed call, `timm.create_model(
+**json.load(open("OUT/timm/create_model.json"))["create_model"])`; OUT/hf/ (config.json, model.safetensors,
+preprocessor_config.json) with transformers' BeitModel, Swinv2Model or ...ForImageClassification `.from_pretrained`.
+Their outputs equal ours: the ViT's tokens after its final norm (timm forward_features, transformers
+last_hidden_state), the SwinV2's last stage, a classifier's logits; a position bias shared by blocks is copied into
+each, the same function (always for SwinV2, as theirs have one per block; with --per-block for the ViT).
+Not carried over: ours take images in [0, 1], theirs normalised ones (the statistics are in create_model.json and
+preprocessor_config.json); the resolution is the file's (at another, they resize position tables their own way, not
+as finetune.py does); SwinV2's shifted windows are masked with -inf by ours, -100 by timm and -200 by transformers
+(the same while every learned temperature stays well below 100); nothing of training.
 """
 import argparse
 import json
@@ -24,10 +22,9 @@ from pathlib import Path
 import torch
 
 from models import IMAGENET_MEAN, IMAGENET_STD, build_from_arch
-from teachers import DTYPE_NAMES, load_strict, read_checkpoint, rename, shared_bias_to_per_block
+from teachers import DTYPE_NAMES, load_strict, read_model_file, rename, shared_bias_to_per_block
 
-# A ViT arch saved by models.PretrainedViT is the student (a BEiT) only with these values: anything else is a
-# published teacher's layout (absolute positions, a full qkv bias, QuickGELU, ...), which neither Beit has.
+# The values of the student (a BEiT) in a models.PretrainedViT arch; others are a published teacher's, no BEiT's.
 BEIT_VALUES = dict(abs_pos=False, qv_bias=True, act="gelu", norm_pre=False, patch_bias=True, num_registers=0,
                    norm_eps=1e-6, class_token=True)
 # Our names -> theirs, applied in order with re.sub.
@@ -55,22 +52,20 @@ HF_QKV = {"beit": ("q_proj", "k_proj", "v_proj"), "swinv2": ("query", "key", "va
 def unsupported(arch):
     """Why the model of an arch has no timm / transformers twin, or None."""
     encoder, classifier = arch.get("encoder", arch), "encoder" in arch
-    pooling = arch.get("pooling", "mean_then_fc_norm")  # what models.build_from_arch assumes for older files
+    swin, pooling = "depths" in encoder, arch.get("pooling", "mean_then_fc_norm")  # older files' default
+    odd = {k: encoder[k] for k in BEIT_VALUES if k in encoder and encoder[k] != BEIT_VALUES[k]}
     if arch.get("linear_probe"):
         return "a linear probe (a BatchNorm without affine parameters before the head) has no timm or transformers twin"
-    if "depths" in encoder:
-        if encoder["version"] != 2:
-            return "a Swin V1 (the EsViT teacher's architecture); only SwinV2 students are exported"
-        if encoder["norm_eps"] != 1e-5:
-            return f"LayerNorm eps {encoder['norm_eps']}: timm's and transformers' SwinV2 use 1e-5"
-        if classifier and pooling != "norm_then_mean":  # a file of an earlier finetune.py
-            return (f"this Swin classifier pools {pooling}: the mean of the tokens before the final norm, then "
-                    f"fc_norm; timm's and transformers' SwinV2 apply the final norm to every token, then the mean")
-        return None
-    odd = {k: encoder[k] for k in BEIT_VALUES if k in encoder and encoder[k] != BEIT_VALUES[k]}
-    if odd:
+    if swin and encoder["version"] != 2:
+        return "a Swin V1 (the EsViT teacher's architecture); only SwinV2 students are exported"
+    if swin and encoder["norm_eps"] != 1e-5:
+        return f"LayerNorm eps {encoder['norm_eps']}: timm's and transformers' SwinV2 use 1e-5"
+    if swin and classifier and pooling != "norm_then_mean":  # a file of an earlier finetune.py
+        return (f"this Swin classifier pools {pooling}: the mean of the tokens before the final norm, then "
+                f"fc_norm; timm's and transformers' SwinV2 apply the final norm to every token, then the mean")
+    if not swin and odd:
         return f"a ViT with {odd} (a published teacher's layout) is not a BEiT: export the student distilled from it"
-    if classifier and pooling != "mean_then_fc_norm":
+    if not swin and classifier and pooling != "mean_then_fc_norm":
         return f"a ViT classifier pooling {pooling}: transformers' BEiT pools the mean of the tokens, then a layernorm"
     return None
 
@@ -89,26 +84,23 @@ def timm_create_model(encoder, num_classes, rel_pos, stats):
     size = encoder["img_size"]
     overlay = dict(stats, input_size=[3, size, size], crop_pct=0.875, interpolation="bicubic")  # data.eval_transform
     common = dict(pretrained=False, img_size=size, patch_size=encoder["patch_size"], embed_dim=encoder["embed_dim"],
-                  num_heads=encoder["num_heads"], num_classes=num_classes)
+                  num_heads=encoder["num_heads"], num_classes=num_classes, pretrained_cfg_overlay=overlay)
     if "depths" in encoder:
         return dict(model_name="swinv2_base_window8_256", **common, global_pool="avg", depths=encoder["depths"],
-                    window_size=encoder["window_size"], pretrained_window_sizes=encoder["pretrained_windows"],
-                    pretrained_cfg_overlay=overlay)
+                    window_size=encoder["window_size"], pretrained_window_sizes=encoder["pretrained_windows"])
     # Students (num_classes 0, no pooling) keep their final norm on every token; classifiers pool, then fc_norm.
     # timm's Beit derives its fc_norm from the pooling (before timm 1.0.31 it takes no use_fc_norm).
     return dict(model_name="beit_base_patch16_224", **common, global_pool="avg" if num_classes else "",
                 depth=encoder["depth"], mlp_ratio=encoder["mlp_ratio"], use_abs_pos_emb=False,
                 use_rel_pos_bias=rel_pos == "per_block", use_shared_rel_pos_bias=rel_pos == "shared",
-                init_values=encoder["layer_scale"] or 0.0,  # create_model drops None: beit_base's 0.1 would stay
-                pretrained_cfg_overlay=overlay)
+                init_values=encoder["layer_scale"] or 0.0)  # create_model drops None: beit_base's 0.1 would stay
 
 
 def hf_config(encoder, num_classes, rel_pos):
     common = dict(image_size=encoder["img_size"], patch_size=encoder["patch_size"], num_channels=3, hidden_act="gelu",
                   drop_path_rate=0.0)
-    if num_classes:  # an encoder keeps transformers' default labels
-        common.update(id2label={str(i): f"LABEL_{i}" for i in range(num_classes)},
-                      label2id={f"LABEL_{i}": i for i in range(num_classes)})
+    if num_classes:  # labels LABEL_0, LABEL_1, ...; an encoder keeps transformers' default
+        common.update(num_labels=num_classes)
     if "depths" in encoder:
         return dict(model_type="swinv2", **common, embed_dim=encoder["embed_dim"], depths=encoder["depths"],
                     architectures=["Swinv2ForImageClassification" if num_classes else "Swinv2Model"],
@@ -131,44 +123,34 @@ def write_safetensors(state, path):
         raise ValueError("safetensors stores little-endian bytes: export on a little-endian machine")
     header, chunks, offset = {"__metadata__": {"format": "pt"}}, [], 0  # transformers checks the format
     for name, tensor in state.items():
-        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        chunks.append(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         header[name] = dict(dtype=DTYPE_NAMES[tensor.dtype][1], shape=list(tensor.shape),
-                            data_offsets=[offset, offset + len(raw)])
-        chunks.append(raw)
-        offset += len(raw)
+                            data_offsets=[offset, offset + len(chunks[-1])])
+        offset += len(chunks[-1])
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)  # tensor data 8-byte aligned, as the reference writer does
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little") + text)
-        f.writelines(chunks)
+    Path(path).write_bytes(len(text).to_bytes(8, "little") + text + b"".join(chunks))
 
 
 def export_model_file(path, out, to="both", per_block=False):
     """OUT/timm/ and/or OUT/hf/ of a model file (see above); ValueError 'FILE: cannot export: why' if it has no twin."""
     path, out = Path(path), Path(out)
     try:
-        checkpoint = read_checkpoint(path)
-        # a model file ('model'), or a distillation checkpoint ('student')
-        source = checkpoint.get("model", checkpoint.get("student")) if isinstance(checkpoint, dict) else None
-        if not (isinstance(source, dict) and isinstance(checkpoint.get("arch"), dict)):
-            found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-            raise ValueError(f"not a model file of this project (expected the keys 'arch' and 'model' of a student.pth "
-                             f"or a classifier's best.pth; found {found})")
-        arch = checkpoint["arch"]
+        arch, state, _ = read_model_file(path, head=True)
         if reason := unsupported(arch):
             raise ValueError(reason)
-        load_strict(build_from_arch(arch), source, str(path))  # every key and shape checked by rebuilding the model
+        load_strict(build_from_arch(arch), state, str(path))  # every key and shape checked by rebuilding the model
     except (FileNotFoundError, TypeError, ValueError) as error:  # messages that may start with FILE
         why = str(error).removeprefix(f"{path}: ").removeprefix(f"{path} ")
         raise ValueError(f"{path}: cannot export: {why}") from None
 
     encoder, num_classes = arch.get("encoder", arch), arch.get("num_classes", 0)
-    swin, state = "depths" in encoder, {k.removeprefix("encoder."): v for k, v in source.items()}
+    swin, state = "depths" in encoder, {k.removeprefix("encoder."): v for k, v in state.items()}
     if swin:  # 0: offsets scaled by the stage's own window (timm, transformers), as ours without pretrained_windows
         windows = encoder.get("pretrained_windows") or [0] * len(encoder["depths"])
         encoder = dict(encoder, pretrained_windows=list(windows))
     rel_pos = "per_block" if per_block and encoder.get("rel_pos") else encoder.get("rel_pos")
-    if swin or rel_pos != encoder.get("rel_pos"):
+    if swin or per_block:
         state = shared_bias_to_per_block(state)
     stats = dict(mean=list(encoder.get("mean", IMAGENET_MEAN)), std=list(encoder.get("std", IMAGENET_STD)))
     kind = f"{'SwinV2' if swin else 'ViT'} {'classifier' if num_classes else 'encoder'}"
@@ -182,20 +164,18 @@ def export_model_file(path, out, to="both", per_block=False):
         print(f"timm: {out / 'timm' / 'model.pth'} ({kind}) loads strictly into\n  {call}")
     if to in ("hf", "both"):
         (out / "hf").mkdir(parents=True, exist_ok=True)
-        family = "swinv2" if swin else "beit"
+        family, size = "swinv2" if swin else "beit", encoder["img_size"]
         # A classifier's encoder lives under the base model's prefix; its head is `classifier`.
         head = [(r"^(?!head\.)", f"{family}."), (r"^head\.", "classifier.")] if num_classes else []
-        rules = (SWIN_HF if swin else VIT_HF) + head
-        write_safetensors(split_qkv({rename(k, rules, regex=True): v for k, v in state.items()}, HF_QKV[family]),
-                          out / "hf" / "model.safetensors")
+        weights = {rename(k, (SWIN_HF if swin else VIT_HF) + head, regex=True): v for k, v in state.items()}
+        write_safetensors(split_qkv(weights, HF_QKV[family]), out / "hf" / "model.safetensors")
         config = hf_config(encoder, num_classes, rel_pos)
-        (out / "hf" / "config.json").write_text(json.dumps(config, indent=1))
-        size = encoder["img_size"]
         processor = dict(image_processor_type="BeitImageProcessor" if family == "beit" else "ViTImageProcessor",
                          do_resize=True, size=dict(height=size, width=size), resample=3,  # PIL's bicubic
                          do_center_crop=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
                          image_mean=stats["mean"], image_std=stats["std"])
-        (out / "hf" / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+        for name, content in (("config.json", config), ("preprocessor_config.json", processor)):
+            (out / "hf" / name).write_text(json.dumps(content, indent=1))
         print(f"transformers: {out / 'hf'} ({kind}) loads with {config['architectures'][0]}.from_pretrained")
     return out
 

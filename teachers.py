@@ -1,11 +1,7 @@
 """The published teachers and the files encoders come from: the TEACHERS table (CLIP, DINO, DeiT, DINOv2,
-torchvision, EsViT, and any file of the timm, open_clip, torchvision or Hugging Face layouts), their file formats read
-without running code from them, their conversions to the names of models.py, and this project's own model files
-(a distilled student is a teacher too, and any encoder an init of finetune.py).
-
-`load_teacher` is what distill.py calls, `load_pretrained` what finetune.py and diagnose.py call. Pure
-state_dict -> state_dict functions convert each layout; a strict load lists every key that does not fit. Each
-teacher's input statistics are part of its arch, set once where the model is built.
+torchvision, EsViT, any file of the timm, open_clip, torchvision or Hugging Face layouts), their file formats
+read without running code from them, their conversions to the names of models.py, this project's model files
+(a distilled student is a teacher too, any encoder an init of finetune.py) and the encoder as fine-tuned.
 """
 import argparse
 import collections
@@ -29,8 +25,7 @@ from models import (IMAGENET_MEAN, IMAGENET_STD, VIT_SIZES, Teacher, build_from_
 from training import number
 
 # ============================================================================= the published teachers
-# Each entry: its image tower's architecture (models.PretrainedViT's options), its file's layout (as OpenAI's
-# clip/model.py, timm's and torchvision's vision_transformer.py, DINOv2, EsViT write it), URL, SHA-256 (or a prefix).
+# Each entry: its image tower's architecture (models.PretrainedViT's options), layout, URL, SHA-256 (prefix).
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 PLAIN_VIT = dict(rel_pos=None, abs_pos=True, qv_bias=False, layer_scale=None, norm_eps=1e-6)
 
@@ -73,11 +68,8 @@ TEACHERS = {
     "open_clip": dict(layout="openai_clip", act="gelu"),  # open_clip's own models use nn.GELU
     "open_clip_quickgelu": dict(layout="openai_clip", act="quick_gelu"),  # OpenAI weights in open_clip files
     "torchvision": dict(layout="torchvision", act="gelu"),
-    "hf": dict(layout="hf"),  # a transformers CLIP, SigLIP or DINOv2 folder, its architecture from config.json
+    "hf": dict(layout="hf"),  # a transformers CLIP, SigLIP or DINOv2 folder, its arch from config.json
 }
-
-
-# Key conversions: pure functions from a published state dict to our names. Towers and heads the
 
 
 # ============================================================================= building teachers
@@ -88,39 +80,36 @@ def sizes(arch):
     return f"a ViT of width {arch['embed_dim']}, depth {arch['depth']}, patch {arch['patch_size']}"
 
 
-# How the user of a command names a teacher and its weights, for the messages of load_pretrained: distill.py's flags.
-TEACHER_FLAGS = dict(name="--teacher", weights="with --teacher-weights FILE")
+TEACHER_FLAGS = dict(name="--teacher", weights="with --teacher-weights FILE")  # distill.py's, for messages
 
 
 def load_pretrained(name, weights=None, img_size=None, grid=None, mean=None, std=None, flags=TEACHER_FLAGS):
-    """A pretrained encoder (trainable, in train mode) that maps images in [0, 1] to its tokens:
-    - a teacher of TEACHERS, from `weights` (a file in its published layout; for 'hf' a transformers model folder),
-      else from its published file (downloaded into the torch hub cache), or random weights if `weights == "random"`;
-    - with any other name, from `weights`, a model file this project wrote, or without it a plain ViT such as
-      'vit_tiny_patch16' (random weights from a fixed seed: the same in every process).
-    `img_size` or `grid` (tokens per side): the input resolution, absolute position embeddings resized bicubically.
-    `mean`, `std`: input statistics replacing the teacher's own, recorded in its arch. `flags`: as TEACHER_FLAGS."""
-    source, final_norm, named = name, True, f"{flags['name']} {name}"
+    """A pretrained encoder (trainable, in train mode) mapping images in [0, 1] to its tokens (finetune.py,
+    diagnose.py): a teacher of TEACHERS from `weights` (its published layout; 'hf': a transformers folder),
+    its published file (downloaded into the torch hub cache) or random weights (`weights == "random"`);
+    another name from `weights`, a model file this project wrote, or a plain ViT such as 'vit_tiny_patch16'
+    (random weights from a fixed seed, the same in every process). `img_size` or `grid` (tokens per side):
+    the input resolution, absolute positions resized bicubically. `mean`, `std`: to replace its statistics."""
+    source, state, final_norm, named = name, None, True, f"{flags['name']} {name}"
     if name in TEACHERS:
-        spec, state = TEACHERS[name], None
+        spec, arch = TEACHERS[name], TEACHERS[name].get("arch")
         if weights != "random":
             path = Path(weights) if weights else teacher_weights_file(name, flags)
             if spec["layout"] == "hf":  # the architecture is in config.json beside the weights
                 path, state, arch = read_hf_model(path)
-                spec = dict(spec, arch=arch)
             else:
                 prefer = (spec["state_key"], *WRAPPER_KEYS) if "state_key" in spec else WRAPPER_KEYS
                 state = CONVERTERS[spec["layout"]](unwrap_state_dict(read_checkpoint(path), path, prefer))
             source = str(path)
-        if "arch" not in spec and state is None:
+        if arch is None and state is None:
             raise ValueError(f"{named} has no fixed architecture: give its weights file {flags['weights']}")
         try:
-            arch = dict(spec["arch"]) if "arch" in spec else infer_vit_arch(state, spec["act"])
+            arch = dict(arch or infer_vit_arch(state, spec["act"]))
         except KeyError as error:  # a tensor infer_vit_arch needs
             raise ValueError(f"{source} does not fit the {spec['layout']} layout of {named} (missing: "
                              f"{error.args[0]}; the file has {', '.join(list(state)[:8])}, ...)") from None
     elif weights not in (None, "random"):
-        (arch, state, _), source = read_encoder_file(weights), str(weights)
+        (arch, state, _), source = read_model_file(weights), str(weights)
         try:  # the name of an architecture (vit_base_patch16) must be the file's; other names are labels
             named = sizes(swin_arch(name) if name.startswith("swin") else teacher_arch(*parse_vit_name(name)))
         except ValueError:
@@ -131,31 +120,29 @@ def load_pretrained(name, weights=None, img_size=None, grid=None, mean=None, std
         final_norm = any(k.startswith("norm.") for k in state)  # a fine-tuned classifier pools before any
     else:  # a plain ViT of a named size, random weights
         try:
-            arch, state = teacher_arch(*parse_vit_name(name)), None
+            arch = teacher_arch(*parse_vit_name(name))
         except ValueError:
             raise ValueError(f"unknown teacher {name!r}: expected one of {', '.join(TEACHERS)}, a plain ViT such as "
                              f"vit_base_patch16 (random weights), or a model file of this project as weights") from None
 
-    # Only absolute positions follow a new grid; relative ones (students, Swin) don't: distill.py resizes their tokens.
+    # Absolute positions follow a new grid, relative ones (students, Swin) don't: distill.py resizes tokens.
     if arch.get("abs_pos") and not arch.get("rel_pos"):
         patch = arch["patch_size"]
         img_size = grid * patch if grid is not None else img_size
         if img_size and img_size != arch["img_size"]:
             if state is not None:
-                with torch.device("meta"):  # the file must fit the architecture at its own size before any resizing
+                with torch.device("meta"):  # the file must fit the architecture at its own size first
                     native = build_from_arch(arch)
                     native.norm = native.norm if final_norm else nn.Identity()
                 load_strict(native, state, source, check_only=True)
                 old_grid, new_grid = (arch["img_size"] // patch,) * 2, (img_size // patch,) * 2
                 state["pos_embed"] = resize_pos_embed(state["pos_embed"], old_grid, new_grid)
             arch["img_size"] = img_size
-    for key, values in (("mean", mean), ("std", std)):  # set here, once: the model normalises with its arch's
-        if values is not None:
-            arch[key] = list(values)
+    arch.update({key: list(values) for key, values in dict(mean=mean, std=std).items() if values is not None})
     with torch.random.fork_rng(devices=[]):  # the same random weights on every process
         torch.manual_seed(0)
         model = build_from_arch(arch)
-    model.norm = model.norm if final_norm else nn.Identity()  # a fine-tuned classifier's encoder: tokens as they come
+    model.norm = model.norm if final_norm else nn.Identity()  # a classifier's encoder: tokens as they come
     if state is not None:
         load_strict(model, state, source)
     model.source = source
@@ -189,9 +176,9 @@ def add_teacher_flags(p, default):
 
 
 def load_teachers(args, grid, device, is_main):
-    """distill.py's frozen teachers of --teacher A[,B...] giving `grid` x `grid` tokens, as the student, each printed
-    on rank 0; what the student's files record of each (name, weights file, its SHA-256, input statistics); their loss
-    weights, summing to 1."""
+    """distill.py's frozen teachers of --teacher A[,B...] giving `grid` x `grid` tokens, as the student, each
+    printed on rank 0; what the student's files record of each (name, weights, SHA-256, input statistics);
+    their loss weights, summing to 1."""
     names = args.teacher.split(",")
     files = args.teacher_weights.split(",") if args.teacher_weights is not None else [""] * len(names)
     loss_weights = args.teacher_loss_weights or [1.0] * len(names)
@@ -204,7 +191,10 @@ def load_teachers(args, grid, device, is_main):
     for name, weights, loss_weight in zip(names, files, loss_weights):
         teacher = load_teacher(name, weights or None, grid, args.teacher_mean, args.teacher_std).to(device)
         stats = dict(mean=teacher.encoder.mean.flatten().tolist(), std=teacher.encoder.std.flatten().tolist())
-        sha256 = sha256sum(teacher.source) if is_main and Path(teacher.source).is_file() else None
+        sha256 = None
+        if is_main and Path(teacher.source).is_file():
+            with open(teacher.source, "rb") as f:
+                sha256 = hashlib.file_digest(f, "sha256").hexdigest()
         infos.append(dict(name=name, weights=teacher.source, sha256=sha256, **stats))
         teachers.append(teacher)
         if is_main:
@@ -217,7 +207,7 @@ def load_teachers(args, grid, device, is_main):
 
 # ============================================================================= this project's files
 def load_model_file(path):
-    """Rebuild a model, strictly, from a file this project wrote ({'arch': ..., 'model': state_dict}: student.pth)."""
+    """Rebuild a model, strictly, from a model file this project wrote (student.pth: 'arch', 'model')."""
     state = read_checkpoint(path)
     if not isinstance(state, dict) or "arch" not in state or "model" not in state:
         raise ValueError(f"{path}: not a model file written by this project (expected the keys 'arch' and 'model', "
@@ -227,14 +217,14 @@ def load_model_file(path):
     return model
 
 
-def read_encoder_file(path):
-    """(arch, state dict, description) of the encoder in a file this project wrote: a model file (a distilled
-    student.pth; a fine-tuned Classifier, without its head) or a distillation checkpoint.pth (its student)."""
+def read_model_file(path, head=False):
+    """(arch, state dict, description) of a file this project wrote: a model file (a distilled student.pth; a
+    fine-tuned Classifier, its encoder alone unless `head`) or a distillation checkpoint.pth (its student)."""
     state = read_checkpoint(path)
     if isinstance(state, dict) and "arch" in state and "student" in state:
         return state["arch"], state["student"], f"the student of distillation checkpoint {path} (step {state['step']})"
     if isinstance(state, dict) and "arch" in state and "model" in state:
-        if "encoder" in state["arch"]:
+        if "encoder" in state["arch"] and not head:
             encoder = {k.removeprefix("encoder."): v for k, v in state["model"].items() if k.startswith("encoder.")}
             return state["arch"]["encoder"], encoder, f"the encoder of classifier {path}"
         return state["arch"], state["model"], f"model file {path}"
@@ -244,7 +234,7 @@ def read_encoder_file(path):
 
 
 # ============================================================================= reading files
-DATA_ONLY_GLOBALS = {"argparse.Namespace": argparse.Namespace}  # pickled training arguments (EsViT, DINO)
+DATA_ONLY_GLOBALS = [argparse.Namespace]  # pickled training arguments (EsViT, DINO)
 WRAPPER_KEYS = ("model", "state_dict", "teacher", "student", "module")  # where checkpoints nest a state dict
 
 
@@ -254,34 +244,27 @@ def read_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             if any(name.endswith("/constants.pkl") for name in archive.namelist()):
                 return read_torchscript(archive)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        try:
-            globals_ = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except ValueError:  # not a pickle at all: text, an HTML page saved under the file's name
-            raise not_a_checkpoint(path, error) from None
-        refused = sorted(g for g in globals_ if g not in DATA_ONLY_GLOBALS)
-        if refused:
-            raise ValueError(f"{path}: refused: unpickling it would call {', '.join(refused)}, which can run code. "
-                             f"Nothing from it was executed. If you trust the file, re-save its tensors as a plain "
-                             f"state dict") from None
-        with torch.serialization.safe_globals([DATA_ONLY_GLOBALS[g] for g in globals_]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    # OSError: the zip reader's 'Invalid argument' on a cut file; KeyError, IndexError: other bytes read as a pickle
-    except (RuntimeError, EOFError, OSError, KeyError, IndexError) as error:
-        raise not_a_checkpoint(path, error) from None
-
-
-def not_a_checkpoint(path, error):
-    return ValueError(f"{path}: not a readable checkpoint, probably truncated or not written by torch.save "
-                      f"({type(error).__name__}: {str(error).split('.')[0]}): download or copy it again")
+        if path.suffix == ".safetensors":
+            return read_safetensors(path)
+        with torch.serialization.safe_globals(DATA_ONLY_GLOBALS):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as error:  # a global not allowed (ValueError: no zip of torch.save)
+                if not (refused := sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))):
+                    raise ValueError(str(error)) from None  # no global to blame: unreadable bytes
+    # Cut short (the zip reader's OSError 'Invalid argument'), no pickle or no safetensors header at all
+    except (RuntimeError, EOFError, OSError, LookupError, ValueError, TypeError, AttributeError) as error:
+        why = f"{type(error).__name__}: {str(error).split('. ')[0]}"
+        raise ValueError(f"{path}: not a readable checkpoint, probably truncated or of another format "
+                         f"({why}): download or copy it again") from None
+    raise ValueError(f"{path}: refused: unpickling it would call {', '.join(refused)}, which can run code. "
+                     f"Nothing from it was executed. If you trust the file, re-save its tensors as a plain "
+                     f"state dict")
 
 
 # Each dtype's names: a TorchScript archive's storage class (torch.FloatStorage, ...), a safetensors header's.
@@ -301,25 +284,19 @@ def read_torchscript(archive):
     """The tensors of a TorchScript archive (OpenAI CLIP's .pt files), by name as in its state_dict(), without
     torch.jit: data.pkl is unpickled refusing all globals but module placeholders and TORCHSCRIPT_GLOBALS."""
     root = archive.namelist()[0].split("/")[0]
-    storages = {}
-
-    class ScriptModule:
-        """Stands in for a TorchScript module while unpickling: only holds its attributes."""
+    ScriptModule = type("ScriptModule", (), {})  # stands in for a TorchScript module, holding its attributes
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
-            if module.startswith("__torch__"):
-                return ScriptModule
-            if (module, name) not in TORCHSCRIPT_GLOBALS:
+            obj = ScriptModule if module.startswith("__torch__") else TORCHSCRIPT_GLOBALS.get((module, name))
+            if obj is None:
                 raise pickle.UnpicklingError(f"refused to load {module}.{name} from a TorchScript archive")
-            return TORCHSCRIPT_GLOBALS[module, name]
+            return obj
 
-        def persistent_load(self, pid):  # ('storage', dtype, key, location, numel)
-            _, dtype, key, _, numel = pid
-            if key not in storages:
-                raw = bytearray(archive.read(f"{root}/data/{key}"))
-                storages[key] = torch.frombuffer(raw, dtype=dtype)[:numel] if numel else torch.empty(0, dtype=dtype)
-            return storages[key]
+        def persistent_load(self, pid):  # once per storage: the archive's pickler memoizes them
+            _, dtype, key, _, numel = pid  # ('storage', dtype, key, location, numel)
+            raw = bytearray(archive.read(f"{root}/data/{key}"))
+            return torch.frombuffer(raw, dtype=dtype)[:numel] if numel else torch.empty(0, dtype=dtype)
 
     def tensors(module, prefix=""):  # (name, tensor) of a module and, recursively, of its submodules
         for name, value in vars(module).items():
@@ -332,30 +309,22 @@ def read_torchscript(archive):
 
 
 def read_safetensors(path):
-    """A safetensors file: an 8-byte little-endian header length, a JSON header (dtype, shape, byte range), the data.
-    Anything else (text, a renamed .pth, a truncated download) is refused as not a readable checkpoint."""
-    raw = path.read_bytes()
-    header_len = int.from_bytes(raw[:8], "little")
-    try:
-        header, data = json.loads(raw[8:8 + header_len]), memoryview(raw)[8 + header_len:]
-        header.pop("__metadata__", None)  # strings, not a tensor
-        tensors = {}
-        for name, info in header.items():
-            dtype, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
-            if end > len(data) or end - start != math.prod(info["shape"]) * dtype.itemsize:
-                raise ValueError(f"{name}: bytes {start}-{end} of {len(data)}")
-            tensors[name] = (torch.frombuffer(bytearray(data[start:end]), dtype=dtype) if end > start else
-                             torch.empty(0, dtype=dtype)).reshape(info["shape"])
-        return tensors
-    except (ValueError, KeyError, TypeError, AttributeError) as error:  # JSONDecodeError, UnicodeDecodeError too
-        raise ValueError(f"{path}: not a readable checkpoint (not a safetensors file, or truncated: "
-                         f"{type(error).__name__}: {str(error)[:80]}); download it again") from None
+    """A safetensors file: the header's length (8 bytes, little-endian), a JSON header, the tensors' bytes."""
+    raw = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8:start]), torch.frombuffer(raw, dtype=torch.uint8)[start:]
+    header.pop("__metadata__", None)  # strings, not a tensor
+    tensors = {}
+    for name, info in header.items():  # bytes that do not fit the dtype and shape fail to view or reshape
+        begin, end = info["data_offsets"]
+        tensors[name] = data[begin:end].clone().view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return tensors
 
 
-def unwrap_state_dict(checkpoint, path, prefer=WRAPPER_KEYS):
-    """The state dict inside a checkpoint: the first of `prefer` that a nested dict is found under, with the
-    prefixes of wrappers removed (DDP's module., torch.compile's _orig_mod., DINO's backbone., its head dropped)."""
-    state = checkpoint
+def unwrap_state_dict(state, path, prefer=WRAPPER_KEYS):
+    """The state dict inside a checkpoint: the first of `prefer` that a nested dict is found under, without
+    DDP's module. and torch.compile's _orig_mod.; only the image tower where its names have a prefix (DINO's
+    backbone., without its head; transformers' vision_model., without the text tower)."""
     while isinstance(state, dict) and not all(isinstance(v, torch.Tensor) for v in state.values()):
         key = next((k for k in prefer if isinstance(state.get(k), dict)), None)
         if key is None:
@@ -363,14 +332,14 @@ def unwrap_state_dict(checkpoint, path, prefer=WRAPPER_KEYS):
                              f"{', '.join(prefer)}; found {', '.join(map(str, state))}")
         state = state[key]
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-    if any(k.startswith("backbone.") for k in state):
-        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    for tower in ("backbone.", "vision_model."):
+        if any(k.startswith(tower) for k in state):
+            state = {k.removeprefix(tower): v for k, v in state.items() if k.startswith(tower)}
     return state
 
 
 def load_strict(model, state, source, check_only=False):
-    """load_state_dict, naming every missing, unexpected or misshapen key: a silently half-loaded teacher ruins runs.
-    `check_only`: the checks alone (a model on the meta device, which holds no values to load into)."""
+    """load_state_dict naming every missing, unexpected or misshapen key: a half-loaded teacher ruins runs."""
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(expected[k].shape)})" for k in expected
@@ -381,16 +350,8 @@ def load_strict(model, state, source, check_only=False):
                     if keys]
         raise ValueError(f"{source} does not fit this model ({'; '.join(problems)}). Is it the file of another "
                          f"model? Check the model's name and its weights file")
-    if not check_only:
+    if not check_only:  # a model on the meta device holds no values to load into
         model.load_state_dict(state)  # casts fp16 weights (OpenAI CLIP) to the model's dtype
-
-
-def sha256sum(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def teacher_weights_file(name, flags=TEACHER_FLAGS):
@@ -410,10 +371,21 @@ def teacher_weights_file(name, flags=TEACHER_FLAGS):
     return path
 
 
-# Key conversions: pure functions from a published state dict to our names. Towers and heads the
-# FD target does not use are dropped by name; anything else unknown is left for the strict load.
+# Key conversions from a published state dict to our names. Towers and heads the FD target does not use are
+# dropped by name; anything else unknown is left for the strict load.
 CLIP_TEXT_TOWER = ("transformer.", "token_embedding.", "ln_final.", "positional_embedding", "text_projection",
                    "logit_scale", "visual.proj")  # visual.proj maps to the text space, after the FD target
+CLIP_RENAMES = [("visual.", ""), ("class_embedding", "cls_token"), ("positional_embedding", "pos_embed"),
+                ("conv1.", "patch_embed."), ("ln_pre.", "norm_pre."), ("ln_post.", "norm."),
+                ("transformer.resblocks.", "blocks."), (".ln_1.", ".norm1."), (".ln_2.", ".norm2."),
+                (".attn.in_proj_", ".attn.qkv."), (".attn.out_proj.", ".attn.proj."),
+                (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2.")]
+TV_RENAMES = [("class_token", "cls_token"), ("conv_proj.", "patch_embed."), ("encoder.ln.", "norm."),
+              ("encoder.pos_embedding", "pos_embed"), ("encoder.layers.encoder_layer_", "blocks."),
+              (".ln_1.", ".norm1."), (".ln_2.", ".norm2."), (".self_attention.out_proj.", ".attn.proj."),
+              (".self_attention.in_proj_", ".attn.qkv."), (".mlp.0.", ".mlp.fc1."), (".mlp.3.", ".mlp.fc2.")]
+TIMM_RENAMES = [("patch_embed.proj.", "patch_embed."), (".ls1.gamma", ".gamma_1"), (".ls2.gamma", ".gamma_2"),
+                ("register_tokens", "reg_token"), ("reg_token", "reg_tokens")]  # DINOv2's name, then timm's
 
 
 def rename(key, renames, regex=False):
@@ -422,23 +394,18 @@ def rename(key, renames, regex=False):
     return key
 
 
-def convert_openai_clip(state):
-    renames = [("visual.", ""), ("class_embedding", "cls_token"), ("positional_embedding", "pos_embed"),
-               ("conv1.", "patch_embed."), ("ln_pre.", "norm_pre."), ("ln_post.", "norm."), (".ln_1.", ".norm1."),
-               ("transformer.resblocks.", "blocks."), (".ln_2.", ".norm2."), (".attn.in_proj_", ".attn.qkv."),
-               (".attn.out_proj.", ".attn.proj."), (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2.")]
-    out = {rename(k, renames): v for k, v in state.items() if not k.startswith(CLIP_TEXT_TOWER)}
-    for key in out.keys() & {"cls_token", "pos_embed"}:  # (C,) and (1+N, C) in the file: add our batch axis
+def convert(state, renames, drop, regex=False):
+    """`state` in our names, without the tensors whose names start with `drop`; class token and positions
+    shaped as ours, (1, [1 +] N, C), where CLIP stores (C,) and (1 + N, C), SigLIP (N, C)."""
+    out = {rename(k, renames, regex): v for k, v in state.items() if not k.startswith(drop)}
+    for key in out.keys() & {"cls_token", "pos_embed"}:
         out[key] = out[key].reshape(1, -1, out[key].shape[-1])
     return out
 
 
 def convert_timm(state):
     """timm's layout (DINO, DeiT, timm checkpoints) and the official DINOv2 one."""
-    renames = [("patch_embed.proj.", "patch_embed."), (".ls1.gamma", ".gamma_1"), (".ls2.gamma", ".gamma_2")]
-    registers = {"register_tokens": "reg_tokens", "reg_token": "reg_tokens"}  # DINOv2's name, timm's name
-    out = {registers.get(k) or rename(k, renames): v for k, v in state.items()
-           if not k.startswith(("head.", "mask_token"))}  # classifier / CLIP projection; DINOv2's MIM token
+    out = convert(state, TIMM_RENAMES, ("head.", "mask_token"))  # classifier, projection; DINOv2's MIM token
     pos = out.get("pos_embed")
     if pos is not None and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
         # timm's DINOv2-with-registers layout keeps no class position (it is folded into cls_token)
@@ -446,31 +413,19 @@ def convert_timm(state):
     return out
 
 
-def convert_torchvision(state):
-    renames = [("class_token", "cls_token"), ("conv_proj.", "patch_embed."), ("encoder.pos_embedding", "pos_embed"),
-               ("encoder.layers.encoder_layer_", "blocks."), (".ln_1.", ".norm1."), (".ln_2.", ".norm2."),
-               (".self_attention.in_proj_", ".attn.qkv."), (".self_attention.out_proj.", ".attn.proj."),
-               (".mlp.0.", ".mlp.fc1."), (".mlp.3.", ".mlp.fc2."), ("encoder.ln.", "norm.")]
-    return {rename(k, renames): v for k, v in state.items() if not k.startswith("heads.")}
-
-
 def esvit_to_swin(state_dict):
-    """EsViT's checkpoint['student'] -> our V1 keys, without DDP's prefix 'module.', the DINO heads ('head.*' for the
-    image, 'head_dense.*' for the regions) and the index tables (derived from the window size; EsViT's checked)."""
-    converted = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("module.")
-        if key.endswith("attn.relative_position_index"):  # (window², window²)
-            if not torch.equal(value.cpu().long(), window_position_index(math.isqrt(value.shape[0]))):
-                raise ValueError(f"{key}: not the Swin relative position layout this model assumes")
-        elif not key.startswith(("head.", "head_dense.")):
-            converted[key] = value
-    return converted
+    """EsViT's checkpoint['student'] in our V1 names, without module., DINO heads, index tables (checked)."""
+    state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    for key in [k for k in state if k.endswith("attn.relative_position_index")]:
+        index = state.pop(key)  # (window², window²)
+        if not torch.equal(index.cpu().long(), window_position_index(math.isqrt(index.shape[0]))):
+            raise ValueError(f"{key}: not the Swin relative position layout this model assumes")
+    return {k: v for k, v in state.items() if not k.startswith(("head.", "head_dense."))}
 
 
-CONVERTERS = {"openai_clip": convert_openai_clip, "timm": convert_timm, "torchvision": convert_torchvision,
-              "esvit": esvit_to_swin}
-# No tensor shape gives the heads: 64 channels per head in published ViTs, 16 heads in ViT-H/14, ViT-g/14, ViT-bigG/14.
+CONVERTERS = {"openai_clip": lambda sd: convert(sd, CLIP_RENAMES, CLIP_TEXT_TOWER), "timm": convert_timm,
+              "torchvision": lambda sd: convert(sd, TV_RENAMES, "heads."), "esvit": esvit_to_swin}
+# No shape gives the heads: 64 channels each in published ViTs, 16 heads in ViT-H/14, ViT-g/14, ViT-bigG/14.
 HEADS_BY_WIDTH = {1280: 16, 1408: 16, 1664: 16}
 
 
@@ -491,24 +446,18 @@ def infer_vit_arch(state, act="gelu"):
 
 
 # ============================================================================= the encoder as fine-tuned
-# Pure state_dict -> state_dict conversions, from the encoder as distilled (or pretrained) to the encoder as fine-tuned.
 def shared_bias_to_per_block(state):
-    """Copy a shared position bias into every block that shared it, as the official utils.py does for the ViT's
-    table: `rel_pos_bias.*` into `blocks.j.rel_pos_bias.*`, a SwinV2 stage's `layers.i.rel_pos_bias.*` into
-    `layers.i.blocks.j.rel_pos_bias.*`. The same function, each block's bias then free to fine-tune on its own."""
-    num_blocks = {}  # what precedes "blocks." -> how many blocks follow it
-    for key in state:
-        if match := re.match(r"(.*?)blocks\.(\d+)\.", key):
-            num_blocks[match[1]] = max(num_blocks.get(match[1], 0), int(match[2]) + 1)
-    converted = {}
+    """A position bias shared by blocks, `[layers.i.]rel_pos_bias.*`, copied into each `[layers.i.]blocks.j.`,
+    as the official utils.py does: the same function, each block's bias then free to fine-tune on its own."""
+    blocks = dict.fromkeys(m[0] for key in state if (m := re.match(r".*?blocks\.\d+\.", key)))  # in order
+    out = {}
     for key, value in state.items():
         prefix, shared, rest = key.partition("rel_pos_bias.")
         if shared and "blocks." not in prefix:  # a bias shared by the blocks after `prefix`
-            for j in range(num_blocks[prefix]):
-                converted[f"{prefix}blocks.{j}.rel_pos_bias.{rest}"] = value.clone()
+            out.update({f"{b}rel_pos_bias.{rest}": value.clone() for b in blocks if b.startswith(prefix)})
         else:
-            converted[key] = value
-    return converted
+            out[key] = value
+    return out
 
 
 def resize_grid(values, old_grid, new_grid):
@@ -529,9 +478,8 @@ def resize_pos_embed(pos_embed, old_grid, new_grid):
 
 
 def resize_rel_pos_table(table, old_grid, new_grid):
-    """A BEiT table ((2h-1)(2w-1) + 3, heads) for h x w patches, resampled to another grid: the offsets form a
-    (2h-1) x (2w-1) grid of their own; the 3 class-token rows are kept. The official utils.remap_pretrained_keys_vit
-    puts the old offsets on a geometric progression for scipy's interp2d; we use our one bicubic resampler."""
+    """A BEiT table ((2h-1)(2w-1) + 3, heads) for h x w patches resampled to another grid: its offsets form a
+    (2h-1) x (2w-1) grid, the 3 class-token rows are kept (the official code: scipy's interp2d)."""
     offsets = [(2 * h - 1, 2 * w - 1) for h, w in (old_grid, new_grid)]
     return torch.cat([resize_grid(table[:-3], *offsets), table[-3:]])
 
@@ -546,10 +494,9 @@ def finetuning_arch(arch, img_size, drop_path):
 
 
 def encoder_for_finetuning(state, arch, img_size):
-    """Encoder weights of an `arch` model made ready for Classifier(finetuning_arch(...)) at img_size: per-block
-    relative position tables (SwinV2's per-stage MLP, a function of the offset, is copied into the blocks), resized
-    to the new grid, or for Swin V1 where a stage's window changes (as where it was clipped to a small map). A ViT
-    loses its final norm (its classifier pools before it), a Swin keeps it (its classifier pools after it)."""
+    """Encoder weights of an `arch` model for Classifier(finetuning_arch(...)) at img_size: a relative
+    position table (SwinV2's per-stage MLP too) in every block, resized to the new grid or a Swin V1 stage's
+    new window. A ViT loses its final norm (its classifier pools before it), a Swin keeps it (pools after)."""
     swin = "depths" in arch
     if not swin:
         state = {k: v for k, v in state.items() if k not in ("norm.weight", "norm.bias")}
@@ -567,11 +514,10 @@ def encoder_for_finetuning(state, arch, img_size):
 
 
 def read_encoder(init, init_weights):
-    """(arch, encoder state_dict, description) of what finetune.py's --init names, at its own resolution
-    (encoder_for_finetuning resizes its position tables)."""
+    """(arch, encoder state_dict, description) of what finetune.py's --init names, at its own resolution."""
     path = Path(init)
     if path.is_file():
-        return read_encoder_file(path)
+        return read_model_file(path)
     if path.suffix in (".pth", ".pt") or os.sep in init:
         raise FileNotFoundError(f"--init {init}: no such file")
     encoder = load_pretrained(init, init_weights, flags=dict(name="--init", weights="with --init-weights FILE"))
@@ -580,46 +526,29 @@ def read_encoder(init, init_weights):
 
 
 # ============================================================================= Hugging Face layouts
-# transformers' CLIPVisionModel, SiglipVisionModel, Dinov2Model and Dinov2WithRegistersModel (a full CLIPModel or
-# SiglipModel file holds its image tower under `vision_model.`), read without transformers: the architecture from
-# config.json, the input statistics from preprocessor_config.json. The target is every token after the final norm,
-# as for the other teachers: CLIP's post_layernorm too (transformers applies it to the pooled class token only).
-HF_FAMILIES = {"clip": "clip", "clip_vision_model": "clip", "siglip": "siglip", "siglip_vision_model": "siglip",
-               "dinov2": "dinov2", "dinov2_with_registers": "dinov2"}
+# The image towers of transformers' CLIP, SigLIP and DINOv2 (with registers) files, read without transformers:
+# the architecture from config.json, input statistics from preprocessor_config.json. The target is every token
+# after the final norm, CLIP's post_layernorm too (transformers applies it to the pooled class token only).
+HF_TYPES = ("clip", "clip_vision_model", "siglip", "siglip_vision_model", "dinov2", "dinov2_with_registers")
 HF_ACTS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
-# What a config.json leaves out has transformers' default (configuration_clip.py, _siglip.py, _dinov2.py, ...).
-HF_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
-HF_DEFAULTS = {"clip": dict(HF_BASE, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5, image_mean=CLIP_MEAN,
-                            image_std=CLIP_STD),
-               "siglip": dict(HF_BASE, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
-                              image_mean=(0.5,) * 3, image_std=(0.5,) * 3),
-               "dinov2": dict(HF_BASE, mlp_ratio=4, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6,
-                              image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)}
-HF_DEFAULTS["dinov2_with_registers"] = dict(HF_DEFAULTS["dinov2"], patch_size=16, num_register_tokens=4)
-HF_UNUSED = ("text_model.", "visual_projection.", "text_projection.", "logit_scale", "logit_bias",  # text tower
-             "head.", "embeddings.mask_token", "embeddings.position_ids")  # SigLIP's pooling, DINOv2's MIM token
-# Both DINOv2 names: published files' (attention.attention.query, ...) and those of transformers 5 (q_proj, ...).
-HF_RENAMES = [("embeddings.patch_embeddings.projection.", "patch_embed."),
-              ("embeddings.patch_embedding.", "patch_embed."), ("embeddings.class_embedding", "cls_token"),
-              ("embeddings.cls_token", "cls_token"), ("embeddings.position_embedding.weight", "pos_embed"),
-              ("embeddings.position_embeddings", "pos_embed"), ("embeddings.register_tokens", "reg_tokens"),
-              ("pre_layrnorm.", "norm_pre."), ("post_layernorm.", "norm."), ("layernorm.", "norm."),
-              ("encoder.layers.", "blocks."), ("encoder.layer.", "blocks."), ("layer_norm1.", "norm1."),
-              ("layer_norm2.", "norm2."), ("self_attn.", "attn."),
-              ("attention.attention.query.", "attn.q_proj."), ("attention.attention.key.", "attn.k_proj."),
-              ("attention.attention.value.", "attn.v_proj."), ("attention.output.dense.", "attn.proj."),
-              ("attention.", "attn."), ("out_proj.", "proj."), ("o_proj.", "proj."),
-              (".layer_scale1.lambda1", ".gamma_1"), (".layer_scale2.lambda1", ".gamma_2")]
-
-
-def convert_hf(state):
-    state = {k.removeprefix("vision_model."): v for k, v in state.items()}
-    out = {rename(k, HF_RENAMES): v for k, v in state.items() if not k.startswith(HF_UNUSED)}
-    for key in out.keys() & {"cls_token", "pos_embed"}:  # CLIP's (C,), (1+N, C), SigLIP's (N, C): add our batch axis
-        out[key] = out[key].reshape(1, -1, out[key].shape[-1])
-    for key in [k for k in out if ".attn.q_proj." in k]:  # separate q, k, v projections -> our one qkv
-        out[key.replace("q_proj", "qkv")] = torch.cat([out.pop(key.replace("q_proj", f"{p}_proj")) for p in "qkv"])
-    return out
+# What a config.json leaves out has transformers' default (configuration_clip.py, _siglip.py, _dinov2.py).
+HF_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+               hidden_act="gelu", layer_norm_eps=1e-6, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+HF_DEFAULTS = {"clip": dict(HF_BASE, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                            image_mean=CLIP_MEAN, image_std=CLIP_STD),
+               "siglip": dict(HF_BASE, patch_size=16, hidden_act="gelu_pytorch_tanh", image_mean=(0.5,) * 3,
+                              image_std=(0.5,) * 3),
+               "dinov2": dict(HF_BASE, patch_size=14, mlp_ratio=4),
+               "dinov2_with_registers": dict(HF_BASE, patch_size=16, mlp_ratio=4, num_register_tokens=4)}
+HF_UNUSED = ("head.", "embeddings.mask_token", "embeddings.position_ids")  # SigLIP's head, DINOv2's MIM token
+# Regular expressions, in order; DINOv2's attention.attention.query, ... (in transformers 5: q_proj, ...).
+HF_RENAMES = [(r"embeddings\.patch_embeddings?\.(projection\.)?", "patch_embed."),
+              (r"embeddings\.(class_embedding|cls_token)", "cls_token"), (r"(post_)?layernorm\.", "norm."),
+              (r"embeddings\.position_embeddings?(\.weight)?", "pos_embed"), (r"pre_layrnorm\.", "norm_pre."),
+              (r"embeddings\.register_tokens", "reg_tokens"), (r"encoder\.layers?\.", "blocks."),
+              (r"layer_norm(\d)\.", r"norm\1."), (r"attention\.attention\.([qkv])[a-z]*\.", r"attn.\1_proj."),
+              (r"attention\.output\.dense\.", "attn.proj."), (r"(self_attn|attention)\.", "attn."),
+              (r"\.(out|o)_proj\.", ".proj."), (r"\.layer_scale(\d)\.lambda1", r".gamma_\1")]
 
 
 def read_hf_model(path):
@@ -629,28 +558,29 @@ def read_hf_model(path):
     if path.is_dir():
         path = next((path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()),
                     path / "model.safetensors")
-    config_file = folder / "config.json"
+    config_file, preprocessor_file = folder / "config.json", folder / "preprocessor_config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: no such file. A Hugging Face teacher (hf) takes its architecture from "
-                                f"config.json: put it beside {path.name} (a Hugging Face model folder holds "
-                                f"config.json, model.safetensors and preprocessor_config.json)")
+        raise FileNotFoundError(f"{config_file}: no such file. The hf teacher takes its architecture from "
+                                f"config.json: put it beside {path.name}, as in a Hugging Face model folder")
     config = json.loads(config_file.read_text())
     model_type = config.get("model_type")
     if str(model_type).startswith("siglip2"):
         raise ValueError(f"{config_file}: a SigLIP 2 NaFlex model ({model_type}) has no fixed patch grid; use a "
                          f"fixed-resolution SigLIP 2 model (e.g. google/siglip2-base-patch16-224, model_type siglip)")
-    if model_type not in HF_FAMILIES:
+    if model_type not in HF_TYPES:
         raise ValueError(f"{config_file}: model_type {model_type!r} is not a layout the hf teacher reads "
-                         f"({', '.join(HF_FAMILIES)})")
-    family = HF_FAMILIES[model_type]
+                         f"({', '.join(HF_TYPES)})")
+    family = model_type.split("_")[0]
     c = {**HF_DEFAULTS.get(model_type, HF_DEFAULTS[family]), **config.get("vision_config", config)}
-    if (folder / "preprocessor_config.json").is_file():
-        preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+    if preprocessor_file.is_file():
+        preprocessor = json.loads(preprocessor_file.read_text())
         c.update({k: preprocessor[k] for k in ("image_mean", "image_std") if k in preprocessor})
     act = "swiglu" if c.get("use_swiglu_ffn") else c["hidden_act"]  # DINOv2-g's SwiGLU MLP has other weights
     if act not in HF_ACTS:
         raise ValueError(f"{config_file}: activation {act!r} is not supported ({', '.join(HF_ACTS)})")
-    state = convert_hf(unwrap_state_dict(read_checkpoint(path), path))
+    state = convert(unwrap_state_dict(read_checkpoint(path), path), HF_RENAMES, HF_UNUSED, regex=True)
+    for q in [k for k in state if ".attn.q_proj." in k]:  # separate q, k, v projections -> our one qkv
+        state[q.replace("q_proj", "qkv")] = torch.cat([state.pop(q.replace("q_", f"{p}_")) for p in "qkv"])
     # The grid of the file's position embeddings (transformers' DINOv2 resizes them to any input on the fly).
     prefix = int(family != "siglip")
     grid = (math.isqrt(state["pos_embed"].shape[1] - prefix) if "pos_embed" in state
