@@ -191,10 +191,7 @@ def load_teachers(args, grid, device, is_main):
     for name, weights, loss_weight in zip(names, files, loss_weights):
         teacher = load_teacher(name, weights or None, grid, args.teacher_mean, args.teacher_std).to(device)
         stats = dict(mean=teacher.encoder.mean.flatten().tolist(), std=teacher.encoder.std.flatten().tolist())
-        sha256 = None
-        if is_main and Path(teacher.source).is_file():
-            with open(teacher.source, "rb") as f:
-                sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        sha256 = sha256sum(teacher.source) if is_main and Path(teacher.source).is_file() else None
         infos.append(dict(name=name, weights=teacher.source, sha256=sha256, **stats))
         teachers.append(teacher)
         if is_main:
@@ -203,6 +200,15 @@ def load_teachers(args, grid, device, is_main):
                   f"{teacher.encoder.grid[0]}x{teacher.encoder.grid[1]} tokens at {teacher.input_size} px, input mean "
                   f"{stats} (--teacher-mean, --teacher-std), loss weight {loss_weight:.3g}")
     return teachers, infos, loss_weights
+
+
+def sha256sum(path):
+    """The file's SHA-256, read in chunks (hashlib.file_digest needs Python 3.11; torch runs on older ones)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # ============================================================================= this project's files
