@@ -37,7 +37,8 @@ def test_bench_times_the_distill_step_and_the_data_pipeline(capsys):
     last = dict(field.split("=") for field in capsys.readouterr().out.strip().splitlines()[-1].split()[1:])
     assert set(last) == {"img/s", "step_ms", "peak_mem_mb", "mfu", "ratio"}
     assert float(last["img/s"]) > 0 and float(last["ratio"]) > 0
-    assert float(last["img/s"]) == pytest.approx(4 * 1000 / float(last["step_ms"]), rel=0.01)
+    step_ms = float(last["step_ms"])  # printed to 0.1 ms: a micro step of a few ms is known to 0.05 ms
+    assert 4000 / (step_ms + 0.05) * 0.999 <= float(last["img/s"]) <= 4000 / (step_ms - 0.05) * 1.001
     bench.bench_data_pipeline(bench.get_args_parser().parse_args(["--img-size", "32"]), count=4)
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("data img/s_per_worker=") and "device_decode_img/s=" in last
@@ -50,7 +51,8 @@ def test_bench_times_several_teachers_at_once(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert "distill: vit_micro_patch8 + vit_micro_patch8,vit_micro_patch4 teachers, 32 px" in lines[-2]
     last = dict(field.split("=") for field in lines[-1].split()[1:])
-    assert float(last["img/s"]) == pytest.approx(4 * 1000 / float(last["step_ms"]), rel=0.01)
+    step_ms = float(last["step_ms"])  # printed to 0.1 ms: a micro step of a few ms is known to 0.05 ms
+    assert 4000 / (step_ms + 0.05) * 0.999 <= float(last["img/s"]) <= 4000 / (step_ms - 0.05) * 1.001
     assert float(last["peak_mem_mb"]) > 0
 
 
