@@ -31,8 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data import (FDCropBox, SeededTransform, decode_and_crop, fd_transform, image_dataset, read_undecoded,
                   skip_unreadable)
-from models import Classifier, Teacher, build_from_arch, build_student, parse_vit_name, set_grad_checkpointing
-from teachers import OPENAI_CLIP, load_teacher, teacher_arch
+from models import Classifier, Teacher, build_student, parse_vit_name, set_grad_checkpointing
+from teachers import OPENAI_CLIP, build_from_arch, load_teacher, teacher_arch
 from training import POSITIVE, autocast_dtype, number, param_groups, run_cli
 
 # Dense bf16 peak of the cards we quote MFU for, in TFLOP/s (without sparsity).

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from models import IMAGENET_MEAN, IMAGENET_STD, build_from_arch
-from teachers import DTYPE_NAMES, load_strict, read_model_file, rename, shared_bias_to_per_block
+from models import IMAGENET_MEAN, IMAGENET_STD
+from teachers import DTYPE_NAMES, build_from_arch, load_strict, read_model_file, rename, shared_bias_to_per_block
 
-# The values of the student (a BEiT) in a models.PretrainedViT arch; others are a published teacher's, no BEiT's.
+# The values of the student (a BEiT) in a teachers.PretrainedViT arch; others are a published teacher's, no BEiT's.
 BEIT_VALUES = dict(abs_pos=False, qv_bias=True, act="gelu", norm_pre=False, patch_bias=True, num_registers=0,
                    norm_eps=1e-6, class_token=True)
 # Our names -> theirs, applied in order with re.sub.

@@ -30,8 +30,8 @@ from tqdm import tqdm
 import training
 from data import (SeededTransform, SyntheticShapes, eval_transform, image_dataset, leave_the_process_group,
                   skip_unreadable, steps_of_batches, train_loader)
-from models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_from_arch, build_student
-from teachers import encoder_for_finetuning, finetuning_arch, load_model_file, read_encoder
+from models import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_student
+from teachers import build_from_arch, encoder_for_finetuning, finetuning_arch, load_model_file, read_encoder
 
 # ----------------------------------------------------------------------------- presets
 # The official fine-tuning configs (configs/finetune/*.yaml); lr, min_lr and warmup_lr are

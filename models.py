@@ -1,9 +1,10 @@
 """Models for Feature Distillation (Wei et al., 2022, arXiv 2205.14141).
 
 The ViT student, with one relative position bias shared by all its blocks (this first section needs only
-torch and einops: it runs when copied alone into a notebook); Swin V1 and V2; the published ViTs that serve
-as teachers and the frozen teacher wrapper; the classifier of fine-tuning; named sizes and builders. Every
-model takes images in [0, 1] and normalises them with its own input statistics (CLIP's are not ImageNet's).
+torch and einops: it runs when copied alone into a notebook); Swin V1 and V2; the frozen teacher wrapper; the
+classifier of fine-tuning; named sizes and the student's builder. Every model takes images in [0, 1] and
+normalises them with its own input statistics (CLIP's are not ImageNet's). The published ViTs that serve as
+teachers, with their options, are teachers.py's PretrainedViT; build_from_arch rebuilds any model from its arch.
 """
 import math
 import re
@@ -514,71 +515,7 @@ class SwinTransformer(nn.Module):
         return self.norm(self.forward_features(images))  # (B, N, C)
 
 
-# ============================================================================= teachers
-class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x): the activation OpenAI's CLIP was trained with (not nn.GELU)."""
-
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-class PretrainedViT(VisionTransformer):
-    """The ViT of published models (CLIP, SigLIP, DINO, DeiT, DINOv2, torchvision): the student with their options:
-    absolute positions, a full qkv bias, CLIP's QuickGELU or SigLIP's tanh GELU, a LayerNorm before the blocks, a
-    bias-free patch embedding, no class token (SigLIP), DINOv2's registers (not in the output), their norms' eps."""
-
-    def __init__(self, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-                 rel_pos=None, abs_pos=True, qv_bias=False, layer_scale=None, drop_path=0.0, norm_eps=1e-6,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, act="gelu", norm_pre=False, patch_bias=True, num_registers=0,
-                 class_token=True):
-        super().__init__(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, rel_pos, layer_scale, drop_path,
-                         mean, std)
-        if act not in ("gelu", "quick_gelu", "gelu_tanh"):
-            raise ValueError(f"unknown activation {act!r}: expected gelu, quick_gelu (CLIP) or gelu_tanh (SigLIP)")
-        self.arch.update(abs_pos=abs_pos, qv_bias=qv_bias, norm_eps=norm_eps, mean=list(mean), std=list(std),
-                         act=act, norm_pre=norm_pre, patch_bias=patch_bias, num_registers=num_registers,
-                         class_token=class_token)
-        self.num_registers = num_registers  # in the blocks (and their attention maps), not in the output
-        if not class_token:  # SigLIP: an empty class token (1, 0, C), so the student's embed() puts none in front
-            del self.cls_token
-            self.register_buffer("cls_token", torch.zeros(1, 0, embed_dim), persistent=False)
-            self.num_prefix_tokens = 0
-        for block in self.blocks:
-            if not qv_bias:
-                block.attn.qkv = nn.Linear(embed_dim, 3 * embed_dim)
-                block.attn.q_bias = block.attn.v_bias = None
-            if act != "gelu":
-                block.mlp.act = QuickGELU() if act == "quick_gelu" else nn.GELU(approximate="tanh")
-        if not patch_bias:
-            self.patch_embed.bias = None
-        num_positions = self.num_prefix_tokens + self.grid[0] * self.grid[1]
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_positions, embed_dim)) if abs_pos else None
-        self.reg_tokens = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
-        self.norm_pre = nn.LayerNorm(embed_dim) if norm_pre else None
-        for module in self.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.eps = norm_eps
-        # Random weights (tests, benchmarks) for what is new here; VisionTransformer drew the rest.
-        qkvs = [block.attn.qkv for block in self.blocks] if not qv_bias else []
-        for param in [self.pos_embed, self.reg_tokens] + [qkv.weight for qkv in qkvs]:
-            if param is not None:
-                nn.init.trunc_normal_(param, std=0.02, a=-0.02, b=0.02)
-        for qkv in qkvs:
-            nn.init.zeros_(qkv.bias)
-
-    def embed(self, images):
-        x = super().embed(images)  # (B, [1 +] N, C)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
-        if self.reg_tokens is not None:  # registers have no position (DINOv2)
-            x = torch.cat([x[:, :1], self.reg_tokens.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
-        return x if self.norm_pre is None else self.norm_pre(x)
-
-    def forward_features(self, images):
-        x = super().forward_features(images)  # (B, 1 + registers + N, C)
-        return x if self.reg_tokens is None else torch.cat([x[:, :1], x[:, 1 + self.num_registers:]], dim=1)
-
-
+# ============================================================================= the frozen teacher
 class Teacher(nn.Module):
     """A frozen teacher: images in [0, 1] (B, 3, H, W) -> its output tokens after its own final norm (B, 1+N, C),
     class token included (Swin has none), before whitening; images resized to its input size (patch 14 for 16)."""
@@ -687,14 +624,3 @@ def build_student(name, img_size, drop_path=0.0):
     size, patch_size = parse_vit_name(name)
     embed_dim, depth, num_heads, mlp_ratio = (*VIT_SIZES[size], 4.0)[:4]
     return VisionTransformer(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, drop_path=drop_path)
-
-
-def build_from_arch(arch):
-    """The model an `arch` dict saved with its weights describes: a Classifier, a Swin, the ViT student,
-    or a PretrainedViT (which earlier versions' student files describe, at the student's values)."""
-    if "encoder" in arch:
-        return Classifier(build_from_arch(arch["encoder"]), arch["num_classes"], arch["linear_probe"],
-                          arch.get("pooling", "mean_then_fc_norm"))
-    if "depths" in arch:
-        return SwinTransformer(**arch)
-    return (PretrainedViT if "abs_pos" in arch else VisionTransformer)(**arch)  # a published ViT's options, or none

@@ -13,7 +13,7 @@ from PIL import Image
 
 import diagnose
 import distill
-import models
+import teachers
 from conftest import script_in_process
 from diagnose import attention_maps
 from models import Classifier, build_student
@@ -164,7 +164,7 @@ def test_linear_head_fit_is_deterministic_and_folds_the_standardisation():
 # ----------------------------------------------------------------------------- runs
 def test_diagnose_one_model_with_registers(tmp_path):
     torch.manual_seed(0)
-    encoder = models.PretrainedViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, rel_pos=None,
+    encoder = teachers.PretrainedViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, rel_pos=None,
                                    abs_pos=True, qv_bias=False, layer_scale=None, num_registers=2)
     torch.save({"arch": encoder.arch, "model": encoder.state_dict()}, tmp_path / "reg.pth")
     diagnose.main(diagnose.get_args_parser().parse_args([

@@ -14,8 +14,8 @@ import models
 import teachers
 from conftest import (CPU_ONLY, MICRO, REPO, crash_at_call, distill_cli_in_process, fd_closure, micro_pair,
                       needs_cuda, parse, read_log, timm_layout, write_images)
-from models import SwinTransformer, build_from_arch, build_student
-from teachers import load_model_file, load_teacher
+from models import SwinTransformer, build_student
+from teachers import build_from_arch, load_model_file, load_teacher
 
 
 # Comparisons with the CPU turn TF32 off: cuDNN's convolutions (the patch embedding) use it by default.

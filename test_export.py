@@ -16,7 +16,8 @@ import export
 import models
 import teachers
 from conftest import export_command, normalise, vit
-from models import Classifier, PretrainedViT, SwinTransformer
+from models import Classifier, SwinTransformer
+from teachers import PretrainedViT
 
 
 def randomise(model, seed=0):
@@ -131,7 +132,7 @@ def test_vit_student_equals_timm_beit_and_transformers_beit_model(tmp_path, rel_
 
 
 def test_student_file_of_an_earlier_version_is_a_beit_too(tmp_path):
-    # Earlier versions saved the student as a PretrainedViT at the student's values (models.build_from_arch)
+    # Earlier versions saved the student as a PretrainedViT at the student's values (teachers.build_from_arch)
     student = randomise(PretrainedViT(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, rel_pos="shared",
                                       abs_pos=False, qv_bias=True, layer_scale=0.1, mean=(0.5,) * 3, std=(0.25,) * 3))
     out = export_model(student, tmp_path, to="timm")

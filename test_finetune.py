@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 import finetune
-import models
+import teachers
 import training
 from conftest import (FT_MICRO, crash_at_call, ft_log, ft_parse, randomise_, scaled, stop_signals_restored,
                       timm_layout, write_images)
 from data import SeededTransform, SyntheticShapes
-from models import Classifier, build_from_arch, build_student
-from teachers import load_model_file, load_pretrained
+from models import Classifier, build_student
+from teachers import build_from_arch, load_model_file, load_pretrained
 
 TABLE = "rel_pos_bias.relative_position_bias_table"
 
@@ -43,7 +43,7 @@ def write_class_folders(root, classes):
 
 # ----------------------------------------------------------------------------- layer decay
 def test_layer_decay_scales_every_parameter_group():
-    encoder = models.PretrainedViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+    encoder = teachers.PretrainedViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                                    rel_pos="per_block", abs_pos=True)
     model = Classifier(encoder, 10)
     groups = training.param_groups(model, 0.05, finetune.layer_decay_scale(encoder.arch, 0.5))

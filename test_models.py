@@ -14,10 +14,10 @@ import teachers
 from conftest import (ESVIT_TINY, REPO, fd_closure, layer_norm, micro_pair, needs_cuda, randomise_,
                       reference_window_attention)
 from diagnose import attention_maps
-from models import (Attention, Classifier, SWIN_SIZES, SwinTransformer, VisionTransformer, build_from_arch,
-                    build_student, log_spaced_offsets, relative_position_index, window_partition,
-                    window_position_index, window_reverse)
-from teachers import load_teacher, shared_bias_to_per_block
+from models import (Attention, Classifier, SWIN_SIZES, SwinTransformer, VisionTransformer, build_student,
+                    log_spaced_offsets, relative_position_index, window_partition, window_position_index,
+                    window_reverse)
+from teachers import build_from_arch, load_teacher, shared_bias_to_per_block
 
 
 def build_swin(name, img_size, drop_path=0.0):

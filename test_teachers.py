@@ -23,12 +23,11 @@ import torch.nn.functional as F
 import diagnose
 import distill
 import finetune
-import models
 import teachers
 from conftest import (ESVIT_TINY, MICRO, REPO, distill_cli_in_process, export_command, layer_norm, normalise, parse,
                       reference_window_attention, scaled, timm_layout, vit)
-from models import Classifier, SwinTransformer, VisionTransformer, build_from_arch, build_student
-from teachers import esvit_to_swin, load_model_file, load_pretrained, load_teacher
+from models import Classifier, SwinTransformer, VisionTransformer, build_student
+from teachers import build_from_arch, esvit_to_swin, load_model_file, load_pretrained, load_teacher
 
 
 # ----------------------------------------------------------------------------- published layouts, written here
@@ -472,7 +471,7 @@ def test_published_layout_fits_the_teacher_architecture_exactly(name):
     published = teachers.unwrap_state_dict(PUBLISHED_LAYOUTS[name](), name)
     converted = teachers.CONVERTERS[teachers.TEACHERS[name]["layout"]](published)
     with torch.device("meta"):
-        expected = models.build_from_arch(teachers.TEACHERS[name]["arch"]).state_dict()
+        expected = teachers.build_from_arch(teachers.TEACHERS[name]["arch"]).state_dict()
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in expected.items()}
 
 
@@ -654,7 +653,7 @@ def test_esvit_checkpoint_loads_strictly_and_matches_an_independent_forward(tmp_
 def test_esvit_swin_b_layout_fits_the_teacher_architecture_exactly():
     layout = esvit_backbone_layout(224, 4, 128, [2, 2, 18, 2], [4, 8, 16, 32], 14)
     with torch.device("meta"):
-        teacher = models.build_from_arch(teachers.TEACHERS["esvit"]["arch"])
+        teacher = teachers.build_from_arch(teachers.TEACHERS["esvit"]["arch"])
     assert {k: tuple(v.shape) for k, v in teacher.state_dict().items()} == {
         k: shape for k, shape in layout.items() if not k.endswith("relative_position_index")}
     assert sum(v.numel() for v in teacher.state_dict().values()) == 86_917_944  # timm's Swin-B/W14 count

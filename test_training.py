@@ -364,8 +364,8 @@ def test_a_file_system_without_locks_runs_with_a_warning(tmp_path, monkeypatch, 
 
 
 def test_files_written_by_an_earlier_version_still_load_and_resume(tmp_path):
-    # testdata/ holds tiny files written before the code was reorganised into checkpoints.py (now teachers.py and export.py) and
-    # training.py: a distilled micro ViT (student.pth and its checkpoint.pth at step 2 of 2), a
+    # testdata/ holds tiny files written by an earlier version of the code, before its rooms were reorganised:
+    # a distilled micro ViT (student.pth and its checkpoint.pth at step 2 of 2), a
     # classifier fine-tuned from it (best.pth), a micro SwinV2 student, and what each gave then on
     # fixed images. They must load to the same functions, and the checkpoint must resume.
     data = REPO / "testdata"
