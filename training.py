@@ -1,6 +1,7 @@
-"""What distill.py and finetune.py share: their common flags, the distributed setup from torchrun's
-environment, autocast, AdamW parameter groups, the learning rate as a pure function of the step, DDP or
-FSDP2, atomic checkpoints (plain or sharded), resuming, stopping on a signal, the log and the lock on OUT."""
+"""The run's state, shared by distill.py and finetune.py: their common flags, the distributed setup from
+torchrun's environment, autocast, AdamW parameter groups, the schedule (the learning rate a pure function of the
+step), DDP or FSDP2, and the doors to what a run keeps: `resume` and `restore` (refusals, weights, optimizer, RNG
+states), `save` (atomic, plain or sharded) and `save_model_file`; stopping on a signal, the log, the lock on OUT."""
 import argparse
 import atexit
 import fcntl
