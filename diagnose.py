@@ -284,16 +284,13 @@ def fit_linear_head(features, labels, num_classes, weight_decay=1e-3, steps=100)
 
 def classifiers_of(models, features, labels, weight_decay):
     """{label: (classifier, its head in words)}: an encoder has no head for the loss, so it gets a probe."""
-    classifiers = {}
-    for label, _, model in models:
-        if isinstance(model, Classifier):
-            classifiers[label] = model, "the model's own fine-tuned head; encoder and head perturbed"
-        else:
-            head = fit_linear_head(features[label], labels, int(labels.max()) + 1, weight_decay)
-            classifiers[label] = LinearProbe(model, head).eval(), (
-                f"a linear head fitted on the frozen mean output patch token of these images (L-BFGS, "
-                f"L2 {weight_decay:g}), then held fixed; only the encoder perturbed")
-    return classifiers
+    own = "the model's own fine-tuned head; encoder and head perturbed"
+    probe = (f"a linear head fitted on the frozen mean output patch token of these images (L-BFGS, "
+             f"L2 {weight_decay:g}), then held fixed; only the encoder perturbed")
+    heads = {label: fit_linear_head(features[label], labels, int(labels.max()) + 1, weight_decay)
+             for label, _, model in models if not isinstance(model, Classifier)}
+    return {label: (LinearProbe(model, heads[label]), probe) if label in heads else (model, own)
+            for label, _, model in models}
 
 
 @torch.no_grad()
@@ -487,7 +484,6 @@ def checked(parse, test, expected):
 
 
 def tool_list(text):
-    """--tools: comma-separated names, spaces allowed around them."""
     tools, valid = {t.strip() for t in text.split(",")} - {""}, ", ".join(TOOLS)
     if not tools or tools - set(TOOLS):
         raise argparse.ArgumentTypeError(f"unknown tool {', '.join(sorted(tools - set(TOOLS)))}: the tools are {valid}"
@@ -531,10 +527,9 @@ def main(args):
     report = Report(args.out, args.dpi, images=source, n_images=len(images), img_size=img_size)
     print(f"{len(images)} images at {img_size} px ({source['unreadable']} unreadable skipped); models: "
           + ", ".join(f"{l} ({s})" for l, s, _ in models))
-    stats, layers, features = {}, {}, {}
-    for label, _, model in models:
-        stats[label], layers[label], features[label] = run_attention(model, images, args.batch_size, args.renorm,
-                                                                     "cka" in tools, label)
+    runs = {label: run_attention(model, images, args.batch_size, args.renorm, "cka" in tools, label)
+            for label, _, model in models}
+    stats, layers, features = ({label: run[k] for label, run in runs.items()} for k in range(3))
     if "distance" in tools:
         attention_distance_tool(models, stats, args.renorm, report)
     if "diversity" in tools:
