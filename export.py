@@ -67,7 +67,6 @@ def unsupported(arch):
         return f"a ViT with {odd} (a published teacher's layout) is not a BEiT: export the student distilled from it"
     if not swin and classifier and pooling != "mean_then_fc_norm":
         return f"a ViT classifier pooling {pooling}: transformers' BEiT pools the mean of the tokens, then a layernorm"
-    return None
 
 
 def split_qkv(state, names):

@@ -1,8 +1,6 @@
-"""The published teachers and the files encoders come from: the ViT of published models (PretrainedViT), the
-TEACHERS table (CLIP, DINO, DeiT, DINOv2, torchvision, EsViT, any file of the timm, open_clip, torchvision or Hugging
-Face layouts), their file formats read without running code from them, their conversions to the names of models.py,
-this project's model files (a distilled student is a teacher too, any encoder an init of finetune.py) and the
-encoder as fine-tuned.
+"""The published teachers (TEACHERS) and their ViT (PretrainedViT); the files encoders come from, read without
+running code from them and converted to the names of models.py: published layouts (timm, open_clip, torchvision,
+Hugging Face, EsViT) and this project's model files; the encoder as fine-tuned.
 """
 import argparse
 import collections
@@ -55,9 +53,10 @@ class PretrainedViT(VisionTransformer):
             self.register_buffer("cls_token", torch.zeros(1, 0, embed_dim), persistent=False)
             self.num_prefix_tokens = 0
         for block in self.blocks:
-            if not qv_bias:
+            if not qv_bias:  # its weight drawn below, after VisionTransformer's; its bias zero
                 block.attn.qkv = nn.Linear(embed_dim, 3 * embed_dim)
                 block.attn.q_bias = block.attn.v_bias = None
+                nn.init.zeros_(block.attn.qkv.bias)
             if act != "gelu":
                 block.mlp.act = QuickGELU() if act == "quick_gelu" else nn.GELU(approximate="tanh")
         if not patch_bias:
@@ -70,12 +69,10 @@ class PretrainedViT(VisionTransformer):
             if isinstance(module, nn.LayerNorm):
                 module.eps = norm_eps
         # Random weights (tests, benchmarks) for what is new here; VisionTransformer drew the rest.
-        qkvs = [block.attn.qkv for block in self.blocks] if not qv_bias else []
-        for param in [self.pos_embed, self.reg_tokens] + [qkv.weight for qkv in qkvs]:
+        qkv_weights = [block.attn.qkv.weight for block in self.blocks if not qv_bias]
+        for param in [self.pos_embed, self.reg_tokens] + qkv_weights:
             if param is not None:
                 nn.init.trunc_normal_(param, std=0.02, a=-0.02, b=0.02)
-        for qkv in qkvs:
-            nn.init.zeros_(qkv.bias)
 
     def embed(self, images):
         x = super().embed(images)  # (B, [1 +] N, C)
@@ -98,9 +95,8 @@ PLAIN_VIT = dict(rel_pos=None, abs_pos=True, qv_bias=False, layer_scale=None, no
 
 def teacher_arch(size, patch_size, img_size=224, **options):
     """The arch of a plain teacher ViT: absolute positions, a full qkv bias, no LayerScale."""
-    embed_dim, depth, num_heads, mlp_ratio = (*VIT_SIZES[size], 4.0)[:4]
-    return dict(PLAIN_VIT, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                num_heads=num_heads, mlp_ratio=mlp_ratio, **options)
+    dims = dict(zip(("embed_dim", "depth", "num_heads", "mlp_ratio"), (*VIT_SIZES[size], 4.0)))  # or its own ratio
+    return dict(PLAIN_VIT, img_size=img_size, patch_size=patch_size, **dims, **options)
 
 
 OPENAI_CLIP = dict(act="quick_gelu", norm_pre=True, patch_bias=False, norm_eps=1e-5, mean=CLIP_MEAN, std=CLIP_STD)
