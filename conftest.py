@@ -160,7 +160,7 @@ def write_images(folder, count, size=40):
         Image.fromarray(pixels).save(folder / f"img{i}.{'png' if i % 2 else 'jpg'}")
 
 
-# The timm / DINO / DeiT layout (and DINOv2's), written here from their own naming, not from checkpoints.py.
+# The timm / DINO / DeiT layout (and DINOv2's), written here from their own naming, not from teachers.py.
 def timm_layout(width, depth, patch, grid, classes=0, dinov2=False, registers=0, bias=True, make=torch.randn):
     """DINO / DeiT / timm ViT state dict (with dinov2=True: the official DINOv2 layout)."""
     sd = {"cls_token": make(1, 1, width), "pos_embed": make(1, 1 + grid * grid, width),

@@ -1,4 +1,4 @@
-"""Teachers as checkpoints.py reads them: the published files in each publisher's layout (timm, DINO, DeiT, DINOv2,
+"""Teachers as teachers.py reads them: the published files in each publisher's layout (timm, DINO, DeiT, DINOv2,
 OpenAI CLIP's TorchScript archives, open_clip, torchvision, EsViT, Hugging Face transformers folders of CLIP, SigLIP
 and DINOv2), checked against forwards written here from the raw tensors and against the libraries themselves; their
 input statistics; bad files and failed downloads; model files of this project used as teachers. transformers is a
@@ -32,7 +32,7 @@ from teachers import build_from_arch, esvit_to_swin, load_model_file, load_pretr
 
 # ----------------------------------------------------------------------------- published layouts, written here
 # Published layouts written here from each publisher's own naming (OpenAI clip/model.py, torchvision, EsViT; timm's
-# and DINOv2's in conftest.py), not from checkpoints.py.
+# and DINOv2's in conftest.py), not from teachers.py.
 def openai_clip_layout(width, layers, patch, grid, text_width, text_layers, embed, context=77, vocab=49408,
                        make=torch.randn):
     """The state dict of an OpenAI CLIP file, text tower included."""
