@@ -70,8 +70,9 @@ def run_cli(main, args):
     status 2 (FD_TRACEBACK=1 shows where). SIGTERM or Ctrl-C: the step saved (a second: at once), 128 + it."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, receive_stop_signal)
+    line = None
     try:
-        return main(args)
+        result, status = main(args), 0
     except (Stopped, KeyboardInterrupt) as stop:
         line = stop if isinstance(stop, Stopped) else "interrupted: left at once, the last checkpoint as it was"
         status = 128 + (STOP_SIGNALS[-1] if STOP_SIGNALS else signal.SIGINT)
@@ -83,9 +84,19 @@ def run_cli(main, args):
         line, status = f"{Path(sys.argv[0]).name}: error: {message} (FD_TRACEBACK=1 shows where)", 2
     for bar in list(getattr(tqdm, "_instances", ())):  # a progress bar left open ends its line first
         bar.close()
-    if int(os.environ.get("RANK", 0)) == 0:
+    if line and int(os.environ.get("RANK", 0)) == 0:
         print(line, file=sys.stderr)
-    sys.exit(status)
+    if dist.is_initialized():
+        # gloo's worker threads may still hold the last collective's tensors for a moment; freed once Python has
+        # begun to shut down, they abort the process ("terminate called without an active exception"). So a rank
+        # leaves without the interpreter's teardown: everything is written and flushed, the OS frees the rest.
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    if status:
+        sys.exit(status)
+    return result
 
 
 # ----------------------------------------------------------------------------- stopping on a signal
