@@ -187,16 +187,17 @@ def load_pretrained(name, weights=None, img_size=None, grid=None, mean=None, std
             raise ValueError(f"unknown teacher {name!r}: expected one of {', '.join(TEACHERS)}, a plain ViT such as "
                              f"vit_base_patch16 (random weights), or a model file of this project as weights") from None
 
+    if state is not None:  # the file must fit the architecture at its own size: checked before a weight is made
+        with torch.device("meta"):
+            native = build_from_arch(arch)
+            native.norm = native.norm if final_norm else nn.Identity()
+        load_strict(native, state, source, check_only=True)
     # Absolute positions follow a new grid, relative ones (students, Swin) don't: distill.py resizes tokens.
     if arch.get("abs_pos") and not arch.get("rel_pos"):
         patch = arch["patch_size"]
         img_size = grid * patch if grid is not None else img_size
         if img_size and img_size != arch["img_size"]:
             if state is not None:
-                with torch.device("meta"):  # the file must fit the architecture at its own size first
-                    native = build_from_arch(arch)
-                    native.norm = native.norm if final_norm else nn.Identity()
-                load_strict(native, state, source, check_only=True)
                 old_grid, new_grid = (arch["img_size"] // patch,) * 2, (img_size // patch,) * 2
                 state["pos_embed"] = resize_pos_embed(state["pos_embed"], old_grid, new_grid)
             arch["img_size"] = img_size
