@@ -84,15 +84,17 @@ def fd_closure(teacher):
 
 
 @contextlib.contextmanager
-def crash_at_call(monkeypatch, module, name, n):
-    """Within the block, the n-th call of module.name raises KeyboardInterrupt, as a crash would; with
-    one loss per optimizer step, a crash at step n."""
+def crash_at_call(monkeypatch, module, name, n, signum=None):
+    """Within the block, the n-th call of module.name raises KeyboardInterrupt, as a crash would, or with `signum`
+    sends this process that signal (a cluster's SIGTERM) and goes on; with one loss per optimizer step, at step n."""
     real, calls = getattr(module, name), []
 
     def crashing(*args, **kwargs):
         calls.append(1)
-        if len(calls) == n:
+        if len(calls) == n and signum is None:
             raise KeyboardInterrupt("simulated crash")
+        if len(calls) == n:
+            os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
     monkeypatch.setattr(module, name, crashing)
     try:

@@ -290,12 +290,9 @@ def test_finetune_resume_after_a_crash_or_a_sigterm_continues_exactly(tmp_path, 
         return [{k: v for k, v in r.items() if k != "img_per_s"} for r in ft_log(out)]
 
     # A cluster's SIGTERM in step 5 (a loss per step): the step is finished and saved, the run leaves with 128 + 15.
-    real, calls = finetune.soft_cross_entropy, []
-    monkeypatch.setattr(finetune, "soft_cross_entropy", lambda *a: (calls.append(1), len(calls) == 5 and os.kill(
-        os.getpid(), signal.SIGTERM), real(*a))[-1])
-    with stop_signals_restored(), pytest.raises(SystemExit) as leaving:
+    with crash_at_call(monkeypatch, finetune, "soft_cross_entropy", 5, signal.SIGTERM), stop_signals_restored(), \
+            pytest.raises(SystemExit) as leaving:
         training.run_cli(finetune.main, ft_parse(*argv, "--out", str(tmp_path / "stopped")))
-    monkeypatch.setattr(finetune, "soft_cross_entropy", real)
     assert leaving.value.code == 128 + signal.SIGTERM
     assert "stopped by SIGTERM at step 5: rerun the same command to resume" in capsys.readouterr().err
     assert torch.load(tmp_path / "stopped" / "checkpoint.pth", weights_only=True)["step"] == 5

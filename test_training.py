@@ -95,20 +95,10 @@ def straight(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """The uninterrupted run in one process (no torchrun), the same global batch of 8."""
-    tmp_path = tmp_path_factory.mktemp("one_process")
-    run(tmp_path, tmp_path / "one", "--batch-size", "8", processes=1)
-    return tmp_path / "one"
-
-
-@pytest.fixture(scope="module")
-def crashed(tmp_path_factory):
-    """The FSDP run on 2 ranks, every rank crashing in step 7: its folder, as the crash left it, and the launch's
-    result. Tests resume copies of it."""
-    tmp_path = tmp_path_factory.mktemp("crashed")
-    result = run(tmp_path, tmp_path / "crashed", "--fsdp", "--batch-size", "4", "--save-every", "4", fault="raise",
-                 at=7, check=False)
-    return tmp_path / "crashed", result
+    """The uninterrupted run in one process, this one (it needs no launcher), the same global batch of 8."""
+    out = tmp_path_factory.mktemp("one_process") / "one"
+    distill.main(distill.get_args_parser().parse_args([*FSDP_MICRO, "--batch-size", "8", "--out", str(out)]))
+    return out
 
 
 def assert_same_training(out, reference, rtol):
@@ -438,25 +428,18 @@ def test_fsdp_ddp_and_one_process_train_alike(tmp_path, straight, one_process):
     assert sorted(p.name for p in (straight / "checkpoint.dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_a_sharded_checkpoint_resumes_on_one_or_two_processes(tmp_path, straight, crashed, processes, capsys):
-    left, result = crashed
-    assert result.returncode != 0 and not (left / "student.pth").exists()
-    assert torch.load(left / "checkpoint.dcp" / "meta.pth", weights_only=True)["step"] == 4
-    assert not (left / "checkpoint.dcp.tmp").exists()
-    out = tmp_path / "crashed"
-    shutil.copytree(left, out)  # each number of processes resumes its own copy of the crashed run
-    # The same global batch of 8 on another number of processes: the shards are redistributed. One process needs
-    # no launcher: it resumes in this one.
-    argv = ["--fsdp", "--batch-size", str(8 // processes), "--save-every", "4"]
-    if processes == 1:
-        import distill
-        distill.main(distill.get_args_parser().parse_args([*FSDP_MICRO, *argv, "--out", str(out)]))
-        stdout = capsys.readouterr().out
-    else:
-        stdout = run(tmp_path, out, *argv, processes=processes).stdout
-    assert f"resuming from {out / 'checkpoint.dcp'} at step 4" in stdout
-    assert_same_training(out, straight, rtol=1e-4 if processes == 1 else 1e-6)
+def test_a_sharded_checkpoint_of_two_ranks_resumes_on_one_process(tmp_path, straight, capsys):
+    # Every rank crashes in step 7; one process resumes the checkpoint of step 4 with the same global batch of 8:
+    # the shards are redistributed. It needs no launcher: it resumes in this one. (Two ranks resume sharded
+    # checkpoints in the tests of a killed rank and of SIGTERM.)
+    out, argv = tmp_path / "crashed", ["--fsdp", "--save-every", "4"]
+    result = run(tmp_path, out, *argv, "--batch-size", "4", fault="raise", at=7, check=False)
+    assert result.returncode != 0 and not (out / "student.pth").exists()
+    assert torch.load(out / "checkpoint.dcp" / "meta.pth", weights_only=True)["step"] == 4
+    assert not (out / "checkpoint.dcp.tmp").exists()
+    distill.main(distill.get_args_parser().parse_args([*FSDP_MICRO, *argv, "--batch-size", "8", "--out", str(out)]))
+    assert f"resuming from {out / 'checkpoint.dcp'} at step 4" in capsys.readouterr().out
+    assert_same_training(out, straight, rtol=1e-4)
 
 
 def test_a_killed_rank_is_recovered_by_torchrun_restarts(tmp_path, straight):
@@ -466,20 +449,27 @@ def test_a_killed_rank_is_recovered_by_torchrun_restarts(tmp_path, straight):
     assert_same_training(out, straight, rtol=1e-6)
 
 
-def test_sigterm_saves_the_step_and_the_same_command_resumes_bitwise(tmp_path, straight, one_process):
-    # One process gets SIGTERM in step 6; torchrun gets it in rank 0's step 3 and forwards it to both ranks.
-    for processes, reference in ((1, one_process), (2, straight)):
-        out, argv = tmp_path / f"stopped{processes}", ["--batch-size", str(8 // processes), "--save-every", "4"]
-        argv += ["--fsdp"] * (processes == 2)
-        result = run(tmp_path, out, *argv, processes=processes, fault="term", at=6 if processes == 1 else 3,
-                     check=False)
-        stop = re.search(r"stopped by SIGTERM at step (\d+): rerun the same command to resume", result.stderr)
-        assert result.returncode != 0 and stop, result.stderr[-3000:]
-        assert processes == 2 or (result.returncode == 128 + signal.SIGTERM and stop[1] == "6")
-        saved = out / ("checkpoint.dcp/meta.pth" if processes == 2 else "checkpoint.pth")
-        assert torch.load(saved, weights_only=True)["step"] == int(stop[1]) < 16
-        run(tmp_path, out, *argv, processes=processes)  # the same command
-        assert_same_training(out, reference, rtol=0)  # every step logged once; the same weights, bit for bit
+def test_sigterm_saves_the_step_and_the_same_command_resumes_bitwise(tmp_path, straight, one_process, monkeypatch,
+                                                                     capsys):
+    # One process (this one, as distill.py's __main__ runs) gets SIGTERM in step 6: the step is saved, the run
+    # leaves with 128 + 15.
+    out = tmp_path / "stopped1"
+    argv = [*FSDP_MICRO, "--batch-size", "8", "--save-every", "4", "--out", str(out)]
+    with crash_at_call(monkeypatch, distill, "fd_loss", 6, signal.SIGTERM), pytest.raises(SystemExit) as leaving:
+        distill_cli_in_process(monkeypatch, *argv)
+    assert leaving.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM at step 6: rerun the same command to resume" in capsys.readouterr().err
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 6
+    distill_cli_in_process(monkeypatch, *argv)  # the same command
+    assert_same_training(out, one_process, rtol=0)  # every step logged once; the same weights, bit for bit
+    # torchrun gets it in rank 0's step 3 and forwards it to both ranks, which save the sharded step 3.
+    out, argv = tmp_path / "stopped2", ["--fsdp", "--batch-size", "4", "--save-every", "4"]
+    result = run(tmp_path, out, *argv, fault="term", at=3, check=False)
+    assert result.returncode != 0, result.stderr[-3000:]
+    assert "stopped by SIGTERM at step 3: rerun the same command to resume" in result.stderr, result.stderr[-3000:]
+    assert torch.load(out / "checkpoint.dcp" / "meta.pth", weights_only=True)["step"] == 3
+    run(tmp_path, out, *argv)  # the same command
+    assert_same_training(out, straight, rtol=0)
 
 
 def test_a_second_stop_signal_leaves_at_once_with_one_line(capsys):
