@@ -191,7 +191,7 @@ def test_two_teachers_resume_exactly_record_each_teacher_and_refuse_another_list
     with crash_at_call(monkeypatch, distill, "fd_loss", 2 * 6 + 1), pytest.raises(KeyboardInterrupt):  # in step 7
         distill.main(parse(*argv, "--out", str(crashed)))
     assert torch.load(crashed / "checkpoint.pth", weights_only=True)["step"] == 5
-    resumed = distill.main(parse(*argv, "--out", str(crashed)))
+    distill.main(parse(*argv, "--out", str(crashed)))
     full_log = {r["step"]: r for r in read_log(tmp_path / "full")}
     assert [r["step"] for r in read_log(crashed)] == list(range(1, 17))
     for record in read_log(crashed):

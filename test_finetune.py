@@ -1,7 +1,6 @@
 """finetune.py: layer decay, mixup and cutmix, top-k, the recipes, initialisation from each kind of
 file, the linear probe, Swin classifiers' pooling, and end-to-end fine-tuning runs, on 2 torchrun ranks too."""
 import colorsys
-import os
 import signal
 
 import pytest

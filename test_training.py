@@ -10,7 +10,6 @@ SIGTERM saves its step, and the same command ends it as if uninterrupted."""
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
