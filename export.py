@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from models import IMAGENET_MEAN, IMAGENET_STD
-from teachers import DTYPE_NAMES, build_from_arch, load_strict, read_model_file, rename, shared_bias_to_per_block
+from teachers import DTYPE_NAMES, check_state, read_model_file, rename, shared_bias_to_per_block
 
 # The values of the student (a BEiT) in a teachers.PretrainedViT arch; others are a published teacher's, no BEiT's.
 BEIT_VALUES = dict(abs_pos=False, qv_bias=True, act="gelu", norm_pre=False, patch_bias=True, num_registers=0,
@@ -138,7 +138,7 @@ def export_model_file(path, out, to="both", per_block=False):
         arch, state, _ = read_model_file(path, head=True)
         if reason := unsupported(arch):
             raise ValueError(reason)
-        load_strict(build_from_arch(arch), state, str(path))  # every key and shape checked by rebuilding the model
+        check_state(arch, state, str(path))  # every key and shape checked against the model it rebuilds
     except (FileNotFoundError, TypeError, ValueError) as error:  # messages that may start with FILE
         why = str(error).removeprefix(f"{path}: ").removeprefix(f"{path} ")
         raise ValueError(f"{path}: cannot export: {why}") from None

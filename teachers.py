@@ -188,10 +188,7 @@ def load_pretrained(name, weights=None, img_size=None, grid=None, mean=None, std
                              f"vit_base_patch16 (random weights), or a model file of this project as weights") from None
 
     if state is not None:  # the file must fit the architecture at its own size: checked before a weight is made
-        with torch.device("meta"):
-            native = build_from_arch(arch)
-            native.norm = native.norm if final_norm else nn.Identity()
-        load_strict(native, state, source, check_only=True)
+        check_state(arch, state, source, final_norm)
     # Absolute positions follow a new grid, relative ones (students, Swin) don't: distill.py resizes tokens.
     if arch.get("abs_pos") and not arch.get("rel_pos"):
         patch = arch["patch_size"]
@@ -207,7 +204,7 @@ def load_pretrained(name, weights=None, img_size=None, grid=None, mean=None, std
         model = build_from_arch(arch)
     model.norm = model.norm if final_norm else nn.Identity()  # a classifier's encoder: tokens as they come
     if state is not None:
-        load_strict(model, state, source)
+        model.load_state_dict(state)  # casts fp16 weights (OpenAI CLIP) to the model's dtype
     model.source = source
     return model
 
@@ -418,9 +415,12 @@ def unwrap_state_dict(state, path, prefer=WRAPPER_KEYS):
     return state
 
 
-def load_strict(model, state, source, check_only=False):
-    """load_state_dict naming every missing, unexpected or misshapen key: a half-loaded teacher ruins runs."""
-    expected = model.state_dict()
+def check_state(arch, state, source, final_norm=True):
+    """`state` checked against the model of `arch` (on the meta device: no weight is made; without its final norm
+    unless `final_norm`), naming every missing, unexpected or misshapen key: a half-loaded teacher ruins runs."""
+    with torch.device("meta"):
+        expected = build_from_arch(arch).state_dict()
+    expected = {k: v for k, v in expected.items() if final_norm or not k.startswith("norm.")}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(expected[k].shape)})" for k in expected
               if k in state and state[k].shape != expected[k].shape]
@@ -430,11 +430,9 @@ def load_strict(model, state, source, check_only=False):
                     if keys]
         raise ValueError(f"{source} does not fit this model ({'; '.join(problems)}). Is it the file of another "
                          f"model? Check the model's name and its weights file")
-    if not check_only:  # a model on the meta device holds no values to load into
-        model.load_state_dict(state)  # casts fp16 weights (OpenAI CLIP) to the model's dtype
 
 
-def teacher_weights_file(name, flags=TEACHER_FLAGS):
+def teacher_weights_file(name, flags):
     """The cached published file of a teacher, downloaded and checked on first use."""
     url = TEACHERS[name].get("url")
     if url is None:
@@ -634,11 +632,10 @@ HF_RENAMES = [(r"embeddings\.patch_embeddings?\.(projection\.)?", "patch_embed."
 def read_hf_model(path):
     """(weights file, state dict in our names, arch) of a transformers model: a folder with config.json,
     model.safetensors (or pytorch_model.bin) and maybe preprocessor_config.json, or a weights file beside them."""
-    folder = path if path.is_dir() else path.parent
     if path.is_dir():
         path = next((path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()),
                     path / "model.safetensors")
-    config_file, preprocessor_file = folder / "config.json", folder / "preprocessor_config.json"
+    config_file, preprocessor_file = path.with_name("config.json"), path.with_name("preprocessor_config.json")
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: no such file. The hf teacher takes its architecture from "
                                 f"config.json: put it beside {path.name}, as in a Hugging Face model folder")
