@@ -111,11 +111,9 @@ def recipe_of(init):
     """The recipe for an --init: a teacher's own, or that of the teacher a file was distilled from."""
     if init is None or init in RECIPES:
         return init or DEFAULT_RECIPE
-    if not Path(init).is_file():
-        return "paper"
     try:  # mmap: reads the few plain-data keys, not the weights
         state = torch.load(init, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # read_init reports what is wrong with the file
+    except Exception:  # a teacher name without a recipe, or a file read_encoder reports on
         return "paper"
     teacher = state.get("teacher") or state.get("args", {}).get("teacher")  # distill's files: a dict per teacher
     teacher = teacher[0] if isinstance(teacher, list) else teacher  # (a dict before): the first one's, as distill's
