@@ -111,11 +111,9 @@ def recipe_of(init):
     """The recipe for an --init: a teacher's own, or that of the teacher a file was distilled from."""
     if init is None or init in RECIPES:
         return init or DEFAULT_RECIPE
-    if not Path(init).is_file():
-        return "paper"
     try:  # mmap: reads the few plain-data keys, not the weights
         state = torch.load(init, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # read_init reports what is wrong with the file
+    except Exception:  # a teacher name without a recipe, or a file read_encoder reports on
         return "paper"
     teacher = state.get("teacher") or state.get("args", {}).get("teacher")  # distill's files: a dict per teacher
     teacher = teacher[0] if isinstance(teacher, list) else teacher  # (a dict before): the first one's, as distill's
@@ -336,8 +334,8 @@ def main(args):
     torch.manual_seed(args.seed)  # the same head initialisation on every rank
     state = training.resume(out, args, RESUME_FLAGS, world_size, is_main)
     model = build_from_arch(state["arch"]) if state else build_classifier(args, num_classes, verbose=is_main)
-    if args.linear_probe:
-        model.encoder.requires_grad_(False)
+    if args.linear_probe:  # the rest of a model just built is in train mode
+        model.encoder.requires_grad_(False).eval()  # frozen: no drop path either
     model.to(device)
 
     dataset = SeededTransform(train_images, train_transform(args), args.seed)
@@ -348,7 +346,7 @@ def main(args):
     plan = training.schedule(args, len(loader), world_size)
 
     train_model = training.wrap_model(model, device, world_size, args.fsdp, dtype)  # DDP, FSDP2, or the model itself
-    lr_scale = layer_decay_scale(model.encoder.arch, args.layer_decay) if args.layer_decay != 1 else None
+    lr_scale = layer_decay_scale(model.encoder.arch, args.layer_decay)  # a decay of 1 scales every lr by 1
     groups = training.param_groups(model, args.weight_decay, lr_scale)
     optimizer = (torch.optim.SGD(groups, lr=plan.lrs["lr"], momentum=0.9) if args.linear_probe else
                  torch.optim.AdamW(groups, lr=plan.lrs["lr"], betas=(0.9, 0.999), fused=device.type == "cuda"))
@@ -373,9 +371,6 @@ def main(args):
     progress = tqdm(total=plan.total_steps, initial=step, disable=not is_main, dynamic_ncols=True)
     log = training.TrainingLog(out, args, plan, device, world_size, is_main, start_step=step)
     metrics = None
-    train_model.train()
-    if args.linear_probe:
-        model.encoder.eval()  # frozen: no drop path
     # Each step's batch: `accum` micro-batches of (images, labels, unreadable images left out).
     for epoch, batch in steps_of_batches(loader, sampler, dataset, step, plan.steps_per_epoch, plan.total_steps,
                                          args.accum):
