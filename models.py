@@ -101,11 +101,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=not qv_bias)
-        if qv_bias:
-            self.q_bias = nn.Parameter(torch.zeros(dim))
-            self.v_bias = nn.Parameter(torch.zeros(dim))
-        else:
-            self.q_bias = self.v_bias = None
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if qv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if qv_bias else None
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, bias=None):
@@ -134,11 +131,8 @@ class Block(nn.Module):
         self.mlp = mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
         self.rel_pos_bias = RelativePositionBias(rel_pos_grid, num_heads) if rel_pos_grid else None
-        if layer_scale:
-            self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
-            self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
-        else:
-            self.gamma_1 = self.gamma_2 = None
+        self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale else None
+        self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale else None
 
     def forward(self, x, bias=None):
         if self.rel_pos_bias is not None:
@@ -314,16 +308,13 @@ class WindowAttention(nn.Module):
     def __init__(self, dim, num_heads, window, cosine):
         super().__init__()
         self.num_heads = num_heads
-        if cosine:
-            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-            self.q_bias = nn.Parameter(torch.zeros(dim))
-            self.v_bias = nn.Parameter(torch.zeros(dim))
-            self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
-        else:
+        if not cosine:  # V1's own bias table
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
             self.register_buffer("relative_position_index", window_position_index(window), persistent=False)
-            self.qkv = nn.Linear(dim, 3 * dim)
-            self.q_bias = self.v_bias = self.logit_scale = None
+        self.qkv = nn.Linear(dim, 3 * dim, bias=not cosine)  # V2: separate q and v biases (qkv_heads)
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if cosine else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if cosine else None
+        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0))) if cosine else None
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, bias=None, mask=None):
