@@ -264,8 +264,7 @@ def shifted_window_mask(height, width, window, shift):
         for j, cols in enumerate(bands):
             labels[:, rows, cols] = 3 * i + j
     labels = window_partition(labels, window).squeeze(-1)  # (num_windows, w*w)
-    different = labels[:, :, None] != labels[:, None, :]
-    return torch.zeros(different.shape).masked_fill(different, float("-inf"))
+    return torch.where(labels[:, :, None] == labels[:, None, :], 0.0, float("-inf"))
 
 
 def window_position_index(window):
@@ -320,13 +319,13 @@ class WindowAttention(nn.Module):
     def forward(self, x, bias=None, mask=None):
         """x (B*nW, N, C): the N = w*w tokens of each window; bias (heads, N, N) for V2; mask
         (nW, N, N) or None -> (B*nW, N, C). With keep_probs, .probs is (B*nW, heads, N, N)."""
-        if self.logit_scale is None:
-            bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
         q, k, v = qkv_heads(x, self.qkv, self.q_bias, self.v_bias, self.num_heads)
         if self.keep_probs:  # diagnosis: the explicit path works in fp32 throughout
             q, k, v = q.float(), k.float(), v.float()
-        scale = q.shape[-1] ** -0.5
-        if self.logit_scale is not None:  # temperature times unit vectors: then it is ordinary attention, scale 1
+        if self.logit_scale is None:
+            bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
+            scale = q.shape[-1] ** -0.5
+        else:  # temperature times unit vectors: then it is ordinary attention, scale 1
             temperature = self.logit_scale.clamp(max=math.log(100.0)).exp()  # (heads, 1, 1)
             q = F.normalize(q, dim=-1) * temperature.to(q.dtype)
             k = F.normalize(k, dim=-1)
@@ -334,9 +333,8 @@ class WindowAttention(nn.Module):
         # The windows of one image are consecutive: folding them into the head axis lets a
         # (windows * heads, N, N) bias + mask broadcast over the batch instead of being copied.
         windows = 1 if mask is None else mask.shape[0]
-        attn_bias = bias if mask is None else bias + mask[:, None]  # (heads or nW x heads, N, N)
-        # (nW*heads, N, N), contiguous for the fused SDPA kernels (see Attention.forward)
-        attn_bias = attn_bias.reshape(-1, *attn_bias.shape[-2:]).to(q.dtype).contiguous()
+        # (heads or nW*heads, N, N), contiguous for the fused SDPA kernels (see Attention.forward)
+        attn_bias = (bias if mask is None else (bias + mask[:, None]).flatten(0, 1)).to(q.dtype).contiguous()
         q, k, v = (rearrange(t, "(b w) h n d -> b (w h) n d", w=windows) for t in (q, k, v))
         if self.keep_probs:
             out = explicit_attention(self, q, k, v, attn_bias, scale).to(x.dtype)
@@ -365,17 +363,14 @@ class SwinBlock(nn.Module):
 
     def forward(self, x, bias=None):
         """x (B, H, W, C), bias (heads, w*w, w*w) shared by the stage, or None -> (B, H, W, C)."""
-        height, width = x.shape[1:3]
         if self.rel_pos_bias is not None:
             bias = self.rel_pos_bias()
         y = cyclic_shift(x if self.post_norm else self.norm1(x), self.shift)
         y = self.attn(window_partition(y, self.window), bias, self.attn_mask)
-        y = cyclic_shift(window_reverse(y, self.window, height, width), -self.shift)  # (B, H, W, C)
-        if self.post_norm:
-            x = x + self.drop_path(self.norm1(y))
-            return x + self.drop_path(self.norm2(self.mlp(x)))
-        x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        y = cyclic_shift(window_reverse(y, self.window, *x.shape[1:3]), -self.shift)  # (B, H, W, C)
+        x = x + self.drop_path(self.norm1(y) if self.post_norm else y)
+        y = self.mlp(x if self.post_norm else self.norm2(x))
+        return x + self.drop_path(self.norm2(y) if self.post_norm else y)
 
 
 class PatchMerging(nn.Module):
