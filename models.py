@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
+from einops.layers.torch import Rearrange
 
 # ============================================================================= the ViT student
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -389,18 +390,6 @@ class PatchMerging(nn.Module):
         return self.norm(self.reduction(x)) if self.norm_after else self.reduction(self.norm(x))
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches (a strided conv) and a LayerNorm: (B, 3, H, W) -> (B, H/p, W/p, C)."""
-
-    def __init__(self, patch_size, embed_dim, norm_eps):
-        super().__init__()
-        self.proj = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
-
-    def forward(self, images):
-        return self.norm(self.proj(images).permute(0, 2, 3, 1))
-
-
 class SwinStage(nn.Module):
     """`depth` blocks at one resolution, every second one with shifted windows (none where a window covers the map),
     then the patch merging (official layout: the downsample ends stages 0-2)."""
@@ -457,7 +446,10 @@ class SwinTransformer(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-        self.patch_embed = PatchEmbed(patch_size, embed_dim, norm_eps)
+        # Non-overlapping patches (a strided conv) and a LayerNorm: (B, 3, H, W) -> (B, H/p, W/p, C).
+        self.patch_embed = nn.Sequential(OrderedDict(
+            proj=nn.Conv2d(3, embed_dim, patch_size, stride=patch_size),
+            channels_last=Rearrange("b c h w -> b h w c"), norm=nn.LayerNorm(embed_dim, eps=norm_eps)))
         drop_rates = [drop_path * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # deeper blocks drop more
         self.layers, windows = nn.ModuleList(), swin_stage_windows(self.arch)
         for i, depth in enumerate(depths):
