@@ -514,8 +514,7 @@ class Teacher(nn.Module):
         caches only the casts of weights that require grad, and would cast these again every step, to the same bits."""
         for module in self.modules():
             if dtype is not None and isinstance(module, (nn.Linear, nn.Conv2d)):
-                for param in module.parameters(recurse=False):
-                    param.data = param.data.to(dtype)
+                module.to(dtype)
         return self
 
     def forward(self, images):
@@ -600,5 +599,4 @@ def build_student(name, img_size, drop_path=0.0):
     if name.startswith("swin"):
         return SwinTransformer(**swin_arch(name, img_size, drop_path))
     size, patch_size = parse_vit_name(name)
-    embed_dim, depth, num_heads, mlp_ratio = (*VIT_SIZES[size], 4.0)[:4]
-    return VisionTransformer(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, drop_path=drop_path)
+    return VisionTransformer(img_size, patch_size, *VIT_SIZES[size], drop_path=drop_path)
