@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
+from einops.layers.torch import Rearrange
 
 # ============================================================================= the ViT student
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -101,11 +102,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=not qv_bias)
-        if qv_bias:
-            self.q_bias = nn.Parameter(torch.zeros(dim))
-            self.v_bias = nn.Parameter(torch.zeros(dim))
-        else:
-            self.q_bias = self.v_bias = None
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if qv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if qv_bias else None
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, bias=None):
@@ -134,11 +132,8 @@ class Block(nn.Module):
         self.mlp = mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
         self.rel_pos_bias = RelativePositionBias(rel_pos_grid, num_heads) if rel_pos_grid else None
-        if layer_scale:
-            self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
-            self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
-        else:
-            self.gamma_1 = self.gamma_2 = None
+        self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale else None
+        self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale else None
 
     def forward(self, x, bias=None):
         if self.rel_pos_bias is not None:
@@ -270,8 +265,7 @@ def shifted_window_mask(height, width, window, shift):
         for j, cols in enumerate(bands):
             labels[:, rows, cols] = 3 * i + j
     labels = window_partition(labels, window).squeeze(-1)  # (num_windows, w*w)
-    different = labels[:, :, None] != labels[:, None, :]
-    return torch.zeros(different.shape).masked_fill(different, float("-inf"))
+    return torch.where(labels[:, :, None] == labels[:, None, :], 0.0, float("-inf"))
 
 
 def window_position_index(window):
@@ -314,28 +308,25 @@ class WindowAttention(nn.Module):
     def __init__(self, dim, num_heads, window, cosine):
         super().__init__()
         self.num_heads = num_heads
-        if cosine:
-            self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-            self.q_bias = nn.Parameter(torch.zeros(dim))
-            self.v_bias = nn.Parameter(torch.zeros(dim))
-            self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
-        else:
+        if not cosine:  # V1's own bias table
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
             self.register_buffer("relative_position_index", window_position_index(window), persistent=False)
-            self.qkv = nn.Linear(dim, 3 * dim)
-            self.q_bias = self.v_bias = self.logit_scale = None
+        self.qkv = nn.Linear(dim, 3 * dim, bias=not cosine)  # V2: separate q and v biases (qkv_heads)
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if cosine else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if cosine else None
+        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0))) if cosine else None
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, bias=None, mask=None):
         """x (B*nW, N, C): the N = w*w tokens of each window; bias (heads, N, N) for V2; mask
         (nW, N, N) or None -> (B*nW, N, C). With keep_probs, .probs is (B*nW, heads, N, N)."""
-        if self.logit_scale is None:
-            bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
         q, k, v = qkv_heads(x, self.qkv, self.q_bias, self.v_bias, self.num_heads)
         if self.keep_probs:  # diagnosis: the explicit path works in fp32 throughout
             q, k, v = q.float(), k.float(), v.float()
-        scale = q.shape[-1] ** -0.5
-        if self.logit_scale is not None:  # temperature times unit vectors: then it is ordinary attention, scale 1
+        if self.logit_scale is None:
+            bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)
+            scale = q.shape[-1] ** -0.5
+        else:  # temperature times unit vectors: then it is ordinary attention, scale 1
             temperature = self.logit_scale.clamp(max=math.log(100.0)).exp()  # (heads, 1, 1)
             q = F.normalize(q, dim=-1) * temperature.to(q.dtype)
             k = F.normalize(k, dim=-1)
@@ -343,9 +334,8 @@ class WindowAttention(nn.Module):
         # The windows of one image are consecutive: folding them into the head axis lets a
         # (windows * heads, N, N) bias + mask broadcast over the batch instead of being copied.
         windows = 1 if mask is None else mask.shape[0]
-        attn_bias = bias if mask is None else bias + mask[:, None]  # (heads or nW x heads, N, N)
-        # (nW*heads, N, N), contiguous for the fused SDPA kernels (see Attention.forward)
-        attn_bias = attn_bias.reshape(-1, *attn_bias.shape[-2:]).to(q.dtype).contiguous()
+        # (heads or nW*heads, N, N), contiguous for the fused SDPA kernels (see Attention.forward)
+        attn_bias = (bias if mask is None else (bias + mask[:, None]).flatten(0, 1)).to(q.dtype).contiguous()
         q, k, v = (rearrange(t, "(b w) h n d -> b (w h) n d", w=windows) for t in (q, k, v))
         if self.keep_probs:
             out = explicit_attention(self, q, k, v, attn_bias, scale).to(x.dtype)
@@ -374,17 +364,14 @@ class SwinBlock(nn.Module):
 
     def forward(self, x, bias=None):
         """x (B, H, W, C), bias (heads, w*w, w*w) shared by the stage, or None -> (B, H, W, C)."""
-        height, width = x.shape[1:3]
         if self.rel_pos_bias is not None:
             bias = self.rel_pos_bias()
         y = cyclic_shift(x if self.post_norm else self.norm1(x), self.shift)
         y = self.attn(window_partition(y, self.window), bias, self.attn_mask)
-        y = cyclic_shift(window_reverse(y, self.window, height, width), -self.shift)  # (B, H, W, C)
-        if self.post_norm:
-            x = x + self.drop_path(self.norm1(y))
-            return x + self.drop_path(self.norm2(self.mlp(x)))
-        x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        y = cyclic_shift(window_reverse(y, self.window, *x.shape[1:3]), -self.shift)  # (B, H, W, C)
+        x = x + self.drop_path(self.norm1(y) if self.post_norm else y)
+        y = self.mlp(x if self.post_norm else self.norm2(x))
+        return x + self.drop_path(self.norm2(y) if self.post_norm else y)
 
 
 class PatchMerging(nn.Module):
@@ -401,18 +388,6 @@ class PatchMerging(nn.Module):
         # (B, H/2, W/2, 4C) in the official order: (even row, even col), (odd, even), (even, odd), (odd, odd).
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
         return self.norm(self.reduction(x)) if self.norm_after else self.reduction(self.norm(x))
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches (a strided conv) and a LayerNorm: (B, 3, H, W) -> (B, H/p, W/p, C)."""
-
-    def __init__(self, patch_size, embed_dim, norm_eps):
-        super().__init__()
-        self.proj = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
-
-    def forward(self, images):
-        return self.norm(self.proj(images).permute(0, 2, 3, 1))
 
 
 class SwinStage(nn.Module):
@@ -471,7 +446,10 @@ class SwinTransformer(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-        self.patch_embed = PatchEmbed(patch_size, embed_dim, norm_eps)
+        # Non-overlapping patches (a strided conv) and a LayerNorm: (B, 3, H, W) -> (B, H/p, W/p, C).
+        self.patch_embed = nn.Sequential(OrderedDict(
+            proj=nn.Conv2d(3, embed_dim, patch_size, stride=patch_size),
+            channels_last=Rearrange("b c h w -> b h w c"), norm=nn.LayerNorm(embed_dim, eps=norm_eps)))
         drop_rates = [drop_path * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]  # deeper blocks drop more
         self.layers, windows = nn.ModuleList(), swin_stage_windows(self.arch)
         for i, depth in enumerate(depths):
@@ -536,8 +514,7 @@ class Teacher(nn.Module):
         caches only the casts of weights that require grad, and would cast these again every step, to the same bits."""
         for module in self.modules():
             if dtype is not None and isinstance(module, (nn.Linear, nn.Conv2d)):
-                for param in module.parameters(recurse=False):
-                    param.data = param.data.to(dtype)
+                module.to(dtype)
         return self
 
     def forward(self, images):
@@ -622,5 +599,4 @@ def build_student(name, img_size, drop_path=0.0):
     if name.startswith("swin"):
         return SwinTransformer(**swin_arch(name, img_size, drop_path))
     size, patch_size = parse_vit_name(name)
-    embed_dim, depth, num_heads, mlp_ratio = (*VIT_SIZES[size], 4.0)[:4]
-    return VisionTransformer(img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio, drop_path=drop_path)
+    return VisionTransformer(img_size, patch_size, *VIT_SIZES[size], drop_path=drop_path)
