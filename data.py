@@ -224,16 +224,16 @@ def train_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, pin_m
     # Non-persistent workers see each new epoch's number; the loader's own generator spares the global RNG (drop path).
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                       collate_fn=functools.partial(skip_unreadable, stack=stack), pin_memory=pin_memory,
-                      worker_init_fn=leave_the_process_group, generator=torch.Generator().manual_seed(seed)), sampler
+                      worker_init_fn=leave_the_process_group, generator=torch.Generator().manual_seed(seed))
 
 
-def steps_of_batches(loader, sampler, dataset, step, steps_per_epoch, total_steps, accum):
-    """(epoch, its `accum` micro-batches) per optimizer step from `step` (mid-epoch if resumed) to `total_steps`."""
+def steps_of_batches(loader, step, steps_per_epoch, total_steps, accum):
+    """(epoch, `accum` micro-batches) per step of a train_loader, from `step` (maybe mid-epoch) to `total_steps`."""
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        sampler.start = skip * accum * loader.batch_size
-        dataset.epoch = epoch
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.start = skip * accum * loader.batch_size
+        loader.dataset.epoch = epoch
         batches = iter(loader)
         for _ in range(skip, min(steps_per_epoch, skip + total_steps - step)):  # the last epoch may be cut short
             yield epoch, [next(batches) for _ in range(accum)]

@@ -181,8 +181,8 @@ def main(args):
     images = image_dataset(args.data, loader=read) if args.data else SyntheticShapes(args.synthetic_images)
     dataset = SeededTransform(images, transform, args.seed)
     data_summary = getattr(images, "summary", f"{len(images)} synthetic images")
-    loader, sampler = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
-                                   pin_memory=device.type == "cuda", stack=not args.decode_on_device)
+    loader = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
+                          pin_memory=device.type == "cuda", stack=not args.decode_on_device)
     plan = training.schedule(args, len(loader), world_size)
 
     dtype = training.autocast_dtype(args.amp, device)
@@ -215,8 +215,7 @@ def main(args):
     log = training.TrainingLog(out, args, plan, device, world_size, is_main, start_step=step)
     train_model.train()
     # Each step: `accum` micro-batches of (images, labels, unreadable images left out), resuming mid-epoch.
-    for epoch, batch in steps_of_batches(loader, sampler, dataset, step, plan.steps_per_epoch, plan.total_steps,
-                                         args.accum):
+    for epoch, batch in steps_of_batches(loader, step, plan.steps_per_epoch, plan.total_steps, args.accum):
         micro_batches = [decode_and_crop(images, args.img_size, device) if args.decode_on_device
                          else images.to(device, non_blocking=True) for images, _, _ in batch]
         lr = plan.lr(step)  # a pure function of the step

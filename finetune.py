@@ -341,8 +341,8 @@ def main(args):
     model.to(device)
 
     dataset = SeededTransform(train_images, train_transform(args), args.seed)
-    loader, sampler = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
-                                   pin_memory=device.type == "cuda")
+    loader = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
+                          pin_memory=device.type == "cuda")
     val = val_loader(SeededTransform(val_images, eval_transform(args.img_size)), args.batch_size, args.workers, rank,
                      world_size)
     plan = training.schedule(args, len(loader), world_size)
@@ -377,8 +377,7 @@ def main(args):
     if args.linear_probe:
         model.encoder.eval()  # frozen: no drop path
     # Each step's batch: `accum` micro-batches of (images, labels, unreadable images left out).
-    for epoch, batch in steps_of_batches(loader, sampler, dataset, step, plan.steps_per_epoch, plan.total_steps,
-                                         args.accum):
+    for epoch, batch in steps_of_batches(loader, step, plan.steps_per_epoch, plan.total_steps, args.accum):
         lr = plan.lr(step)
         for group in optimizer.param_groups:  # layer-wise decay: each group its own scale of the lr
             group["lr"] = lr * group["lr_scale"]
