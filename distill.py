@@ -257,7 +257,7 @@ def main(args):
             meta = dict(record, step=step, epoch=step // plan.steps_per_epoch)
             training.save(out, args, model, optimizer, scaler, parts, meta, world_size, is_main)
         if stop:
-            raise training.stopped(stop, step)
+            raise training.Stopped(stop, step)
     progress.close()
 
     training.save_model_file(out / "student.pth", model, is_main, prefix="student.", **record, step=step)

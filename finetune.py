@@ -419,7 +419,7 @@ def main(args):
             meta = dict(record, step=step, epoch=step // plan.steps_per_epoch, best=best)
             training.save(out, args, model, optimizer, scaler, {"model": model}, meta, world_size, is_main)
         if stop:
-            raise training.stopped(stop, step)
+            raise training.Stopped(stop, step)
     progress.close()
     if is_main:
         last = out / ("checkpoint.dcp" if args.fsdp else "checkpoint.pth")

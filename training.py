@@ -108,6 +108,10 @@ STOP_SIGNALS = []  # those this process received
 class Stopped(Exception):
     """The run saved its step and stops on a signal."""
 
+    def __init__(self, signum, step):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}: "
+                         "rerun the same command to resume")
+
 
 def receive_stop_signal(signum, frame):
     STOP_SIGNALS.append(signum)
@@ -124,10 +128,6 @@ def stop_requested(world_size, device):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         signum = int(flag)
     return signum
-
-
-def stopped(signum, step):
-    return Stopped(f"stopped by {signal.Signals(signum).name} at step {step}: rerun the same command to resume")
 
 
 def add_schedule_flags(p, unset):
