@@ -169,9 +169,7 @@ def main(args):
     model = FDStudent(student, [teacher.embed_dim for teacher in teachers]).to(device)
     with_cls = [student.num_prefix_tokens > 0 and teacher.num_prefix_tokens > 0 for teacher in teachers]  # not Swin
     out = Path(args.out)  # created only now: a teacher that cannot be loaded leaves nothing behind
-    out.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        training.lock_out(out)
+    training.lock_out(out, is_main)
 
     # The data: random resized crops and flips, the same view for teacher and student.
     if args.decode_on_device:  # the workers read the files and draw the crops, decode_and_crop does the rest

@@ -328,9 +328,7 @@ def main(args):
         return evaluate_file(args, val_images, num_classes, device, autocast, rank, world_size)
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        training.lock_out(out)
+    training.lock_out(out, is_main)
     if args.fsdp and args.linear_probe:
         raise ValueError("--fsdp fine-tunes the whole classifier: it does not take --linear-probe")
     torch.manual_seed(args.seed)  # the same head initialisation on every rank

@@ -464,10 +464,11 @@ def git_hash():
 _HELD_LOCKS = {}  # OUT folder -> its open lock file, held for this process's lifetime
 
 
-def lock_out(out):
-    """Hold an exclusive lock on OUT (rank 0): a second run writing the same folder would interleave its log and race
-    for the checkpoint. The OS drops the lock when the process ends, however it ends: a crash leaves nothing behind."""
-    if out.resolve() in _HELD_LOCKS:  # this process already holds it (a run started again in-process)
+def lock_out(out, is_main=True):
+    """Create OUT; rank 0 holds an exclusive lock on it, as a second run writing there would interleave its log and
+    race for the checkpoint. The OS drops the lock when the process ends, however it ends: a crash leaves none."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not is_main or out.resolve() in _HELD_LOCKS:  # or held already, by a run started earlier in this process
         return
     lock = open(out / ".lock", "a+")
     try:
