@@ -420,9 +420,8 @@ def main(args):
             raise training.Stopped(stop, step)
     progress.close()
     if is_main:
-        last = out / ("checkpoint.dcp" if args.fsdp else "checkpoint.pth")
         print(f"done in {time.perf_counter() - start:.0f} s: best top-1 {best['top1']:.2f}% "
-              f"({out / 'best.pth'}), last state {last}")
+              f"({out / 'best.pth'}), last state {log.checkpoint}")
     return model, metrics
 
 

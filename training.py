@@ -384,7 +384,7 @@ class TrainingLog:
         self.path, self.args, self.device = out / "log.jsonl", args, device
         self.world_size, self.is_main, self.in_a_row, self.epoch, self.epoch_bad = world_size, is_main, 0, None, 0
         self.images_per_step, self.images_per_epoch = plan.global_batch, plan.steps_per_epoch * plan.global_batch
-        self.checkpoint = out / ("checkpoint.dcp" if args.fsdp else "checkpoint.pth")  # named by the non-finite stop
+        self.checkpoint = out / ("checkpoint.dcp" if args.fsdp else "checkpoint.pth")  # the state a run leaves
         self.reset()
         if is_main and self.path.exists():
             kept, later = [], []
