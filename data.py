@@ -33,6 +33,7 @@ class SyntheticShapes(Dataset):
     def __init__(self, size=2048, image_size=128, split="train"):
         self.size, self.image_size, self.split = size, image_size, split
         self.classes = [f"{shape}-{fill}" for fill in ("solid", "striped") for shape in self.SHAPES]
+        self.summary = f"{size} synthetic images"  # what the data is, as image_dataset's datasets say
 
     def __len__(self):
         return self.size

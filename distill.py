@@ -178,7 +178,6 @@ def main(args):
         read, transform = load_rgb, fd_transform(args.img_size, args.min_crop_scale)
     images = image_dataset(args.data, loader=read) if args.data else SyntheticShapes(args.synthetic_images)
     dataset = SeededTransform(images, transform, args.seed)
-    data_summary = getattr(images, "summary", f"{len(images)} synthetic images")
     loader = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
                           pin_memory=device.type == "cuda", stack=not args.decode_on_device)
     plan = training.schedule(args, len(loader), world_size)
@@ -197,11 +196,11 @@ def main(args):
     if args.compile:
         train_model, run_teachers = torch.compile(train_model), [torch.compile(teacher) for teacher in teachers]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    record = dict(arch=student.arch, git=training.git_hash(), teacher=teacher_info, data=data_summary)
+    record = dict(arch=student.arch, git=training.git_hash(), teacher=teacher_info, data=images.summary)
 
     if is_main:
         print(training.describe(args, plan, world_size, dtype, device))
-        print(f"data: {data_summary}")
+        print(f"data: {images.summary}")
         print(f"student {args.student} at {args.img_size} px, drop path {args.drop_path}, "
               f"{training.count(args.epochs, 'epoch')} ({args.warmup_epochs} warmup), crop scale "
               f"{args.min_crop_scale}-1, lr/512 {args.lr:g} (min {args.min_lr:g}, warmup {args.warmup_lr:g})")

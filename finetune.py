@@ -322,8 +322,7 @@ def main(args):
     train_images, val_images = labelled_splits(args)
     num_classes = len(train_images.classes)
     if is_main:
-        print("data: " + "; ".join(getattr(split, "summary", f"{len(split)} synthetic images")
-                                   for split in (train_images, val_images)))
+        print("data: " + "; ".join(split.summary for split in (train_images, val_images)))
     if args.eval_only:
         return evaluate_file(args, val_images, num_classes, device, autocast, rank, world_size)
 
