@@ -100,8 +100,8 @@ def load_rgb(path):
 class ImageFiles(Dataset):
     """Image files and their labels (-1: unlabelled, distillation needs none), read by `loader`."""
 
-    def __init__(self, files, labels, classes, loader=load_rgb):
-        self.files, self.labels, self.classes, self.loader = files, labels, classes, loader
+    def __init__(self, files, labels, classes, loader, summary):
+        self.files, self.labels, self.classes, self.loader, self.summary = files, labels, classes, loader, summary
 
     def __len__(self):
         return len(self.files)
@@ -145,10 +145,9 @@ def image_dataset(root, split="train", loader=load_rgb, labelled=False):
     if labelled and len(classes) == 1:  # one class: trivially 100% correct, a loss of 0, and nothing learnt
         raise ValueError(f"--data {root}: one class folder ({classes[0]}); fine-tuning a classifier needs two "
                          f"classes or more, each in a folder of its own")
-    dataset = ImageFiles(files, [classes.index(f) if classes else -1 for f in folder_of], classes, loader)
-    dataset.summary = f"{len(files)} images in {root}" + (f", {len(classes)} class{'es' * (len(classes) != 1)}"
-                                                          if dataset.classes else " (no class folders: unlabelled)")
-    return dataset
+    summary = f"{len(files)} images in {root}" + (f", {len(classes)} class{'es' * (len(classes) != 1)}" if classes
+                                                  else " (no class folders: unlabelled)")
+    return ImageFiles(files, [classes.index(f) if classes else -1 for f in folder_of], classes, loader, summary)
 
 
 def fd_transform(img_size, min_scale=0.08):
