@@ -33,6 +33,7 @@ class SyntheticShapes(Dataset):
     def __init__(self, size=2048, image_size=128, split="train"):
         self.size, self.image_size, self.split = size, image_size, split
         self.classes = [f"{shape}-{fill}" for fill in ("solid", "striped") for shape in self.SHAPES]
+        self.summary = f"{size} synthetic images"  # what the data is, as image_dataset's datasets say
 
     def __len__(self):
         return self.size
@@ -99,8 +100,8 @@ def load_rgb(path):
 class ImageFiles(Dataset):
     """Image files and their labels (-1: unlabelled, distillation needs none), read by `loader`."""
 
-    def __init__(self, files, labels, classes, loader=load_rgb):
-        self.files, self.labels, self.classes, self.loader = files, labels, classes, loader
+    def __init__(self, files, labels, classes, loader, summary):
+        self.files, self.labels, self.classes, self.loader, self.summary = files, labels, classes, loader, summary
 
     def __len__(self):
         return len(self.files)
@@ -144,10 +145,9 @@ def image_dataset(root, split="train", loader=load_rgb, labelled=False):
     if labelled and len(classes) == 1:  # one class: trivially 100% correct, a loss of 0, and nothing learnt
         raise ValueError(f"--data {root}: one class folder ({classes[0]}); fine-tuning a classifier needs two "
                          f"classes or more, each in a folder of its own")
-    dataset = ImageFiles(files, [classes.index(f) if classes else -1 for f in folder_of], classes, loader)
-    dataset.summary = f"{len(files)} images in {root}" + (f", {len(classes)} class{'es' * (len(classes) != 1)}"
-                                                          if dataset.classes else " (no class folders: unlabelled)")
-    return dataset
+    summary = f"{len(files)} images in {root}" + (f", {len(classes)} class{'es' * (len(classes) != 1)}" if classes
+                                                  else " (no class folders: unlabelled)")
+    return ImageFiles(files, [classes.index(f) if classes else -1 for f in folder_of], classes, loader, summary)
 
 
 def fd_transform(img_size, min_scale=0.08):
@@ -224,16 +224,16 @@ def train_loader(dataset, batch_size, workers, seed, rank=0, world_size=1, pin_m
     # Non-persistent workers see each new epoch's number; the loader's own generator spares the global RNG (drop path).
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
                       collate_fn=functools.partial(skip_unreadable, stack=stack), pin_memory=pin_memory,
-                      worker_init_fn=leave_the_process_group, generator=torch.Generator().manual_seed(seed)), sampler
+                      worker_init_fn=leave_the_process_group, generator=torch.Generator().manual_seed(seed))
 
 
-def steps_of_batches(loader, sampler, dataset, step, steps_per_epoch, total_steps, accum):
-    """(epoch, its `accum` micro-batches) per optimizer step from `step` (mid-epoch if resumed) to `total_steps`."""
+def steps_of_batches(loader, step, steps_per_epoch, total_steps, accum):
+    """(epoch, `accum` micro-batches) per step of a train_loader, from `step` (maybe mid-epoch) to `total_steps`."""
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        sampler.start = skip * accum * loader.batch_size
-        dataset.epoch = epoch
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.start = skip * accum * loader.batch_size
+        loader.dataset.epoch = epoch
         batches = iter(loader)
         for _ in range(skip, min(steps_per_epoch, skip + total_steps - step)):  # the last epoch may be cut short
             yield epoch, [next(batches) for _ in range(accum)]

@@ -169,9 +169,7 @@ def main(args):
     model = FDStudent(student, [teacher.embed_dim for teacher in teachers]).to(device)
     with_cls = [student.num_prefix_tokens > 0 and teacher.num_prefix_tokens > 0 for teacher in teachers]  # not Swin
     out = Path(args.out)  # created only now: a teacher that cannot be loaded leaves nothing behind
-    out.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        training.lock_out(out)
+    training.lock_out(out, is_main)
 
     # The data: random resized crops and flips, the same view for teacher and student.
     if args.decode_on_device:  # the workers read the files and draw the crops, decode_and_crop does the rest
@@ -180,9 +178,8 @@ def main(args):
         read, transform = load_rgb, fd_transform(args.img_size, args.min_crop_scale)
     images = image_dataset(args.data, loader=read) if args.data else SyntheticShapes(args.synthetic_images)
     dataset = SeededTransform(images, transform, args.seed)
-    data_summary = getattr(images, "summary", f"{len(images)} synthetic images")
-    loader, sampler = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
-                                   pin_memory=device.type == "cuda", stack=not args.decode_on_device)
+    loader = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
+                          pin_memory=device.type == "cuda", stack=not args.decode_on_device)
     plan = training.schedule(args, len(loader), world_size)
 
     dtype = training.autocast_dtype(args.amp, device)
@@ -199,11 +196,11 @@ def main(args):
     if args.compile:
         train_model, run_teachers = torch.compile(train_model), [torch.compile(teacher) for teacher in teachers]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-    record = dict(arch=student.arch, git=training.git_hash(), teacher=teacher_info, data=data_summary)
+    record = dict(arch=student.arch, git=training.git_hash(), teacher=teacher_info, data=images.summary)
 
     if is_main:
         print(training.describe(args, plan, world_size, dtype, device))
-        print(f"data: {data_summary}")
+        print(f"data: {images.summary}")
         print(f"student {args.student} at {args.img_size} px, drop path {args.drop_path}, "
               f"{training.count(args.epochs, 'epoch')} ({args.warmup_epochs} warmup), crop scale "
               f"{args.min_crop_scale}-1, lr/512 {args.lr:g} (min {args.min_lr:g}, warmup {args.warmup_lr:g})")
@@ -215,8 +212,7 @@ def main(args):
     log = training.TrainingLog(out, args, plan, device, world_size, is_main, start_step=step)
     train_model.train()
     # Each step: `accum` micro-batches of (images, labels, unreadable images left out), resuming mid-epoch.
-    for epoch, batch in steps_of_batches(loader, sampler, dataset, step, plan.steps_per_epoch, plan.total_steps,
-                                         args.accum):
+    for epoch, batch in steps_of_batches(loader, step, plan.steps_per_epoch, plan.total_steps, args.accum):
         micro_batches = [decode_and_crop(images, args.img_size, device) if args.decode_on_device
                          else images.to(device, non_blocking=True) for images, _, _ in batch]
         lr = plan.lr(step)  # a pure function of the step
@@ -258,7 +254,7 @@ def main(args):
             meta = dict(record, step=step, epoch=step // plan.steps_per_epoch)
             training.save(out, args, model, optimizer, scaler, parts, meta, world_size, is_main)
         if stop:
-            raise training.stopped(stop, step)
+            raise training.Stopped(stop, step)
     progress.close()
 
     training.save_model_file(out / "student.pth", model, is_main, prefix="student.", **record, step=step)

@@ -320,15 +320,12 @@ def main(args):
     train_images, val_images = labelled_splits(args)
     num_classes = len(train_images.classes)
     if is_main:
-        print("data: " + "; ".join(getattr(split, "summary", f"{len(split)} synthetic images")
-                                   for split in (train_images, val_images)))
+        print("data: " + "; ".join(split.summary for split in (train_images, val_images)))
     if args.eval_only:
         return evaluate_file(args, val_images, num_classes, device, autocast, rank, world_size)
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        training.lock_out(out)
+    training.lock_out(out, is_main)
     if args.fsdp and args.linear_probe:
         raise ValueError("--fsdp fine-tunes the whole classifier: it does not take --linear-probe")
     torch.manual_seed(args.seed)  # the same head initialisation on every rank
@@ -339,8 +336,8 @@ def main(args):
     model.to(device)
 
     dataset = SeededTransform(train_images, train_transform(args), args.seed)
-    loader, sampler = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
-                                   pin_memory=device.type == "cuda")
+    loader = train_loader(dataset, args.batch_size, args.workers, args.seed, rank, world_size,
+                          pin_memory=device.type == "cuda")
     val = val_loader(SeededTransform(val_images, eval_transform(args.img_size)), args.batch_size, args.workers, rank,
                      world_size)
     plan = training.schedule(args, len(loader), world_size)
@@ -372,8 +369,7 @@ def main(args):
     log = training.TrainingLog(out, args, plan, device, world_size, is_main, start_step=step)
     metrics = None
     # Each step's batch: `accum` micro-batches of (images, labels, unreadable images left out).
-    for epoch, batch in steps_of_batches(loader, sampler, dataset, step, plan.steps_per_epoch, plan.total_steps,
-                                         args.accum):
+    for epoch, batch in steps_of_batches(loader, step, plan.steps_per_epoch, plan.total_steps, args.accum):
         lr = plan.lr(step)
         for group in optimizer.param_groups:  # layer-wise decay: each group its own scale of the lr
             group["lr"] = lr * group["lr_scale"]
@@ -415,12 +411,11 @@ def main(args):
             meta = dict(record, step=step, epoch=step // plan.steps_per_epoch, best=best)
             training.save(out, args, model, optimizer, scaler, {"model": model}, meta, world_size, is_main)
         if stop:
-            raise training.stopped(stop, step)
+            raise training.Stopped(stop, step)
     progress.close()
     if is_main:
-        last = out / ("checkpoint.dcp" if args.fsdp else "checkpoint.pth")
         print(f"done in {time.perf_counter() - start:.0f} s: best top-1 {best['top1']:.2f}% "
-              f"({out / 'best.pth'}), last state {last}")
+              f"({out / 'best.pth'}), last state {log.checkpoint}")
     return model, metrics
 
 

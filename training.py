@@ -108,6 +108,10 @@ STOP_SIGNALS = []  # those this process received
 class Stopped(Exception):
     """The run saved its step and stops on a signal."""
 
+    def __init__(self, signum, step):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}: "
+                         "rerun the same command to resume")
+
 
 def receive_stop_signal(signum, frame):
     STOP_SIGNALS.append(signum)
@@ -124,10 +128,6 @@ def stop_requested(world_size, device):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         signum = int(flag)
     return signum
-
-
-def stopped(signum, step):
-    return Stopped(f"stopped by {signal.Signals(signum).name} at step {step}: rerun the same command to resume")
 
 
 def add_schedule_flags(p, unset):
@@ -384,7 +384,7 @@ class TrainingLog:
         self.path, self.args, self.device = out / "log.jsonl", args, device
         self.world_size, self.is_main, self.in_a_row, self.epoch, self.epoch_bad = world_size, is_main, 0, None, 0
         self.images_per_step, self.images_per_epoch = plan.global_batch, plan.steps_per_epoch * plan.global_batch
-        self.checkpoint = out / ("checkpoint.dcp" if args.fsdp else "checkpoint.pth")  # named by the non-finite stop
+        self.checkpoint = out / ("checkpoint.dcp" if args.fsdp else "checkpoint.pth")  # the state a run leaves
         self.reset()
         if is_main and self.path.exists():
             kept, later = [], []
@@ -464,10 +464,11 @@ def git_hash():
 _HELD_LOCKS = {}  # OUT folder -> its open lock file, held for this process's lifetime
 
 
-def lock_out(out):
-    """Hold an exclusive lock on OUT (rank 0): a second run writing the same folder would interleave its log and race
-    for the checkpoint. The OS drops the lock when the process ends, however it ends: a crash leaves nothing behind."""
-    if out.resolve() in _HELD_LOCKS:  # this process already holds it (a run started again in-process)
+def lock_out(out, is_main=True):
+    """Create OUT; rank 0 holds an exclusive lock on it, as a second run writing there would interleave its log and
+    race for the checkpoint. The OS drops the lock when the process ends, however it ends: a crash leaves none."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not is_main or out.resolve() in _HELD_LOCKS:  # or held already, by a run started earlier in this process
         return
     lock = open(out / ".lock", "a+")
     try:
